@@ -1,0 +1,29 @@
+"""Exceptions raised by the engine.
+
+Every error a user can cause derives from ``TextDiffSegError`` and carries a message that says
+what to do about it. The CLI prints the message and exits non-zero; Slicer shows it in a dialog.
+"""
+
+
+class TextDiffSegError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InputImageError(TextDiffSegError):
+    """The input image is missing, unreadable, or not a 3D scalar volume."""
+
+
+class PromptError(TextDiffSegError):
+    """The prompt is empty or names no known structure."""
+
+
+class ModelError(TextDiffSegError):
+    """A model folder is missing, corrupt, or does not match its config."""
+
+
+class OutputError(TextDiffSegError):
+    """An output exists already (and overwriting was not asked for) or cannot be written."""
+
+
+class DataError(TextDiffSegError):
+    """A training or evaluation dataset is missing, malformed, or lacks a requested structure."""
