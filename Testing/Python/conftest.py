@@ -14,3 +14,29 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "btcv" / "dataset.json").is_file():
         pytest.fail(f"real data not found at {SHARED_DATA}: clone the repository beside shared/")
     return SHARED_DATA
+
+
+TINY_STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right")
+
+
+def tiny_config(**overrides):
+    """A universal-family config small enough to run in milliseconds on a CPU."""
+    from TextDiffSegLib.families.universal import UniversalConfig
+
+    values = dict(name="tiny", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(32, 32),
+                  mask_channels=(4, 8, 8), image_channels=(8, 8, 8), image_feature_channels=8,
+                  unet_channels=(8, 16, 16), default_steps=2)
+    values.update(overrides)
+    return UniversalConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A model folder (config.json + model.safetensors) holding a tiny random universal model."""
+    import torch
+
+    from TextDiffSegLib.families.universal import UniversalModel
+    from TextDiffSegLib.modelio import save_model
+
+    torch.manual_seed(0)
+    return save_model(UniversalModel(tiny_config()), tmp_path_factory.mktemp("models") / "tiny", card="# tiny\n")

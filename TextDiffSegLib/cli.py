@@ -1,0 +1,262 @@
+"""The ``textdiffseg`` command: segment, evaluate, train, models. Only argument parsing lives here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import OutputError, TextDiffSegError
+from .fusion import FUSION_METHODS
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    json_progress = getattr(args, "progress", None) == "json"
+    try:
+        return args.run(args) or 0
+    except TextDiffSegError as error:
+        if json_progress:
+            print(json.dumps({"type": "error", "message": str(error)}), flush=True)
+        else:
+            print(f"textdiffseg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textdiffseg", description="Text-prompted diffusion segmentation of CT and MR.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment structures named by prompts in a scan")
+    segment.add_argument("-i", "--input", required=True, help="NIfTI, NRRD or MHA file, or a DICOM series folder")
+    segment.add_argument("-p", "--prompt", required=True, action="append", help="what to segment, e.g. 'liver' (repeatable)")
+    segment.add_argument("-o", "--output", required=True, help="OUTPUT.seg.nrrd (Slicer segmentation) or OUTPUT.nii.gz (label map)")
+    _add_model_arguments(segment)
+    segment.add_argument("--proposals-dir", help="also write every proposal to this folder")
+    segment.add_argument("--uncertainty", help="write the uncertainty map here (one file per prompt when several)")
+    segment.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                         help="bar: progress bar on stderr; json: one JSON object per line on stdout")
+    segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.set_defaults(run=_segment)
+
+    evaluate = commands.add_parser("evaluate", help="score a model on a Decathlon-style dataset.json")
+    evaluate.add_argument("--data", required=True, help="path to dataset.json")
+    evaluate.add_argument("--split", default="training", help="list in dataset.json to read (default: training)")
+    evaluate.add_argument("--cases", help="comma-separated case ids (default: all)")
+    evaluate.add_argument("--structures", help="comma-separated structures (default: all the model and dataset share)")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--report", required=True, help="REPORT.json to write")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    evaluate.set_defaults(run=_evaluate)
+
+    train = commands.add_parser("train", help="train a model (resumes from OUTPUT/checkpoint.pt if present)")
+    train.add_argument("--data", required=True, help="path to dataset.json")
+    train.add_argument("--output", required=True, help="run folder: checkpoint, loss log, and model/")
+    train.add_argument("--family", default="universal", help="model family (default: universal)")
+    train.add_argument("--name", default="", help="model name (default: the output folder's name)")
+    train.add_argument("--structures", help="comma-separated structures (default: every labelled structure)")
+    train.add_argument("--conditioning", choices=("text", "learned"), default="text")
+    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--split-seed", type=int, default=0)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--autoencoder-steps", type=int, default=600)
+    train.add_argument("--steps", type=int, default=5000, help="denoiser training steps")
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--checkpoint-every", type=int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--cache-dir", default="", help="where resampled cases are cached (default: OUTPUT/cache)")
+    train.set_defaults(run=_train)
+
+    models = commands.add_parser("models", help="list the available models")
+    models.add_argument("--json", action="store_true", help="print a JSON list")
+    models.set_defaults(run=_models)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="registered model name or model folder (default: the bundled model)")
+    parser.add_argument("--proposals", type=int, default=5, help="proposals sampled per structure (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--fusion", choices=FUSION_METHODS, default="mean", help="how proposals are fused")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TextDiffSegError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise TextDiffSegError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return name
+
+
+def _segment(args) -> int:
+    from .outputs import SegmentOutput, write_scalar, write_segmentation
+    from .segmenter import Segmenter
+    from .terminology import resolve_prompt, split_prompts
+    from .volume import check_output_path, read_volume
+
+    prompts = [p for text in args.prompt for p in split_prompts(text)]
+    structures = [resolve_prompt(p) for p in prompts]  # bad prompts fail before anything slow
+    output = check_output_path(args.output, args.overwrite)
+    uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
+    for path in uncertainty_paths:
+        check_output_path(path, args.overwrite)
+    proposals_dir = Path(args.proposals_dir) if args.proposals_dir else None
+    if proposals_dir is not None and not proposals_dir.is_dir():
+        raise OutputError(f"proposals folder {proposals_dir} does not exist; create it first")
+    volume = read_volume(args.input)
+    segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
+    with _progress(args.progress) as report:
+        results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
+                                         fusion=args.fusion, callback=report)
+    suffix = ".seg.nrrd" if str(output).endswith(".seg.nrrd") else ".nii.gz"
+    segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
+    write_segmentation(output, volume, segments, overwrite=args.overwrite)
+    written = {"output": str(output), "uncertainty": [], "proposals": []}
+    for path, result in zip(uncertainty_paths, results):
+        written["uncertainty"].append(str(write_scalar(path, volume.with_array(result.uncertainty), args.overwrite)))
+    if proposals_dir is not None:
+        for result in results:
+            for k, (mask, seed) in enumerate(zip(result.proposals, result.seeds)):
+                path = proposals_dir / f"{result.structure.name}_proposal{k + 1}{suffix}"
+                segment = SegmentOutput(result.structure, mask, _tags(result, args, str(k + 1), seed))
+                written["proposals"].append(str(write_segmentation(path, volume, [segment], overwrite=args.overwrite)))
+    summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
+                "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum())} for r in results]
+    if args.progress == "json":
+        print(json.dumps({"type": "result", **written, "structures": summary}), flush=True)
+    else:
+        for item in summary:
+            print(f"{item['structure']}: {item['fused_voxels']} voxels, agreement {', '.join(map(str, item['scores']))}")
+        print(f"wrote {output}")
+    return 0
+
+
+def _tags(result, args, proposal: str, seed: int | None = None) -> dict[str, str]:
+    return {"TextDiffSeg.prompt": result.prompt, "TextDiffSeg.model": result.model,
+            "TextDiffSeg.seed": str(result.seeds[0] if seed is None else seed),
+            "TextDiffSeg.proposal": proposal, "TextDiffSeg.proposals": str(len(result.proposals)),
+            "TextDiffSeg.fusion": result.fusion}
+
+
+def _per_structure_paths(path: str, structures) -> list[Path]:
+    path = Path(path)
+    if len(structures) == 1:
+        return [path]
+    name = path.name
+    stem, dot, extension = name.partition(".")
+    return [path.with_name(f"{stem}_{s.name}{dot}{extension}") for s in structures]
+
+
+class _progress:
+    """A context giving a progress callback: a tqdm bar on stderr, JSON lines on stdout, or nothing."""
+
+    def __init__(self, mode: str):
+        self.mode, self.bar = mode, None
+
+    def __enter__(self):
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+        return self.report
+
+    def report(self, event: dict) -> None:
+        if self.mode == "json":
+            print(json.dumps(event), flush=True)
+        elif self.bar is not None:
+            self.bar.set_description(event["message"][:50])
+            self.bar.update(round(event["fraction"] * 100) - self.bar.n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _evaluate(args) -> int:
+    from .evaluation import evaluate
+    from .segmenter import Segmenter
+    from .volume import check_output_path, write_atomically
+
+    report_path = check_output_path(args.report, args.overwrite)
+    segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
+    from tqdm import tqdm
+
+    with tqdm(total=1, unit="case", file=sys.stderr) as bar:
+        def progress(done, total, case_id):
+            bar.total = total
+            bar.set_description(case_id)
+            bar.update(done - bar.n)
+
+        report = evaluate(segmenter, args.data, args.split, _list(args.cases), _list(args.structures),
+                          args.proposals, args.seed, args.steps, args.fusion, progress)
+    report["command"] = "textdiffseg " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "textdiffseg evaluate"
+    write_atomically(report_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), args.overwrite)
+    for name, scores in report["structures"].items():
+        print(f"{name:28s} dice {scores['dice']:.3f}  single {scores['single_dice']:.3f}  oracle {scores['oracle_dice']:.3f}  "
+              f"hd95 {scores['hd95_mm']:.1f} mm  nsd {scores['nsd']:.3f}")
+    print(f"mean dice {report['mean_dice']:.3f}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
+    return 0
+
+
+def _train(args) -> int:
+    from tqdm import tqdm
+
+    from .training import TrainSettings, train
+
+    settings = TrainSettings(
+        data=args.data, output=args.output, family=args.family, name=args.name,
+        structures=tuple(_list(args.structures) or ()), validation_fraction=args.validation_fraction,
+        split_seed=args.split_seed, batch_size=args.batch_size, autoencoder_steps=args.autoencoder_steps,
+        diffusion_steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        device=resolve_device(args.device), cache_dir=args.cache_dir,
+        model_options={"conditioning": args.conditioning},
+    )
+    bars = {}
+
+    def progress(stage, step, total, loss):
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=total, initial=step - 1, desc=stage, file=sys.stderr)
+        bars[stage].update(1)
+        bars[stage].set_postfix(loss=f"{loss:.4f}")
+
+    folder = train(settings, progress)
+    for bar in bars.values():
+        bar.close()
+    print(f"wrote {folder}")
+    return 0
+
+
+def _models(args) -> int:
+    from .registry import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(m), "structures": list(m.structures)} for m in models], indent=2))
+        return 0
+    for m in models:
+        print(f"{m.name}  ({m.family}, {m.modality}, {m.size_bytes / 1e6:.1f} MB{', bundled' if m.path else ''})")
+        print(f"    {', '.join(m.structures)}")
+    return 0
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Model configs: dataclasses that validate themselves and round-trip through ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ModelError
+
+C = TypeVar("C", bound="ModelConfig")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Fields every model family shares; families subclass it with their own architecture fields."""
+
+    family: str = ""
+    name: str = ""
+    modality: str = "CT"
+    structures: tuple[str, ...] = ()
+    spacing: tuple[float, float, float] = (2.5, 2.5, 5.0)  # (x, y, z) mm of the model grid
+    window: tuple[int, int] = (192, 192)  # in-plane sliding-window size, voxels of the model grid
+    num_train_timesteps: int = 1000
+    prediction_type: str = "sample"  # what the denoiser predicts: epsilon, sample or v_prediction
+    default_steps: int = 4
+    conditioning: str = "text"  # "text" (text-encoder embedding) or "learned" (one vector per structure)
+    text_encoder: str = "minilm"
+    text_embed_dim: int = 384
+
+    def __post_init__(self):
+        self.structures = tuple(self.structures)
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.window = tuple(int(w) for w in self.window)
+        problems = self.problems()
+        if problems:
+            raise ModelError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty when valid); subclasses extend it."""
+        found = []
+        if self.modality not in ("CT", "MR"):
+            found.append(f"modality must be 'CT' or 'MR', not {self.modality!r}")
+        if not self.structures:
+            found.append("structures must name at least one structure")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            found.append(f"spacing must be three positive numbers, not {self.spacing}")
+        if len(self.window) != 2 or min(self.window) < 8:
+            found.append(f"window must be two sizes of at least 8 voxels, not {self.window}")
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            found.append(f"prediction_type must be epsilon, sample or v_prediction, not {self.prediction_type!r}")
+        if self.conditioning not in ("text", "learned"):
+            found.append(f"conditioning must be 'text' or 'learned', not {self.conditioning!r}")
+        if self.default_steps < 1:
+            found.append("default_steps must be at least 1")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelError(f"config has fields {cls.__name__} does not know: {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ModelError(f"config does not fit {cls.__name__}: {error}") from error

@@ -1,0 +1,165 @@
+"""Guided latent diffusion for universal segmentation (Salsi et al., papers/002).
+
+One model for many structures. A mask autoencoder (trained with BCE + Dice and weight decay)
+maps a binary mask to a small latent; an image encoder maps the scan (2.5D: a slice and its
+neighbours) to features on the latent grid; a U-Net denoiser, conditioned on those features by
+concatenation and on the structure by an embedding added to its timestep embedding, predicts
+the clean mask latent (x0-prediction) from a noisy one. The structure embedding comes from a text
+encoder (the paper's CLIP option) or is learnt per structure (the paper's "Learnt" option).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclasses.dataclass
+class UniversalConfig(ModelConfig):
+    family: str = "universal"
+    latent_channels: int = 4
+    mask_channels: tuple[int, int, int] = (16, 32, 64)
+    image_channels: tuple[int, int, int] = (16, 32, 64)
+    image_feature_channels: int = 32
+    context_slices: int = 1  # neighbouring slices on each side given to the image encoder
+    unet_channels: tuple[int, int, int] = (32, 64, 96)
+    latent_scale: float = 1.0  # multiplies mask latents so that they have unit variance
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        for field in ("mask_channels", "image_channels", "unet_channels"):
+            value = getattr(self, field)
+            if len(value) != 3 or min(value) < 1:
+                found.append(f"{field} must be three positive widths, not {value}")
+        if min(self.unet_channels) % 8:
+            found.append(f"unet_channels must be multiples of 8 (group norm), not {self.unet_channels}")
+        if self.context_slices < 0:
+            found.append("context_slices must be 0 or more")
+        if any(w % 4 for w in self.window):
+            found.append(f"window must be a multiple of 4 (the latent downsampling), not {self.window}")
+        return found
+
+    def __post_init__(self):
+        for field in ("mask_channels", "image_channels", "unet_channels"):
+            setattr(self, field, tuple(int(c) for c in getattr(self, field)))
+        super().__post_init__()
+
+    @property
+    def downsampling(self) -> int:
+        return 4
+
+    @property
+    def image_in_channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.SiLU())
+
+
+def _up(in_channels: int, out_channels: int) -> nn.Module:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _conv(in_channels, out_channels))
+
+
+class MaskAutoencoder(nn.Module):
+    """A plain (not variational) autoencoder of binary masks, downsampling by 4."""
+
+    def __init__(self, channels: tuple[int, int, int], latent_channels: int):
+        super().__init__()
+        c0, c1, c2 = channels
+        self.encoder = nn.Sequential(
+            _conv(1, c0), _conv(c0, c1, stride=2), _conv(c1, c1), _conv(c1, c2, stride=2), _conv(c2, c2),
+            nn.Conv2d(c2, latent_channels, 1),
+        )
+        self.decoder = nn.Sequential(
+            _conv(latent_channels, c2), _conv(c2, c2), _up(c2, c1), _conv(c1, c1), _up(c1, c0),
+            nn.Conv2d(c0, 1, 3, padding=1),
+        )
+
+    def encode(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mask)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Mask logits."""
+        return self.decoder(latent)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ImageEncoder(nn.Module):
+    """Scan slices (with their neighbours as channels) to features on the latent grid."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, int, int], out_channels: int):
+        super().__init__()
+        c0, c1, c2 = channels
+        self.layers = nn.Sequential(
+            _conv(in_channels, c0), _conv(c0, c1, stride=2), _ResidualBlock(c1),
+            _conv(c1, c2, stride=2), _ResidualBlock(c2), _ResidualBlock(c2),
+            nn.Conv2d(c2, out_channels, 1),
+        )
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        return self.layers(slices)
+
+
+class UniversalModel(nn.Module):
+    """Mask autoencoder, image encoder, structure embedding and x0-predicting U-Net."""
+
+    def __init__(self, config: UniversalConfig):
+        super().__init__()
+        self.config = config
+        self.mask_autoencoder = MaskAutoencoder(config.mask_channels, config.latent_channels)
+        self.image_encoder = ImageEncoder(config.image_in_channels, config.image_channels, config.image_feature_channels)
+        embed_dim = config.unet_channels[0] * 4
+        if config.conditioning == "text":
+            self.structure_embedding = nn.Sequential(
+                nn.Linear(config.text_embed_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+            )
+        else:
+            self.structure_embedding = nn.Embedding(len(config.structures), embed_dim)
+        self.unet = UNet2DModel(
+            in_channels=config.latent_channels + config.image_feature_channels,
+            out_channels=config.latent_channels,
+            block_out_channels=config.unet_channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+            attention_head_dim=config.unet_channels[-1] // 2,
+            class_embed_type="identity",
+        )
+
+    def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Binary masks [B, 1, H, W] to scaled latents [B, C, H/4, W/4]."""
+        return self.mask_autoencoder.encode(mask) * self.config.latent_scale
+
+    def decode_mask(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to mask logits [B, 1, H, W]."""
+        return self.mask_autoencoder.decode(latent / self.config.latent_scale)
+
+    def embed_structure(self, condition: torch.Tensor) -> torch.Tensor:
+        """Pooled text embeddings [B, text_embed_dim] or structure indices [B] to U-Net class embeddings."""
+        return self.structure_embedding(condition)
+
+    def denoise(self, noisy_latent: torch.Tensor, timestep: torch.Tensor, image_features: torch.Tensor,
+                structure_embedding: torch.Tensor) -> torch.Tensor:
+        """The U-Net's prediction (for this family: the clean latent)."""
+        inputs = torch.cat([noisy_latent, image_features], dim=1)
+        timesteps = timestep.expand(inputs.shape[0]) if timestep.dim() else timestep.repeat(inputs.shape[0])
+        embedding = structure_embedding.expand(inputs.shape[0], -1)
+        return self.unet(inputs, timesteps, class_labels=embedding).sample

@@ -1,0 +1,59 @@
+"""The model card (``README.md`` of a model folder): what a model is, how it was trained, how it scores."""
+
+from __future__ import annotations
+
+import json
+
+from .config import ModelConfig
+
+TRAINING_RECORD = "training.json"
+
+
+def render_card(config: ModelConfig, training: dict, evaluation: dict | None = None) -> str:
+    """Markdown for a model folder; ``evaluation`` is a report written by ``textdiffseg evaluate``."""
+    settings = training["settings"]
+    lines = [
+        f"# {config.name}",
+        "",
+        f"Family: `{config.family}`. Modality: {config.modality}. Model grid spacing (x, y, z): {config.spacing} mm.",
+        f"Conditioning: {config.conditioning} (text encoder `{config.text_encoder}`)."
+        if config.conditioning == "text" else "Conditioning: a learnt embedding per structure.",
+        "",
+        "Structures: " + ", ".join(f"`{s}`" for s in config.structures) + ".",
+        "",
+        "## Training",
+        "",
+        f"Data: `{settings['data']}`; {len(training['split']['training'])} training cases, "
+        f"{len(training['split']['validation'])} validation cases kept out of training "
+        f"({', '.join(training['split']['validation'])}).",
+        "",
+        "Settings:",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in settings.items() if k not in ("data", "output", "cache_dir")}, indent=2),
+        "```",
+        "",
+        f"Reproduce: `textdiffseg train --data {settings['data']} --output {settings['output']}` with the settings above.",
+        "",
+    ]
+    if evaluation is not None:
+        lines += _scores(evaluation)
+    return "\n".join(lines)
+
+
+def _scores(report: dict) -> list[str]:
+    lines = [
+        "## Measured scores",
+        "",
+        f"On {report['num_cases']} validation cases ({', '.join(report['cases'])}), {report['num_proposals']} proposals, "
+        f"{report['steps']} sampling steps, fusion `{report['fusion']}`; {report['seconds_per_case']:.1f} s per case "
+        f"on {report['device']}. Mean fused Dice: {report['mean_dice']:.3f}.",
+        "",
+        "| structure | Dice (fused) | Dice (single) | Oracle Dice | RandTop-3 Dice | HD95 (mm) | NSD (2 mm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, scores in report["structures"].items():
+        lines.append(f"| {name} | {scores['dice']:.3f} | {scores['single_dice']:.3f} | {scores['oracle_dice']:.3f} | "
+                     f"{scores['randtop3_dice']:.3f} | {scores['hd95_mm']:.1f} | {scores['nsd']:.3f} |")
+    lines += ["", f"Reproduce: `{report['command']}`", ""]
+    return lines

@@ -1,0 +1,59 @@
+"""The one sampling loop every model family uses.
+
+A family supplies ``denoise(x_t, t)`` (latent or pixel space, concatenated or cross-attended
+conditioning, sliding windows: all inside that function); the loop only asks a diffusers
+scheduler for the next sample. Each call takes its own ``torch.Generator``, so any proposal can be
+reproduced from its seed alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from monai.inferers import sliding_window_inference
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_scheduler(kind: str, num_train_timesteps: int, prediction_type: str):
+    """A diffusers scheduler; ``trailing`` spacing so that few steps still start from pure noise."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[kind](
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
+
+
+def sample(denoise: Denoiser, scheduler, shape: tuple[int, ...], steps: int, generator: torch.Generator,
+           device: torch.device | str = "cpu", on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the reverse process from Gaussian noise of ``shape`` and return the final sample."""
+    scheduler.set_timesteps(steps, device=device)
+    noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    x = noise * scheduler.init_noise_sigma
+    for index, t in enumerate(scheduler.timesteps):
+        model_output = denoise(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+        if on_step is not None:
+            on_step(index + 1, len(scheduler.timesteps))
+    return x
+
+
+def windowed(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, window: tuple[int, int],
+             overlap: float = 0.25, batch_size: int = 64) -> torch.Tensor:
+    """``predict`` over 2D sliding windows of ``inputs`` [B, C, H, W], blended with Gaussian weights.
+
+    Inputs no larger than ``window`` go through in one piece.
+    """
+    height, width = inputs.shape[-2:]
+    if height <= window[0] and width <= window[1]:
+        return predict(inputs)
+    roi = (min(window[0], height), min(window[1], width))
+    return sliding_window_inference(inputs, roi, batch_size, predict, overlap=overlap, mode="gaussian")

@@ -1,0 +1,185 @@
+"""``Segmenter``: load a model once, then sample proposals for any scan and prompt.
+
+Only plain data crosses this boundary: a ``Volume`` and prompt text in; masks, probabilities,
+an uncertainty map and scores out, all on the input's exact grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import InputImageError, PromptError
+from .fusion import agreement_scores, fuse, uncertainty_map
+from .modelio import load_model
+from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
+from .registry import resolve_model
+from .sampler import make_scheduler, sample, windowed
+from .terminology import Structure, resolve_prompt
+from .text_encoders import conditioning_text, load_text_encoder
+from .volume import Volume
+
+ProgressCallback = Callable[[dict], None]
+SLICE_BATCH = 32
+
+
+@dataclass
+class ProposalSet:
+    """Proposals for one structure, on the input volume's grid."""
+
+    structure: Structure
+    prompt: str
+    model: str
+    seeds: list[int]
+    probabilities: list[np.ndarray]  # float32 [z, y, x] per proposal
+    proposals: list[np.ndarray]  # uint8 masks per proposal
+    fused: np.ndarray  # uint8
+    uncertainty: np.ndarray  # float32 in [0, 1]
+    scores: list[float]  # agreement of each proposal with the others
+    fusion: str = "mean"
+
+
+@dataclass
+class _PreparedScan:
+    grid: object  # SimpleITK image of the model grid
+    features: torch.Tensor  # [slices, channels, h, w] image features on the latent grid
+    shape: tuple[int, int, int]  # model-grid shape before padding
+
+
+class Segmenter:
+    """A loaded model. ``Segmenter.from_pretrained(name_or_dir, device="cpu")``, then ``propose``."""
+
+    def __init__(self, model: torch.nn.Module, name: str, device: torch.device):
+        self.model, self.name, self.device = model, name, device
+        self.config = model.config
+        self._text_encoder = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path | None = None, device: str | torch.device = "cpu") -> "Segmenter":
+        """Load a registered model by name, or a model folder (``config.json`` + ``model.safetensors``)."""
+        directory = resolve_model(name_or_dir)
+        device = torch.device(device)
+        model = load_model(directory, device=device)
+        return cls(model, model.config.name or directory.name, device)
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        return self.config.structures
+
+    def resolve(self, prompt: str) -> Structure:
+        """The structure a prompt names, checked against what this model was trained for."""
+        structure = resolve_prompt(prompt)
+        if structure.name not in self.config.structures:
+            raise PromptError(
+                f"model '{self.name}' cannot segment '{structure.display_name}'; it knows: "
+                f"{', '.join(self.config.structures)}. Choose another model (textdiffseg models)."
+            )
+        return structure
+
+    def propose(self, volume: Volume, prompt: str, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
+                scheduler: str = "ddim", fusion: str = "mean", callback: ProgressCallback | None = None) -> ProposalSet:
+        """Sample ``num_proposals`` segmentations of the structure ``prompt`` names."""
+        return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion, callback)[0]
+
+    def propose_many(self, volume: Volume, prompts: list[str], num_proposals: int = 5, seed: int = 0,
+                     steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
+                     callback: ProgressCallback | None = None) -> list[ProposalSet]:
+        """``propose`` for several prompts, encoding the scan once."""
+        if not prompts:
+            raise PromptError("no prompt given: name at least one structure, e.g. 'liver'")
+        if num_proposals < 1:
+            raise ValueError(f"num_proposals must be at least 1, not {num_proposals}")
+        structures = [self.resolve(prompt) for prompt in prompts]
+        _check_volume(volume)
+        steps = steps or self.config.default_steps
+        report = callback or (lambda event: None)
+        report(_event("preprocess", 0.0, "resampling the scan to the model grid"))
+        scan = self._prepare(volume)
+        results = []
+        for index, (prompt, structure) in enumerate(zip(prompts, structures)):
+            def on_proposal(k: int, step: int, fraction_base=index / len(prompts)):
+                done = (k + step / steps) / num_proposals
+                report(_event("sample", fraction_base + done / len(prompts),
+                              f"{structure.display_name}: proposal {k + 1}/{num_proposals}, step {step}/{steps}"))
+            results.append(self._propose_structure(volume, scan, prompt, structure, num_proposals, seed, steps,
+                                                   scheduler, fusion, on_proposal))
+        report(_event("done", 1.0, "finished"))
+        return results
+
+    @torch.no_grad()
+    def _prepare(self, volume: Volume) -> _PreparedScan:
+        config = self.config
+        grid = model_grid(volume, config.spacing)
+        normalized = volume.with_array(normalize_intensity(volume.array, config.modality))
+        image = torch.from_numpy(to_model_grid(normalized, grid))
+        shape = tuple(image.shape)
+        multiple = config.downsampling
+        pad_y, pad_x = (-shape[1]) % multiple, (-shape[2]) % multiple
+        image = torch.nn.functional.pad(image, (0, pad_x, 0, pad_y))
+        depth = shape[0]
+        features = []
+        for start in range(0, depth, SLICE_BATCH):
+            centres = torch.arange(start, min(start + SLICE_BATCH, depth))
+            offsets = torch.arange(-config.context_slices, config.context_slices + 1)
+            neighbours = (centres[:, None] + offsets[None]).clamp(0, depth - 1)
+            features.append(self.model.image_encoder(image[neighbours].to(self.device)))
+        return _PreparedScan(grid=grid, features=torch.cat(features), shape=shape)
+
+    def _condition(self, structure: Structure) -> torch.Tensor:
+        config = self.config
+        if config.conditioning == "learned":
+            condition = torch.tensor([config.structures.index(structure.name)], device=self.device)
+        else:
+            if self._text_encoder is None:
+                self._text_encoder = load_text_encoder(config.text_encoder, device=self.device)
+            condition = self._text_encoder.encode([conditioning_text(structure, config.modality)]).pooled
+        return self.model.embed_structure(condition)
+
+    @torch.no_grad()
+    def _propose_structure(self, volume, scan: _PreparedScan, prompt, structure, num_proposals, seed, steps,
+                           scheduler_kind, fusion, on_proposal) -> ProposalSet:
+        config = self.config
+        embedding = self._condition(structure)
+        scheduler = make_scheduler(scheduler_kind, config.num_train_timesteps, config.prediction_type)
+        window = tuple(w // config.downsampling for w in config.window)
+        latent_channels = config.latent_channels
+        seeds = [seed + k for k in range(num_proposals)]
+        probabilities = []
+        for k, proposal_seed in enumerate(seeds):
+            latents = []
+            for start in range(0, scan.features.shape[0], SLICE_BATCH):
+                features = scan.features[start:start + SLICE_BATCH]
+
+                def denoise(noisy, t, features=features):
+                    predict = lambda x: self.model.denoise(x[:, :latent_channels], t, x[:, latent_channels:], embedding)
+                    return windowed(predict, torch.cat([noisy, features], dim=1), window)
+
+                generator = torch.Generator().manual_seed(proposal_seed * 100003 + start)
+                shape = (features.shape[0], latent_channels, *features.shape[-2:])
+                latents.append(sample(denoise, scheduler, shape, steps, generator, self.device))
+            on_proposal(k, steps)
+            probability = torch.sigmoid(self.model.decode_mask(torch.cat(latents)))[:, 0]
+            depth, height, width = scan.shape
+            on_model_grid = probability[:, :height, :width].float().cpu().numpy()
+            probabilities.append(from_model_grid(on_model_grid, scan.grid, volume).clip(0, 1).astype(np.float32))
+        proposals = [(p >= 0.5).astype(np.uint8) for p in probabilities]
+        return ProposalSet(
+            structure=structure, prompt=prompt, model=self.name, seeds=seeds, probabilities=probabilities,
+            proposals=proposals, fused=fuse(probabilities, fusion), uncertainty=uncertainty_map(probabilities),
+            scores=agreement_scores(proposals), fusion=fusion,
+        )
+
+
+def _check_volume(volume: Volume) -> None:
+    if volume.array.ndim != 3:
+        raise InputImageError(f"expected a 3D volume, got an array of {volume.array.ndim} dimensions {volume.array.shape}")
+    if min(volume.array.shape) < 1 or not np.issubdtype(volume.array.dtype, np.number):
+        raise InputImageError(f"the volume is empty or not numeric (shape {volume.array.shape}, type {volume.array.dtype})")
+
+
+def _event(stage: str, fraction: float, message: str) -> dict:
+    return {"type": "progress", "stage": stage, "fraction": round(min(max(fraction, 0.0), 1.0), 4), "message": message}

@@ -1,0 +1,275 @@
+"""Training a model family on a Decathlon-style dataset, resumable from checkpoints.
+
+Two stages, as in the universal-model paper: the mask autoencoder first (BCE + Dice, weight
+decay), then, with it frozen, the image encoder, structure embedding and denoiser (MSE on the
+predicted clean latent, plus BCE + Dice of its decoded mask). A checkpoint is written every few
+hundred steps; running the same command again resumes from it. Every step's loss goes to
+``loss_log.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
+from .errors import DataError
+from .families import FAMILIES
+from .modelio import save_model
+from .model_card import TRAINING_RECORD, render_card
+from .sampler import make_scheduler
+from .terminology import get_structure
+from .text_encoders import conditioning_text, load_text_encoder
+from .volume import write_atomically
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "loss_log.csv"
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    data: str
+    output: str
+    family: str = "universal"
+    name: str = ""
+    structures: tuple[str, ...] = ()  # empty: every structure the dataset labels
+    validation_fraction: float = 0.2
+    split_seed: int = 0
+    batch_size: int = 16
+    crop: tuple[int, int] = (128, 128)  # training crop, voxels of the model grid (the sampler windows are larger)
+    autoencoder_steps: int = 1500
+    diffusion_steps: int = 6000
+    autoencoder_lr: float = 1e-3
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    decoded_mask_weight: float = 1.0
+    present_fraction: float = 0.75  # share of samples drawn from slices that contain the structure
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str = ""
+    model_options: dict = dataclasses.field(default_factory=dict)  # extra config fields (spacing, widths...)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice per sample, averaged; ``eps`` keeps empty masks well defined."""
+    probabilities = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    intersection = (probabilities * target).sum(1)
+    return (1 - (2 * intersection + eps) / (probabilities.sum(1) + target.sum(1) + eps)).mean()
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+
+
+class SliceSampler:
+    """Random 2.5D crops with the mask of one structure, from cases on the model grid.
+
+    Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
+    relative to its header, so the model must not rely on it. Left-right is never flipped.
+    """
+
+    def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
+                 context: int, present_fraction: float, seed: int):
+        self.cases, self.structures, self.crop = cases, structures, crop
+        self.context, self.present_fraction = context, present_fraction
+        self.rng = np.random.default_rng(seed)
+        self.slices_with = {
+            (i, s): np.flatnonzero(case.mask(s).any(axis=(1, 2))) for i, case in enumerate(cases) for s in structures
+        }
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, masks, labels = [], [], []
+        for _ in range(size):
+            image, mask, label = self._item()
+            images.append(image)
+            masks.append(mask)
+            labels.append(label)
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), torch.tensor(labels)
+
+    def _item(self):
+        rng = self.rng
+        label = int(rng.integers(len(self.structures)))
+        case_index = int(rng.integers(len(self.cases)))
+        case = self.cases[case_index]
+        present = self.slices_with[(case_index, self.structures[label])]
+        depth = case.image.shape[0]
+        z = int(rng.choice(present)) if len(present) and rng.random() < self.present_fraction else int(rng.integers(depth))
+        neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)
+        image = case.image[neighbours].astype(np.float32) / 255.0
+        mask = case.mask(self.structures[label])[z][None].astype(np.float32)
+        image, mask = self._crop(image, mask)
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
+        image = np.clip(image * scale + shift, 0, 1)
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask), label
+
+    def _crop(self, image: np.ndarray, mask: np.ndarray):
+        height, width = self.crop
+        pad_y, pad_x = max(0, height - image.shape[1]), max(0, width - image.shape[2])
+        if pad_y or pad_x:
+            pads = ((0, 0), (pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2))
+            image, mask = np.pad(image, pads), np.pad(mask, pads)
+        y = int(self.rng.integers(image.shape[1] - height + 1))
+        x = int(self.rng.integers(image.shape[2] - width + 1))
+        return image[:, y:y + height, x:x + width], mask[:, y:y + height, x:x + width]
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class _Run:
+    """State of one training run: model, optimiser, step counters, log."""
+
+    def __init__(self, settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None):
+        self.settings, self.progress = settings, progress
+        self.output = Path(settings.output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(settings.device)
+        dataset = read_dataset(settings.data)
+        structures = tuple(settings.structures) or tuple(dataset.labels[v] for v in sorted(dataset.labels))
+        unknown = [s for s in structures if s not in dataset.labels.values()]
+        if unknown:
+            raise DataError(f"{settings.data} has no labels for {', '.join(unknown)}")
+        self.training_cases, self.validation_cases = split_cases(dataset.cases, settings.validation_fraction, settings.split_seed)
+        config_class, model_class = FAMILIES[settings.family]
+        self.config = config_class(family=settings.family, name=settings.name or self.output.name,
+                                   modality=dataset.modality, structures=structures, **settings.model_options)
+        self.model = model_class(self.config).to(self.device)
+        cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
+        prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
+        self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
+                                    settings.present_fraction, settings.seed)
+        self.conditions = self._conditions()
+        self.stage, self.step = "autoencoder", 0
+        self.optimizer = self._optimizer()
+        self._resume()
+
+    def _conditions(self) -> torch.Tensor:
+        """Per structure: pooled text embeddings of its canonical prompt, or its index (learned option)."""
+        if self.config.conditioning == "learned":
+            return torch.arange(len(self.config.structures), device=self.device)
+        encoder = load_text_encoder(self.config.text_encoder, device=self.device)
+        texts = [conditioning_text(get_structure(s), self.config.modality) for s in self.config.structures]
+        return encoder.encode(texts).pooled
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        if self.stage == "autoencoder":
+            parameters, lr = self.model.mask_autoencoder.parameters(), self.settings.autoencoder_lr
+        else:
+            self.model.mask_autoencoder.requires_grad_(False)
+            parameters = [p for p in self.model.parameters() if p.requires_grad]
+            lr = self.settings.lr
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=self.settings.weight_decay)
+
+    def _resume(self) -> None:
+        path = self.output / CHECKPOINT_NAME
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.config.latent_scale = state["latent_scale"]
+        self.model.load_state_dict(state["model"])
+        self.stage, self.step = state["stage"], state["step"]
+        self.optimizer = self._optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.rng = np.random.default_rng([self.settings.seed, self.step, len(self.stage)])
+
+    def checkpoint(self) -> None:
+        state = {"stage": self.stage, "step": self.step, "latent_scale": self.config.latent_scale,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        write_atomically(self.output / CHECKPOINT_NAME, lambda p: torch.save(state, p), overwrite=True)
+
+    def log(self, loss: float, seconds: float) -> None:
+        path = self.output / LOG_NAME
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["stage", "step", "loss", "lr", "seconds"])
+            writer.writerow([self.stage, self.step, f"{loss:.6f}", f"{self.optimizer.param_groups[0]['lr']:.3g}", f"{seconds:.3f}"])
+
+    def run_stage(self, total: int, train_step: Callable[[], float], base_lr: float) -> None:
+        while self.step < total:
+            started = time.perf_counter()
+            for group in self.optimizer.param_groups:
+                group["lr"] = _cosine_lr(self.step, total, base_lr)
+            loss = train_step()
+            self.step += 1
+            self.log(loss, time.perf_counter() - started)
+            if self.progress is not None:
+                self.progress(self.stage, self.step, total, loss)
+            if self.step % self.settings.checkpoint_every == 0 or self.step == total:
+                self.checkpoint()
+
+    def autoencoder_step(self) -> float:
+        _, masks, _ = self.sampler.batch(self.settings.batch_size)
+        masks = masks.to(self.device)
+        autoencoder = self.model.mask_autoencoder
+        loss = mask_loss(autoencoder.decode(autoencoder.encode(masks)), masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def measure_latent_scale(self, batches: int = 20) -> float:
+        latents = [self.model.mask_autoencoder.encode(self.sampler.batch(self.settings.batch_size)[1].to(self.device))
+                   for _ in range(batches)]
+        return float(1.0 / torch.cat(latents).std().clamp(min=1e-6))
+
+    def diffusion_step(self, scheduler) -> float:
+        images, masks, labels = self.sampler.batch(self.settings.batch_size)
+        images, masks, labels = images.to(self.device), masks.to(self.device), labels.to(self.device)
+        model = self.model
+        with torch.no_grad():
+            clean = model.encode_mask(masks)
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=self.device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = model.denoise(noisy, timesteps, model.image_encoder(images), model.embed_structure(self.conditions[labels]))
+        target = {"sample": clean, "epsilon": noise}.get(self.config.prediction_type)
+        if target is None:
+            target = scheduler.get_velocity(clean, noise, timesteps)
+        loss = F.mse_loss(prediction, target)
+        if self.config.prediction_type == "sample" and self.settings.decoded_mask_weight > 0:
+            loss = loss + self.settings.decoded_mask_weight * mask_loss(model.decode_mask(prediction), masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def train(settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None = None) -> Path:
+    """Train (or resume) and write the model folder ``<output>/model``; returns that folder."""
+    torch.manual_seed(settings.seed)
+    run = _Run(settings, progress)
+    run.model.train()
+    if run.stage == "autoencoder":
+        run.run_stage(settings.autoencoder_steps, run.autoencoder_step, settings.autoencoder_lr)
+        run.config.latent_scale = run.measure_latent_scale()
+        run.stage, run.step = "diffusion", 0
+        run.optimizer = run._optimizer()
+        run.checkpoint()
+    scheduler = make_scheduler("ddpm", run.config.num_train_timesteps, run.config.prediction_type)
+    run.run_stage(settings.diffusion_steps, lambda: run.diffusion_step(scheduler), settings.lr)
+    run.model.eval()
+    split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
+    record = {"settings": dataclasses.asdict(settings), "split": split}
+    folder = save_model(run.model, run.output / "model", card=render_card(run.config, record))
+    (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return folder

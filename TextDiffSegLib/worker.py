@@ -1,0 +1,183 @@
+"""The engine as a long-lived process for 3D Slicer: JSON requests on stdin, JSON events on stdout.
+
+Slicer runs ``PythonSlicer -m TextDiffSegLib.worker`` once and keeps it: a model is loaded on its
+first use and stays loaded. Each stdin line is one request::
+
+    {"id": 1, "command": "segment", "input": "/tmp/x/volume.nrrd", "prompts": ["liver"],
+     "model": null, "num_proposals": 5, "seed": 0, "steps": null, "device": "auto",
+     "output_dir": "/tmp/x/out"}
+    {"command": "shutdown"}
+
+``model`` is a registered name or a model folder (``null``: the default model); ``device`` is
+``"auto"``, ``"gpu"`` or ``"cpu"``. Each stdout line is one event of a request::
+
+    {"id": 1, "type": "progress", "stage": "sample", "fraction": 0.4, "message": "..."}
+    {"id": 1, "type": "result", "results": [{"prompt": "liver", "structure": "liver", "model": "...",
+     "seeds": [0, 1], "scores": [0.9, 0.8], "proposals": ["<output_dir>/1-liver/proposal-1.nrrd", ...],
+     "fused": ".../fused.nrrd", "uncertainty": ".../uncertainty.nrrd"}]}
+    {"id": 1, "type": "error", "message": "..."}
+
+Every file is on the input volume's grid (masks uint8, uncertainty float32). An error a user can fix
+(``TextDiffSegError``) comes back with its message; anything else as a short message, with the
+traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
+stderr, so stdout carries only events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+
+from .errors import InputImageError, OutputError, TextDiffSegError
+from .registry import resolve_model
+from .segmenter import Segmenter
+from .volume import read_volume, write_volume
+
+DEVICES = ("auto", "gpu", "cpu")
+
+
+class Worker:
+    """Serves requests, keeping each loaded model (by folder and device) for the next request."""
+
+    def __init__(self, emit: Callable[[dict], None]):
+        self._emit = emit
+        self._segmenters: dict = {}
+
+    def handle(self, request: dict) -> None:
+        """Answer one request with progress events and exactly one result or error event."""
+        request_id = request.get("id")
+        try:
+            if request.get("command") != "segment":
+                raise TextDiffSegError(f"unknown worker command {request.get('command')!r}; expected 'segment' or 'shutdown'")
+            results = self._segment(request, lambda event: self._emit({"id": request_id, **event}))
+            self._emit({"id": request_id, "type": "result", "results": results})
+        except TextDiffSegError as error:
+            self._emit({"id": request_id, "type": "error", "message": str(error)})
+        except Exception as error:  # noqa: BLE001 - the worker must outlive any failure and say what it was
+            traceback.print_exc(file=sys.stderr)
+            self._emit({"id": request_id, "type": "error", "message": f"Unexpected error in the TextDiffSeg engine: {error!r}"})
+
+    def _segment(self, request: dict, report: Callable[[dict], None]) -> list[dict]:
+        prompts = request.get("prompts")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise TextDiffSegError("no prompt given: name at least one structure, e.g. 'liver'")
+        num_proposals = _integer(request, "num_proposals", 5, 1, 64)
+        seed = _integer(request, "seed", 0, 0, 2**31 - 1)
+        steps = None if request.get("steps") is None else _integer(request, "steps", None, 1, 10_000)
+        if not request.get("input"):
+            raise InputImageError("no input image given")
+        if not request.get("output_dir") or not Path(request["output_dir"]).is_dir():
+            raise OutputError(f"the output folder {request.get('output_dir')!r} does not exist")
+        output_dir = Path(request["output_dir"])
+
+        volume = read_volume(request["input"])
+        segmenter = self._segmenter(request.get("model"), str(request.get("device") or "auto"), report)
+        proposal_sets = segmenter.propose_many(
+            volume, prompts, num_proposals=num_proposals, seed=seed, steps=steps, callback=report
+        )
+        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}")
+                for number, proposals in enumerate(proposal_sets, start=1)]
+
+    def _segmenter(self, model, device: str, report: Callable[[dict], None]) -> Segmenter:
+        def downloading(done: int, total: int) -> None:
+            fraction = done / total if total else 0.0
+            report({"type": "progress", "stage": "download", "fraction": round(min(fraction, 1.0), 4),
+                    "message": f"downloading the model: {done / 1e6:.0f} of {total / 1e6:.0f} MB"})
+
+        folder = resolve_model(model, progress=downloading).resolve()
+        key = (str(folder), _torch_device(device))
+        if key not in self._segmenters:
+            report({"type": "progress", "stage": "load", "fraction": 0.0, "message": f"loading the model {folder.name}"})
+            self._segmenters[key] = Segmenter.from_pretrained(folder, device=key[1])
+        return self._segmenters[key]
+
+
+def _write(volume, proposals, folder: Path) -> dict:
+    """Write one prompt's masks and uncertainty on the input grid; their paths and metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, mask in enumerate(proposals.proposals, start=1):
+        paths.append(str(write_volume(folder / f"proposal-{number}.nrrd", volume.with_array(mask), overwrite=True)))
+    fused = write_volume(folder / "fused.nrrd", volume.with_array(proposals.fused), overwrite=True)
+    uncertainty = write_volume(folder / "uncertainty.nrrd", volume.with_array(proposals.uncertainty), overwrite=True)
+    return {
+        "prompt": proposals.prompt,
+        "structure": proposals.structure.name,
+        "model": proposals.model,
+        "seeds": [int(seed) for seed in proposals.seeds],
+        "scores": [float(score) for score in proposals.scores],
+        "proposals": paths,
+        "fused": str(fused),
+        "uncertainty": str(uncertainty),
+    }
+
+
+def _integer(request: dict, key: str, default, minimum: int, maximum: int) -> int:
+    value = request.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise TextDiffSegError(f"{key} must be a whole number from {minimum} to {maximum}, not {value!r}")
+    return value
+
+
+def _torch_device(device: str) -> str:
+    """The torch device for ``"auto"``, ``"gpu"`` or ``"cpu"``: the automatic choice happens here, at the edge."""
+    device = device.lower()
+    if device not in DEVICES:
+        raise TextDiffSegError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "gpu":
+        raise TextDiffSegError(
+            "no CUDA GPU is available to PyTorch; choose the CPU (or auto), or install a CUDA build of PyTorch "
+            "(in Slicer: the PyTorch Utils module)"
+        )
+    return "cpu"
+
+
+def _protocol_stream() -> TextIO:
+    """A private copy of stdout for events; file descriptor 1 (``print``, C libraries) then goes to stderr."""
+    stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    return stream
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    events = _protocol_stream()
+
+    def emit(event: dict) -> None:
+        events.write(json.dumps(event) + "\n")
+        events.flush()
+
+    worker = Worker(emit)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as error:
+            emit({"id": None, "type": "error", "message": f"the worker received a malformed request: {error}"})
+            continue
+        if not isinstance(request, dict):
+            emit({"id": None, "type": "error", "message": "the worker received a request that is not a JSON object"})
+            continue
+        if request.get("command") == "shutdown":
+            break
+        worker.handle(request)
+
+
+if __name__ == "__main__":
+    main()
