@@ -5,19 +5,20 @@ first use and stays loaded. Each stdin line is one request::
 
     {"id": 1, "command": "segment", "input": "/tmp/x/volume.nrrd", "prompts": ["liver"],
      "model": null, "num_proposals": 5, "seed": 0, "steps": null, "device": "auto",
-     "output_dir": "/tmp/x/out"}
+     "output_dir": "/tmp/x/out", "thumbnails": {"size": 128, "window": [40, 400]}}
     {"command": "shutdown"}
 
 ``model`` is a registered name or a model folder (``null``: the default model); ``device`` is
-``"auto"``, ``"gpu"`` or ``"cpu"``. Each stdout line is one event of a request::
+``"auto"``, ``"gpu"`` or ``"cpu"``; ``thumbnails`` (optional; ``window`` is centre and width, or
+``null`` for automatic) asks for a PNG per proposal. Each stdout line is one event of a request::
 
     {"id": 1, "type": "progress", "stage": "sample", "fraction": 0.4, "message": "..."}
     {"id": 1, "type": "result", "results": [{"prompt": "liver", "structure": "liver", "model": "...",
      "seeds": [0, 1], "scores": [0.9, 0.8], "proposals": ["<output_dir>/1-liver/proposal-1.nrrd", ...],
-     "fused": ".../fused.nrrd", "uncertainty": ".../uncertainty.nrrd"}]}
+     "fused": ".../fused.nrrd", "uncertainty": ".../uncertainty.nrrd", "thumbnails": [".../proposal-1.png", ...]}]}
     {"id": 1, "type": "error", "message": "..."}
 
-Every file is on the input volume's grid (masks uint8, uncertainty float32). An error a user can fix
+Every volume file is on the input volume's grid (masks uint8, uncertainty float32). An error a user can fix
 (``TextDiffSegError``) comes back with its message; anything else as a short message, with the
 traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
 stderr, so stdout carries only events.
@@ -37,8 +38,9 @@ import torch
 
 from .errors import InputImageError, OutputError, TextDiffSegError
 from .registry import resolve_model
-from .segmenter import Segmenter
-from .volume import read_volume, write_volume
+from .segmenter import ProposalSet, Segmenter
+from .thumbnails import thumbnail, write_png
+from .volume import Volume, read_volume, write_volume
 
 DEVICES = ("auto", "gpu", "cpu")
 
@@ -76,13 +78,14 @@ class Worker:
         if not request.get("output_dir") or not Path(request["output_dir"]).is_dir():
             raise OutputError(f"the output folder {request.get('output_dir')!r} does not exist")
         output_dir = Path(request["output_dir"])
+        thumbnails = _thumbnail_options(request.get("thumbnails"))
 
         volume = read_volume(request["input"])
         segmenter = self._segmenter(request.get("model"), str(request.get("device") or "auto"), report)
         proposal_sets = segmenter.propose_many(
             volume, prompts, num_proposals=num_proposals, seed=seed, steps=steps, callback=report
         )
-        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}")
+        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails)
                 for number, proposals in enumerate(proposal_sets, start=1)]
 
     def _segmenter(self, model, device: str, report: Callable[[dict], None]) -> Segmenter:
@@ -99,12 +102,30 @@ class Worker:
         return self._segmenters[key]
 
 
-def _write(volume, proposals, folder: Path) -> dict:
-    """Write one prompt's masks and uncertainty on the input grid; their paths and metadata."""
+def _thumbnail_options(options) -> tuple[int, tuple[float, float] | None] | None:
+    """``(size, window)`` from a request's ``thumbnails`` field, or None when none are wanted."""
+    if options is None:
+        return None
+    problem = f"thumbnails must be {{'size': 16 to 1024, 'window': [centre, width] or null}}, not {options!r}"
+    if not isinstance(options, dict) or isinstance(options.get("size"), bool) or not isinstance(options.get("size"), int):
+        raise TextDiffSegError(problem)
+    window = options.get("window")
+    if not 16 <= options["size"] <= 1024 or not (
+        window is None or (isinstance(window, list) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window))
+    ):
+        raise TextDiffSegError(problem)
+    return options["size"], None if window is None else (float(window[0]), float(window[1]))
+
+
+def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tuple | None) -> dict:
+    """Write one prompt's masks, uncertainty and thumbnails on the input grid; their paths and metadata."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, pictures = [], []
     for number, mask in enumerate(proposals.proposals, start=1):
         paths.append(str(write_volume(folder / f"proposal-{number}.nrrd", volume.with_array(mask), overwrite=True)))
+        if thumbnails:
+            pictures.append(str(folder / f"proposal-{number}.png"))
+            write_png(thumbnail(volume, mask, proposals.structure.color, *thumbnails), pictures[-1])
     fused = write_volume(folder / "fused.nrrd", volume.with_array(proposals.fused), overwrite=True)
     uncertainty = write_volume(folder / "uncertainty.nrrd", volume.with_array(proposals.uncertainty), overwrite=True)
     return {
@@ -116,6 +137,7 @@ def _write(volume, proposals, folder: Path) -> dict:
         "proposals": paths,
         "fused": str(fused),
         "uncertainty": str(uncertainty),
+        "thumbnails": pictures,
     }
 
 

@@ -1,4 +1,4 @@
-"""Gallery state and thumbnails (Qt-free), on a real CT and its manual liver label."""
+"""Gallery state, prompt completion and the gallery's thumbnails, on a real CT and its manual liver label."""
 
 import sys
 from pathlib import Path
@@ -9,9 +9,10 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "TextDiffSeg"))
 from PIL import Image  # noqa: E402
-from TextDiffSegHelpers.gallery import Gallery, thumbnail, writePng  # noqa: E402
+from TextDiffSegHelpers.gallery import Gallery  # noqa: E402
 from TextDiffSegHelpers.prompts import promptCompletions  # noqa: E402
 
+from TextDiffSegLib.thumbnails import thumbnail, write_png  # noqa: E402
 from TextDiffSegLib.volume import Volume, from_sitk  # noqa: E402
 
 LIVER_COLOR = (221, 130, 101)
@@ -70,7 +71,7 @@ def test_thumbnail_png_is_read_back_as_written(tmp_path):
     rgb = np.zeros((3, 5, 3), np.uint8)
     rgb[0, 0] = (255, 0, 0)
     rgb[2, 4] = (0, 0, 255)
-    writePng(rgb, tmp_path / "thumbnail.png")
+    write_png(rgb, tmp_path / "thumbnail.png")
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "thumbnail.png").convert("RGB")), rgb)
 
 

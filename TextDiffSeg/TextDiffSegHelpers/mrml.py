@@ -154,9 +154,7 @@ def addSegment(
     if volumeNode.GetImageData() is None or mask.shape != tuple(reversed(volumeNode.GetImageData().GetDimensions())):
         raise ValueError(f"the mask's shape {mask.shape} is not the grid of the volume {volumeNode.GetName()!r}")
     segmentation = segmentationNode.GetSegmentation()
-    if segmentation.GetNumberOfSegments() == 0 and not segmentationNode.GetNodeReference(
-        segmentationNode.GetReferenceImageGeometryReferenceRole()
-    ):
+    if segmentation.GetNumberOfSegments() == 0:  # nothing to keep: take the volume's grid
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
 
     segment = slicer.vtkSegment()

@@ -246,6 +246,7 @@ class Proposals:
     proposalPaths: list[str]
     fusedPath: str
     uncertaintyPath: str
+    thumbnailPaths: list[str]
 
     def __len__(self) -> int:
         return len(self.proposalPaths)
@@ -280,6 +281,7 @@ def proposalsFromResult(event: dict) -> list[Proposals]:
                 proposalPaths=[str(path) for path in result["proposals"]],
                 fusedPath=str(result["fused"]),
                 uncertaintyPath=str(result["uncertainty"]),
+                thumbnailPaths=[str(path) for path in result.get("thumbnails", [])],
             )
             for result in event["results"]
         ]

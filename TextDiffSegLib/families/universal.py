@@ -36,8 +36,9 @@ class UniversalConfig(ModelConfig):
             value = getattr(self, field)
             if len(value) != 3 or min(value) < 1:
                 found.append(f"{field} must be three positive widths, not {value}")
-        if min(self.unet_channels) % 8:
-            found.append(f"unet_channels must be multiples of 8 (group norm), not {self.unet_channels}")
+        for field in ("unet_channels", "image_channels"):
+            if any(c % 8 for c in getattr(self, field)):
+                found.append(f"{field} must be multiples of 8 (group norm), not {getattr(self, field)}")
         if self.context_slices < 0:
             found.append("context_slices must be 0 or more")
         if any(w % 4 for w in self.window):

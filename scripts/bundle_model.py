@@ -1,0 +1,54 @@
+"""Bundle a trained model as a registered model in Resources/Models, with its measured scores.
+
+    python scripts/bundle_model.py RUN/model --name universal-btcv --report REPORT.json
+
+Copies config.json, model.safetensors and training.json, renders the model card (README.md) with
+the evaluation report, and updates Resources/Models/registry.json (structures, size, sha256).
+"""
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from TextDiffSegLib.model_card import TRAINING_RECORD, render_card
+from TextDiffSegLib.modelio import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
+from TextDiffSegLib.resources import resources_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="trained model folder (RUN/model)")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--report", type=Path, required=True, help="report of `textdiffseg evaluate` on the validation cases")
+    args = parser.parse_args()
+
+    target = resources_dir() / "Models" / args.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINING_RECORD):
+        shutil.copy(args.model / name, target / name)
+    config = read_config(target)
+    if config.name != args.name:
+        config.name = args.name
+        config.save(target / CONFIG_NAME)
+    report = json.loads(args.report.read_text())
+    (target / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    training = json.loads((target / TRAINING_RECORD).read_text())
+    (target / CARD_NAME).write_text(render_card(config, training, report))
+
+    registry_path = resources_dir() / "Models" / "registry.json"
+    registry = json.loads(registry_path.read_text())
+    weights = (target / WEIGHTS_NAME).read_bytes()
+    entry = {"name": args.name, "family": config.family, "structures": list(config.structures),
+             "modality": config.modality, "size_bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest(),
+             "url": None, "path": args.name}
+    models = [m for m in registry["models"] if m["name"] != args.name]
+    previous = next((m for m in registry["models"] if m["name"] == args.name), {})
+    registry["models"] = [{**previous, **entry}] + models
+    registry_path.write_text(json.dumps(registry, indent=2) + "\n")
+    print(f"bundled {args.name} in {target} ({len(weights) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
