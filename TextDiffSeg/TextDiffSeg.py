@@ -1,4 +1,3 @@
-import logging
 import os
 import shutil
 import sys
@@ -62,8 +61,8 @@ class TextDiffSeg(ScriptedLoadableModule):
 Segment anatomy in CT and MR from a text prompt ("liver; left kidney") with diffusion models.
 Several plausible segmentations are sampled per structure; pick one, or fuse those you like, then
 refine it in the Segment Editor. The same logic runs from the Python console:
-<code>slicer.util.getModuleLogic("TextDiffSeg").segment(volumeNode, "liver")</code>.
-See the <a href="https://github.com/textdiffseg/SlicerTextDiffSeg">documentation</a>.
+<code>import TextDiffSeg; TextDiffSeg.TextDiffSegLogic().segment(volumeNode, "liver")</code>.
+See the <a href="https://github.com/TextDiffSeg/SlicerTextDiffSeg">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer's scripted module template (Jean-Christophe Fillion-Robin, Kitware Inc., Andras
@@ -400,6 +399,8 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 listWidget.addItem(item)
                 item.setSelected(number in gallery.selected)
         listWidget.blockSignals(wasBlocked)
+        if gallery is not None:
+            self.onGallerySelectionChanged()  # the preview follows the structure shown
         if self.ui.uncertaintyCheckBox.checked:
             self.onUncertaintyToggled(True)
         self._updateButtons()
@@ -420,7 +421,6 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{self._volumeNode.GetName()} TextDiffSeg"))
             segmentationNode.CreateDefaultDisplayNodes()
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self._volumeNode)
             self._parameterNode.outputSegmentation = segmentationNode
         return self._parameterNode.outputSegmentation
 
@@ -440,8 +440,7 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _accepted(self, segmentationNode, segmentId: str) -> None:
         self._lastSegment = (segmentationNode, segmentId)
-        self.logic.clearPreview()
-        self.ui.galleryListWidget.clearSelection()
+        self.ui.galleryListWidget.clearSelection()  # which also clears the preview
         name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         self.ui.statusLabel.text = _("Added segment '{name}' to {segmentation}.").format(
             name=name, segmentation=segmentationNode.GetName())
@@ -512,9 +511,12 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
             where = _("bundled") if info.path else _("downloaded")
         except ModelError:
             where = _("downloaded on first use ({size:.0f} MB)").format(size=info.size_bytes / 1e6)
-        names = ", ".join(terminology.get_structure(name).display_name for name in info.structures)
-        return _("{description} {modality}, {family}; {where}. Segments: {names}.").format(
-            description=info.description, modality=info.modality, family=info.family, where=where, names=names).strip()
+        text = _("{description} {modality}, {family} family; {where}.").format(
+            description=info.description, modality=info.modality, family=info.family, where=where)
+        if info.structures:
+            names = ", ".join(terminology.get_structure(name).display_name for name in info.structures)
+            text += " " + _("Segments: {names}.").format(names=names)
+        return text.strip()
 
     # --- segmenting ---------------------------------------------------------------------------
 
@@ -705,6 +707,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
             return None
         node = slicer.mrmlScene.AddNewNodeByClass(className, name)
         node.SetAttribute(ROLE_ATTRIBUTE, role)
+        node.SetHideFromEditors(True)  # not offered as an input or output in node selectors
         node.CreateDefaultDisplayNodes()
         for item in (node, node.GetDisplayNode()):
             item.SetSaveWithScene(False)

@@ -18,6 +18,7 @@ EXIT_USER_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     json_progress = getattr(args, "progress", None) == "json"
     try:
         return args.run(args) or 0
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--split-seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--autoencoder-steps", type=int, default=600)
-    train.add_argument("--steps", type=int, default=7000, help="denoiser training steps")
+    train.add_argument("--steps", type=int, default=5000, help="denoiser training steps")
     train.add_argument("--lr", type=float, default=3e-4)
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
@@ -82,11 +83,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registered model name or model folder (default: the bundled model)")
-    parser.add_argument("--proposals", type=int, default=5, help="proposals sampled per structure (default: 5)")
+    parser.add_argument("--proposals", type=_positive_int, default=5, help="proposals sampled per structure (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's)")
     parser.add_argument("--fusion", choices=FUSION_METHODS, default="mean", help="how proposals are fused")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
 
 
 def resolve_device(name: str) -> str:
@@ -102,37 +113,57 @@ def resolve_device(name: str) -> str:
 
 
 def _segment(args) -> int:
-    from .outputs import SegmentOutput, write_scalar, write_segmentation
+    from .errors import PromptError
+    from .outputs import SegmentOutput, check_scalar_path, check_segmentation_path, write_scalar, write_segmentation
     from .segmenter import Segmenter
     from .terminology import resolve_prompt, split_prompts
-    from .volume import check_output_path, read_volume
+    from .volume import read_volume
 
+    # Everything that can be checked without the model is checked first: bad prompts and outputs
+    # fail before anything slow, and before anything is written.
     prompts = [p for text in args.prompt for p in split_prompts(text)]
-    structures = [resolve_prompt(p) for p in prompts]  # bad prompts fail before anything slow
-    output = check_output_path(args.output, args.overwrite)
+    if not prompts:
+        raise PromptError("empty prompt: type the structure to segment, such as 'liver' or 'left kidney'.")
+    structures = [resolve_prompt(p) for p in prompts]
+    for index, structure in enumerate(structures):
+        if structure in structures[:index]:
+            first = prompts[structures.index(structure)]
+            raise PromptError(f"the prompts {first!r} and {prompts[index]!r} both name {structure.display_name}; "
+                              "give each structure once")
+    output = check_segmentation_path(args.output, args.overwrite)
+    suffix = ".seg.nrrd" if output.name.lower().endswith(".seg.nrrd") else ".nii.gz"
     uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
     for path in uncertainty_paths:
-        check_output_path(path, args.overwrite)
+        check_scalar_path(path, args.overwrite)
     proposals_dir = Path(args.proposals_dir) if args.proposals_dir else None
-    if proposals_dir is not None and not proposals_dir.is_dir():
-        raise OutputError(f"proposals folder {proposals_dir} does not exist; create it first")
+    proposal_paths = []
+    if proposals_dir is not None:
+        if not proposals_dir.is_dir():
+            raise OutputError(f"proposals folder {proposals_dir} does not exist; create it first")
+        proposal_paths = [[proposals_dir / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
+                          for s in structures]
+        for path in (p for paths in proposal_paths for p in paths):
+            check_segmentation_path(path, args.overwrite)
     volume = read_volume(args.input)
     segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
     with _progress(args.progress) as report:
         results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
                                          fusion=args.fusion, callback=report)
-    suffix = ".seg.nrrd" if str(output).endswith(".seg.nrrd") else ".nii.gz"
-    segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
-    write_segmentation(output, volume, segments, overwrite=args.overwrite)
-    written = {"output": str(output), "uncertainty": [], "proposals": []}
-    for path, result in zip(uncertainty_paths, results):
-        written["uncertainty"].append(str(write_scalar(path, volume.with_array(result.uncertainty), args.overwrite)))
-    if proposals_dir is not None:
-        for result in results:
-            for k, (mask, seed) in enumerate(zip(result.proposals, result.seeds)):
-                path = proposals_dir / f"{result.structure.name}_proposal{k + 1}{suffix}"
+    written = {"output": None, "uncertainty": [], "proposals": []}
+    try:  # a run that fails half way removes what it wrote (each file itself is written atomically)
+        segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
+        written["output"] = str(write_segmentation(output, volume, segments, overwrite=args.overwrite))
+        for path, result in zip(uncertainty_paths, results):
+            written["uncertainty"].append(str(write_scalar(path, volume.with_array(result.uncertainty), args.overwrite)))
+        for paths, result in zip(proposal_paths, results):
+            for k, (path, mask, seed) in enumerate(zip(paths, result.proposals, result.seeds)):
                 segment = SegmentOutput(result.structure, mask, _tags(result, args, str(k + 1), seed))
                 written["proposals"].append(str(write_segmentation(path, volume, [segment], overwrite=args.overwrite)))
+    except BaseException:
+        for path in [written["output"], *written["uncertainty"], *written["proposals"]]:
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+        raise
     summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
                 "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum())} for r in results]
     if args.progress == "json":
@@ -187,6 +218,7 @@ class _progress:
 
 def _evaluate(args) -> int:
     from .evaluation import evaluate
+    from .model_card import format_score
     from .segmenter import Segmenter
     from .volume import check_output_path, write_atomically
 
@@ -202,12 +234,13 @@ def _evaluate(args) -> int:
 
         report = evaluate(segmenter, args.data, args.split, _list(args.cases), _list(args.structures),
                           args.proposals, args.seed, args.steps, args.fusion, progress)
-    report["command"] = "textdiffseg " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "textdiffseg evaluate"
+    report["command"] = "textdiffseg " + shlex.join(args.argv)
     write_atomically(report_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), args.overwrite)
     for name, scores in report["structures"].items():
-        print(f"{name:28s} dice {scores['dice']:.3f}  single {scores['single_dice']:.3f}  oracle {scores['oracle_dice']:.3f}  "
-              f"hd95 {scores['hd95_mm']:.1f} mm  nsd {scores['nsd']:.3f}")
-    print(f"mean dice {report['mean_dice']:.3f}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
+        print(f"{name:28s} dice {format_score(scores['dice'], 3)}  single {format_score(scores['single_dice'], 3)}  "
+              f"oracle {format_score(scores['oracle_dice'], 3)}  hd95 {format_score(scores['hd95_mm'], 1)} mm  "
+              f"nsd {format_score(scores['nsd'], 3)}")
+    print(f"mean dice {format_score(report['mean_dice'], 3)}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
     return 0
 
 

@@ -13,6 +13,7 @@ from .datasets import read_dataset
 from .errors import DataError
 from .metrics import dice, hd95_mm, iou, normalized_surface_dice, oracle_dice, randtop3_dice
 from .segmenter import Segmenter
+from .terminology import resolve_prompt
 from .volume import read_volume
 
 METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_mm", "nsd")
@@ -27,6 +28,8 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     available = set(dataset.labels.values()) & set(segmenter.structures)
     if structures is None:
         structures = [s for s in segmenter.structures if s in available]
+    else:  # names or synonyms ("left kidney"); a misspelt one gets the nearest known names
+        structures = list(dict.fromkeys(resolve_prompt(s).name for s in structures))
     missing = [s for s in structures if s not in available]
     if missing:
         raise DataError(f"cannot evaluate {', '.join(missing)}: the dataset does not label it or the model "
@@ -50,7 +53,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
                 "oracle_dice": oracle_dice(result.proposals, reference),
                 "randtop3_dice": randtop3_dice(result.proposals, reference, rng),
                 "iou": iou(result.fused, reference),
-                "hd95_mm": hd95_mm(result.fused, reference, image.spacing),
+                "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
                 "nsd": normalized_surface_dice(result.fused, reference, image.spacing),
             })
     if progress is not None:
@@ -66,7 +69,12 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     }
 
 
-def _mean(values: list[float]) -> float:
-    """Mean of the finite values (HD95 is NaN when exactly one mask is empty); NaN if none."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+def _finite_or_none(value: float) -> float | None:
+    """HD95 is undefined (NaN) when exactly one mask is empty; reports hold ``null`` there (strict JSON)."""
+    return None if math.isnan(value) else value
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the defined values; ``None`` if there are none."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None

@@ -53,7 +53,12 @@ def _scores(report: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, scores in report["structures"].items():
-        lines.append(f"| {name} | {scores['dice']:.3f} | {scores['single_dice']:.3f} | {scores['oracle_dice']:.3f} | "
-                     f"{scores['randtop3_dice']:.3f} | {scores['hd95_mm']:.1f} | {scores['nsd']:.3f} |")
+        cells = [format_score(scores[m], 3) for m in ("dice", "single_dice", "oracle_dice", "randtop3_dice")]
+        cells += [format_score(scores["hd95_mm"], 1), format_score(scores["nsd"], 3)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     return lines
+
+
+def format_score(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

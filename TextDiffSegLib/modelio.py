@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import ModelConfig
 from .errors import ModelError
@@ -45,7 +45,10 @@ def save_model(model: torch.nn.Module, directory: str | Path, card: str | None =
     directory.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomically(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}), overwrite=True)
+    # safetensors.save_file creates its file readable by the owner only (0600, whatever the umask); bytes
+    # written by Python get the usual permissions, so a shared or packaged model folder stays readable.
+    data = save(tensors, metadata={"format": "pt"})
+    write_atomically(directory / WEIGHTS_NAME, lambda p: p.write_bytes(data), overwrite=True)
     write_atomically(directory / CONFIG_NAME, model.config.save, overwrite=True)
     if card is not None:
         write_atomically(directory / CARD_NAME, lambda p: p.write_text(card), overwrite=True)

@@ -68,15 +68,8 @@ def write_segmentation(
     folder, an unsupported extension, or a failed write; ``ValueError`` if a mask is not on the
     reference grid or a tag key is malformed. Returns the path.
     """
-    path = Path(path)
-    name = path.name.lower()
-    is_slicer = name.endswith(SEGMENTATION_EXTENSION)
-    if not is_slicer and not any(name.endswith(extension) for extension in LABELMAP_EXTENSIONS):
-        raise OutputError(
-            f"cannot write {path}: unsupported file type for a segmentation; use {SEGMENTATION_EXTENSION} "
-            f"(3D Slicer) or a label map ending in {', '.join(LABELMAP_EXTENSIONS)}"
-        )
-    check_output_path(path, overwrite)  # fail before the work; write_atomically checks again
+    path = check_segmentation_path(path, overwrite)  # fail before the work; write_atomically checks again
+    is_slicer = path.name.lower().endswith(SEGMENTATION_EXTENSION)
     masks = [_mask_on_grid(segment, reference) for segment in segments]  # checked, not copied
     if is_slicer:
         segmentation = _slicer_segmentation(reference, segments, masks)
@@ -89,14 +82,31 @@ def write_scalar(path: str | os.PathLike, volume: Volume, overwrite: bool = Fals
 
     Raises ``OutputError`` as ``write_segmentation`` does. Returns the path.
     """
+    path = check_scalar_path(path, overwrite)
+    return write_volume(path, volume.with_array(np.asarray(volume.array, dtype=np.float32)), overwrite)
+
+
+def check_segmentation_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise ``OutputError`` unless ``write_segmentation`` could write ``path`` (its type, existence, folder)."""
+    path = Path(path)
+    name = path.name.lower()
+    if not any(name.endswith(extension) for extension in (SEGMENTATION_EXTENSION, *LABELMAP_EXTENSIONS)):
+        raise OutputError(
+            f"cannot write {path}: unsupported file type for a segmentation; use {SEGMENTATION_EXTENSION} "
+            f"(3D Slicer) or a label map ending in {', '.join(LABELMAP_EXTENSIONS)}"
+        )
+    return check_output_path(path, overwrite)
+
+
+def check_scalar_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise ``OutputError`` unless ``write_scalar`` could write ``path`` (its type, existence, folder)."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith(SEGMENTATION_EXTENSION) or not any(name.endswith(ext) for ext in SCALAR_EXTENSIONS):
         raise OutputError(
             f"cannot write {path}: unsupported file type for a scalar map; use one of {', '.join(SCALAR_EXTENSIONS)}"
         )
-    check_output_path(path, overwrite)
-    return write_volume(path, volume.with_array(np.asarray(volume.array, dtype=np.float32)), overwrite)
+    return check_output_path(path, overwrite)
 
 
 # --- label maps -------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class Segmenter:
         normalized = volume.with_array(normalize_intensity(volume.array, config.modality))
         image = torch.from_numpy(to_model_grid(normalized, grid))
         shape = tuple(image.shape)
-        multiple = config.downsampling
+        multiple = config.size_multiple  # scans narrower than the window go through the U-Net whole
         pad_y, pad_x = (-shape[1]) % multiple, (-shape[2]) % multiple
         image = torch.nn.functional.pad(image, (0, pad_x, 0, pad_y))
         depth = shape[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import time
@@ -22,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
-from .errors import DataError
+from .errors import DataError, ModelError
 from .families import FAMILIES
 from .modelio import save_model
 from .model_card import TRAINING_RECORD, render_card
 from .sampler import make_scheduler
-from .terminology import get_structure
+from .terminology import get_structure, resolve_prompt
 from .text_encoders import conditioning_text, load_text_encoder
 from .volume import write_atomically
 
@@ -47,7 +48,7 @@ class TrainSettings:
     batch_size: int = 16
     crop: tuple[int, int] = (128, 128)  # training crop, voxels of the model grid (the sampler windows are larger)
     autoencoder_steps: int = 600
-    diffusion_steps: int = 7000
+    diffusion_steps: int = 5000
     autoencoder_lr: float = 1e-3
     lr: float = 3e-4
     weight_decay: float = 1e-5
@@ -61,15 +62,46 @@ class TrainSettings:
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - Dice per sample, averaged; ``eps`` keeps empty masks well defined."""
+    """1 - Dice of each sample; ``eps`` keeps empty masks well defined."""
     probabilities = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1)
     intersection = (probabilities * target).sum(1)
-    return (1 - (2 * intersection + eps) / (probabilities.sum(1) + target.sum(1) + eps)).mean()
+    return 1 - (2 * intersection + eps) / (probabilities.sum(1) + target.sum(1) + eps)
 
 
 def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+    """BCE + Dice of each sample (the mask autoencoder's loss in papers/002)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    return bce + soft_dice_loss(logits, target)
+
+
+class ImportanceTimesteps:
+    """Timesteps drawn in proportion to the loss they recently gave (papers/002, after Nichol & Dhariwal).
+
+    The range is cut into buckets; each bucket keeps its last few losses, and a bucket is drawn with
+    probability proportional to the root mean square of those, mixed with a little of the uniform
+    distribution. Until every bucket has a history, timesteps are uniform. Without this, x0-prediction
+    learns to copy the lightly noised mask and stays weak at the high timesteps sampling starts from.
+    """
+
+    def __init__(self, num_timesteps: int, buckets: int = 20, history: int = 10, uniform: float = 0.1):
+        self.num_timesteps, self.uniform = num_timesteps, uniform
+        self.edges = torch.linspace(0, num_timesteps, buckets + 1).long()
+        self.losses = torch.full((buckets, history), float("nan"))
+
+    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if torch.isnan(self.losses).any():
+            return torch.randint(0, self.num_timesteps, (count,), generator=generator)
+        weights = self.losses.pow(2).mean(1).sqrt()
+        weights = (1 - self.uniform) * weights / weights.sum() + self.uniform / len(weights)
+        buckets = torch.multinomial(weights, count, replacement=True, generator=generator)
+        low, high = self.edges[buckets], self.edges[buckets + 1]
+        return low + (torch.rand(count, generator=generator) * (high - low)).long()
+
+    def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
+        buckets = torch.bucketize(timesteps.cpu(), self.edges[1:-1], right=True)
+        for bucket, loss in zip(buckets.tolist(), losses.detach().cpu().tolist()):
+            self.losses[bucket] = torch.cat([self.losses[bucket, 1:], torch.tensor([loss])])
 
 
 class SliceSampler:
@@ -142,7 +174,9 @@ class _Run:
         self.output.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(settings.device)
         dataset = read_dataset(settings.data)
-        structures = tuple(settings.structures) or tuple(dataset.labels[v] for v in sorted(dataset.labels))
+        # Names or synonyms ("left kidney"); a misspelt one gets the nearest known names.
+        structures = (tuple(dict.fromkeys(resolve_prompt(s).name for s in settings.structures))
+                      or tuple(dataset.labels[v] for v in sorted(dataset.labels)))
         unknown = [s for s in structures if s not in dataset.labels.values()]
         if unknown:
             raise DataError(f"{settings.data} has no labels for {', '.join(unknown)}")
@@ -156,6 +190,7 @@ class _Run:
         self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
                                     settings.present_fraction, settings.seed)
         self.conditions = self._conditions()
+        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.stage, self.step = "autoencoder", 0
         self.optimizer = self._optimizer()
         self._resume()
@@ -179,19 +214,52 @@ class _Run:
 
     def _resume(self) -> None:
         path = self.output / CHECKPOINT_NAME
+        if path.is_file():
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                self.config.latent_scale = state["latent_scale"]
+                self.model.load_state_dict(state["model"])
+                self.stage, self.step = state["stage"], state["step"]
+                self.optimizer = self._optimizer()
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.timesteps.losses = state["timestep_losses"]
+            except (RuntimeError, ValueError, KeyError, EOFError, OSError) as error:
+                lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().endswith(":")]
+                first_line = lines[0][:200] if lines else type(error).__name__
+                raise ModelError(
+                    f"cannot resume from {path}: it is corrupt or was written with other model settings ({first_line}). "
+                    "Resume with the settings of that run, or choose a new output folder (or delete the checkpoint) "
+                    "to start over."
+                ) from None
+            self.sampler.rng = np.random.default_rng([self.settings.seed, self.step, len(self.stage)])
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        """Drop log rows past the resumed position (steps done after the last checkpoint are done again)."""
+        path = self.output / LOG_NAME
         if not path.is_file():
             return
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.config.latent_scale = state["latent_scale"]
-        self.model.load_state_dict(state["model"])
-        self.stage, self.step = state["stage"], state["step"]
-        self.optimizer = self._optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.rng = np.random.default_rng([self.settings.seed, self.step, len(self.stage)])
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        stages = ("autoencoder", "diffusion")
+
+        def done(row: list[str]) -> bool:
+            try:
+                stage, step = row[0], int(row[1])
+                return stages.index(stage) < stages.index(self.stage) or (stage == self.stage and step <= self.step)
+            except (IndexError, ValueError):  # a malformed row (say, half written when the run was killed)
+                return False
+
+        kept = rows[:1] + [row for row in rows[1:] if done(row)]
+        if len(kept) < len(rows):
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            write_atomically(path, lambda p: p.write_text(text.getvalue()), overwrite=True)
 
     def checkpoint(self) -> None:
         state = {"stage": self.stage, "step": self.step, "latent_scale": self.config.latent_scale,
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "timestep_losses": self.timesteps.losses}
         write_atomically(self.output / CHECKPOINT_NAME, lambda p: torch.save(state, p), overwrite=True)
 
     def log(self, loss: float, seconds: float) -> None:
@@ -220,7 +288,7 @@ class _Run:
         _, masks, _ = self.sampler.batch(self.settings.batch_size)
         masks = masks.to(self.device)
         autoencoder = self.model.mask_autoencoder
-        loss = mask_loss(autoencoder.decode(autoencoder.encode(masks)), masks)
+        loss = mask_loss(autoencoder.decode(autoencoder.encode(masks)), masks).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -239,15 +307,17 @@ class _Run:
         with torch.no_grad():
             clean = model.encode_mask(masks)
         noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=self.device)
+        timesteps = self.timesteps.sample(clean.shape[0]).to(self.device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = model.denoise(noisy, timesteps, model.image_encoder(images), model.embed_structure(self.conditions[labels]))
         target = {"sample": clean, "epsilon": noise}.get(self.config.prediction_type)
         if target is None:
             target = scheduler.get_velocity(clean, noise, timesteps)
-        loss = F.mse_loss(prediction, target)
+        losses = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(1)
         if self.config.prediction_type == "sample" and self.settings.decoded_mask_weight > 0:
-            loss = loss + self.settings.decoded_mask_weight * mask_loss(model.decode_mask(prediction), masks)
+            losses = losses + self.settings.decoded_mask_weight * mask_loss(model.decode_mask(prediction), masks)
+        self.timesteps.update(timesteps, losses)
+        loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -32,7 +32,7 @@ def test_config_round_trips_through_json(tmp_path):
     ("structures", (), "structures"),
     ("unet_channels", (8, 12, 16), "multiples of 8"),
     ("prediction_type", "noise", "prediction_type"),
-    ("window", (30, 30), "multiple of 4"),
+    ("window", (36, 36), "multiple of 16"),
 ])
 def test_invalid_config_is_refused_with_the_reason(field, value, message):
     with pytest.raises(ModelError, match=message):

@@ -117,7 +117,7 @@ def _qtClasses():
 
 def test_the_module_loads_no_heavy_package_when_slicer_starts():
     # module-level imports run at Slicer's start-up, before the engine's packages may be installed
-    allowed = {"logging", "os", "shutil", "sys", "tempfile", "pathlib", "typing", "qt", "vtk", "slicer",
+    allowed = {"os", "shutil", "sys", "tempfile", "pathlib", "typing", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.ScriptedLoadableModule", "slicer.util", "slicer.parameterNodeWrapper",
                "TextDiffSegHelpers", "TextDiffSegLib", "TextDiffSegLib.errors"}
     for node in moduleSource().body:

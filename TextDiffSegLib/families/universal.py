@@ -41,8 +41,8 @@ class UniversalConfig(ModelConfig):
                 found.append(f"{field} must be multiples of 8 (group norm), not {getattr(self, field)}")
         if self.context_slices < 0:
             found.append("context_slices must be 0 or more")
-        if any(w % 4 for w in self.window):
-            found.append(f"window must be a multiple of 4 (the latent downsampling), not {self.window}")
+        if any(w % self.size_multiple for w in self.window):
+            found.append(f"window must be a multiple of {self.size_multiple} (the model's downsampling), not {self.window}")
         return found
 
     def __post_init__(self):
@@ -53,6 +53,11 @@ class UniversalConfig(ModelConfig):
     @property
     def downsampling(self) -> int:
         return 4
+
+    @property
+    def size_multiple(self) -> int:
+        """In-plane sizes (model-grid voxels) the model accepts: the latent downsampling times the U-Net's."""
+        return self.downsampling * 2 ** (len(self.unet_channels) - 1)
 
     @property
     def image_in_channels(self) -> int:

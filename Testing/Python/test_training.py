@@ -1,0 +1,228 @@
+"""Training: the loss falls, runs resume from their checkpoint, the model folder is complete, and the
+``textdiffseg train`` command works end to end. Three CHAOS T2 cases, the tiny model of ``conftest``."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from TextDiffSegLib import cli
+from TextDiffSegLib.errors import DataError, ModelError, PromptError
+from TextDiffSegLib.modelio import read_config
+from TextDiffSegLib.segmenter import Segmenter
+from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, TrainSettings, train
+from TextDiffSegLib.volume import read_volume
+
+pytestmark = pytest.mark.realdata
+
+CHAOS_CASES = ("chaos_t2_01", "chaos_t2_02", "chaos_t2_15")
+CHAOS_STRUCTURES = ["liver", "kidney_right", "kidney_left", "spleen"]
+
+
+@pytest.fixture(scope="module")
+def chaos_dataset(shared_data, tmp_path_factory) -> Path:
+    """A dataset.json naming three CHAOS T2 cases by absolute path."""
+    chaos = shared_data / "chaos_t2"
+    description = json.loads((chaos / "dataset.json").read_text())
+    description["training"] = [{"image": str(chaos / "imagesTr" / f"{case}.nii.gz"),
+                                "label": str(chaos / "labelsTr" / f"{case}.nii.gz")} for case in CHAOS_CASES]
+    path = tmp_path_factory.mktemp("chaos") / "dataset.json"
+    path.write_text(json.dumps(description))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache of resampled cases for the whole module, so each case is resampled once per spacing."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_options(**overrides) -> dict:
+    """The architecture fields of the tiny config, as ``TrainSettings.model_options``."""
+    config = tiny_config()
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if f.name not in ("family", "name", "modality", "structures")}
+    return {**options, **overrides}
+
+
+def settings(chaos_dataset, cache_dir, output, **overrides) -> TrainSettings:
+    values = dict(data=str(chaos_dataset), output=str(output), batch_size=8, crop=(64, 64), autoencoder_steps=20,
+                  diffusion_steps=3, cache_dir=str(cache_dir), model_options=tiny_options())
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def read_log(output: Path) -> list[dict]:
+    with (Path(output) / LOG_NAME).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def steps(rows: list[dict], stage: str) -> list[int]:
+    return [int(row["step"]) for row in rows if row["stage"] == stage]
+
+
+class Recorder:
+    """A progress callback that keeps every call."""
+
+    def __init__(self, stop_at: tuple[str, int] | None = None):
+        self.calls, self.stop_at = [], stop_at
+
+    def __call__(self, stage, step, total, loss):
+        self.calls.append((stage, step, total))
+        assert np.isfinite(loss)
+        if (stage, step) == self.stop_at:
+            raise KeyboardInterrupt  # as when the user stops a run
+
+
+def test_a_short_run_lowers_the_loss(chaos_dataset, cache_dir, tmp_path):
+    progress = Recorder()
+    output = tmp_path / "run"
+    train(settings(chaos_dataset, cache_dir, output, autoencoder_steps=200, diffusion_steps=100), progress)
+    rows = read_log(output)
+    assert list(rows[0]) == ["stage", "step", "loss", "lr", "seconds"]
+    assert steps(rows, "autoencoder") == list(range(1, 201))
+    assert steps(rows, "diffusion") == list(range(1, 101))
+    assert [row["stage"] for row in rows] == ["autoencoder"] * 200 + ["diffusion"] * 100
+    assert all(float(row["lr"]) > 0 and float(row["seconds"]) >= 0 for row in rows)
+    assert progress.calls == [("autoencoder", k, 200) for k in range(1, 201)] + [("diffusion", k, 100) for k in range(1, 101)]
+    for stage in ("autoencoder", "diffusion"):
+        losses = [float(row["loss"]) for row in rows if row["stage"] == stage]
+        assert all(np.isfinite(losses))
+        first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+        assert last < 0.85 * first, (stage, first, last)
+
+
+def test_resume_continues_the_run_and_writes_a_model_folder(chaos_dataset, cache_dir, tmp_path, shared_data):
+    output = tmp_path / "run"
+    folder = train(settings(chaos_dataset, cache_dir, output, diffusion_steps=3))
+    assert folder == output / "model"
+    assert (output / CHECKPOINT_NAME).is_file()
+    first_weights = (folder / "model.safetensors").read_bytes()
+
+    progress = Recorder()
+    folder = train(settings(chaos_dataset, cache_dir, output, diffusion_steps=5), progress)
+    assert progress.calls == [("diffusion", 4, 5), ("diffusion", 5, 5)]  # the autoencoder is not trained again
+    rows = read_log(output)
+    assert steps(rows, "autoencoder") == list(range(1, 21))
+    assert steps(rows, "diffusion") == [1, 2, 3, 4, 5]
+    assert (folder / "model.safetensors").read_bytes() != first_weights
+
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "training.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():  # as readable as any file the user makes: the folder may be shared or packaged
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    record = json.loads((folder / "training.json").read_text())
+    split = record["split"]
+    assert sorted(split["training"] + split["validation"]) == sorted(CHAOS_CASES)
+    assert len(split["validation"]) == 1 and not set(split["training"]) & set(split["validation"])
+    assert record["settings"]["diffusion_steps"] == 5
+    card = (folder / "README.md").read_text()
+    assert card.startswith("# run\n")
+    assert "2 training cases, 1 validation cases" in card
+    assert all(case in card for case in split["validation"])
+    config = read_config(folder)
+    assert config.name == "run" and config.family == "universal" and config.modality == "MR"
+    assert list(config.structures) == CHAOS_STRUCTURES
+    assert config.unet_channels == tiny_config().unet_channels
+    assert config.latent_scale != 1.0  # measured after the autoencoder stage
+
+    # The folder is a model the segmenter loads and runs.
+    volume = read_volume(shared_data / "totalseg_examples" / "example_mr_sm.nii.gz")
+    result = Segmenter.from_pretrained(folder).propose(volume, "right kidney", num_proposals=1, steps=1)
+    assert result.fused.shape == volume.array.shape and result.model == "run"
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(chaos_dataset, cache_dir, tmp_path):
+    output = tmp_path / "run"
+    run_settings = settings(chaos_dataset, cache_dir, output, diffusion_steps=7, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_settings, Recorder(stop_at=("diffusion", 5)))
+    assert steps(read_log(output), "diffusion") == [1, 2, 3, 4, 5]
+    assert not (output / "model").exists()
+
+    progress = Recorder()
+    train(run_settings, progress)
+    assert progress.calls == [("diffusion", k, 7) for k in (5, 6, 7)]  # from the checkpoint of step 4
+    rows = read_log(output)
+    assert steps(rows, "autoencoder") == list(range(1, 21))
+    assert steps(rows, "diffusion") == list(range(1, 8))  # step 5, done twice, is logged once
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+def test_resuming_with_other_settings_or_a_corrupt_checkpoint_is_refused(chaos_dataset, cache_dir, tmp_path):
+    output = tmp_path / "run"
+    train(settings(chaos_dataset, cache_dir, output, autoencoder_steps=2, diffusion_steps=1))
+    log = (output / LOG_NAME).read_text()
+    wider = settings(chaos_dataset, cache_dir, output, autoencoder_steps=2, diffusion_steps=2,
+                     model_options=tiny_options(unet_channels=(16, 16, 32)))
+    with pytest.raises(ModelError, match="cannot resume .*other model settings.*new output folder"):
+        train(wider)
+    checkpoint = output / CHECKPOINT_NAME
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="corrupt"):
+        train(settings(chaos_dataset, cache_dir, output, autoencoder_steps=2, diffusion_steps=2))
+    assert (output / LOG_NAME).read_text() == log
+
+
+def test_dataset_errors(chaos_dataset, cache_dir, tmp_path):
+    with pytest.raises(DataError, match="has no labels for aorta"):
+        train(settings(chaos_dataset, cache_dir, tmp_path / "a", structures=("liver", "aorta")))
+    with pytest.raises(PromptError, match="gallbladder"):
+        train(settings(chaos_dataset, cache_dir, tmp_path / "b", structures=("gallblader",)))
+    with pytest.raises(DataError, match="cannot read"):
+        train(settings(tmp_path / "absent.json", cache_dir, tmp_path / "c"))
+    one_case = json.loads(chaos_dataset.read_text())
+    one_case["training"] = one_case["training"][:1]
+    (tmp_path / "one.json").write_text(json.dumps(one_case))
+    with pytest.raises(DataError, match="at least two cases"):
+        train(settings(tmp_path / "one.json", cache_dir, tmp_path / "d"))
+    assert not list((tmp_path / "a").glob("*")) and not (tmp_path / "a" / "model").exists()
+
+
+def test_structures_by_any_name(chaos_dataset, cache_dir, tmp_path):
+    folder = train(settings(chaos_dataset, cache_dir, tmp_path / "run", structures=("Left Kidney", "liver", "hepar"),
+                            autoencoder_steps=1, diffusion_steps=1))
+    assert read_config(folder).structures == ("kidney_left", "liver")
+
+
+def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
+    """``textdiffseg train`` builds the default-size model (the CLI sets no widths): 2 + 2 steps, batches of 2."""
+    output = tmp_path / "cli-run"
+    args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
+            "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu"]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"wrote {output / 'model'}"
+    assert "autoencoder" in err and "diffusion" in err and "loss=" in err  # the progress bars
+    rows = read_log(output)
+    assert steps(rows, "autoencoder") == [1, 2] and steps(rows, "diffusion") == [1, 2]
+    model = output / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["README.md", "config.json", "model.safetensors", "training.json"]
+    config = read_config(model)
+    assert config.name == "cli-run" and config.conditioning == "text" and list(config.structures) == CHAOS_STRUCTURES
+    assert config.unet_channels == (32, 64, 96)  # the default widths
+    assert json.loads((model / "training.json").read_text())["settings"]["batch_size"] == 2
+
+    # The same command with more steps resumes: only the new denoiser step runs.
+    assert cli.main([*args, "--steps", "3"]) == 0
+    _, err = capsys.readouterr()
+    assert "autoencoder" not in err and "diffusion" in err
+    assert steps(read_log(output), "diffusion") == [1, 2, 3]
+
+    # Errors are one line and status 2.
+    for extra, words in ((["--structures", "liver,aorta"], ["has no labels for aorta"]),
+                         (["--device", "tpu"], ["unknown device 'tpu'"])):
+        code = cli.main(["train", "--data", str(chaos_dataset), "--output", str(tmp_path / "bad"), "--steps", "1",
+                         "--autoencoder-steps", "1", "--cache-dir", str(cache_dir), *extra])
+        _, err = capsys.readouterr()
+        assert code == 2 and err.startswith("textdiffseg: error: ") and "Traceback" not in err
+        assert all(word in err for word in words), err
+    assert not (tmp_path / "bad" / "model").exists()
