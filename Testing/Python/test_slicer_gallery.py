@@ -8,7 +8,6 @@ import pytest
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "TextDiffSeg"))
-from PIL import Image  # noqa: E402
 from TextDiffSegHelpers.gallery import Gallery  # noqa: E402
 from TextDiffSegHelpers.prompts import promptCompletions  # noqa: E402
 
@@ -72,7 +71,7 @@ def test_thumbnail_png_is_read_back_as_written(tmp_path):
     rgb[0, 0] = (255, 0, 0)
     rgb[2, 4] = (0, 0, 255)
     write_png(rgb, tmp_path / "thumbnail.png")
-    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "thumbnail.png").convert("RGB")), rgb)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "thumbnail.png"))), rgb)
 
 
 def test_gallery_orders_by_agreement_and_tracks_the_selection():

@@ -202,6 +202,20 @@ def test_an_existing_segment_of_the_same_name_survives(scene, ct, labels):
     np.testing.assert_array_equal(mrml.maskFromSegment(segmentationNode, secondId, volumeNode), proposal)
 
 
+def test_a_segmentation_with_only_an_empty_segment_takes_the_proposal_on_an_oblique_grid(scene):
+    direction = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)  # a coronal acquisition
+    volume = Volume(np.zeros((10, 20, 30), np.int16), (1.5, 1.5, 3.0), (5.0, 6.0, 7.0), direction)
+    volumeNode = mrml.addVolumeNode(scene, volume, "coronal")
+    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    existingId = segmentationNode.GetSegmentation().AddEmptySegment("", "liver")
+    mask = np.zeros(volume.array.shape, np.uint8)
+    mask[2:5, 3:9, 4:20] = 1
+    segmentId = mrml.addSegment(segmentationNode, volumeNode, mask, "liver", (1, 2, 3))
+    assert segmentationNode.GetSegmentation().GetSegment(segmentId).GetName() == "liver (2)"
+    assert segmentationNode.GetSegmentation().GetSegment(existingId).GetName() == "liver"
+    np.testing.assert_array_equal(mrml.maskFromSegment(segmentationNode, segmentId, volumeNode), mask)
+
+
 def test_a_mask_off_the_volume_grid_is_refused(scene):
     volume = Volume(np.zeros((4, 5, 6), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
     volumeNode = mrml.addVolumeNode(scene, volume, "small")

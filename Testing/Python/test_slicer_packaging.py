@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from PIL import Image
+import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "TextDiffSeg"
@@ -87,8 +87,8 @@ def test_extension_metadata_is_complete_and_consistent():
     for url in (TOP["EXTENSION_ICONURL"][0], TOP["EXTENSION_SCREENSHOTURLS"][0]):
         relative = url.split("/main/", 1)[1]
         assert (REPO / relative).is_file(), f"{url} names {relative}, which is not in the repository"
-    icon = Image.open(REPO / TOP["EXTENSION_ICONURL"][0].split("/main/", 1)[1])
-    assert icon.format == "PNG" and icon.size == (128, 128)
+    icon = REPO / TOP["EXTENSION_ICONURL"][0].split("/main/", 1)[1]
+    assert icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sitk.ReadImage(str(icon)).GetSize() == (128, 128)
 
 
 def test_catalog_entry_is_valid_and_agrees_with_cmake():

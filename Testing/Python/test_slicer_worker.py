@@ -5,6 +5,8 @@ input's exact grid, the worker stays warm, Cancel kills it mid-run, and user err
 readable messages while the worker keeps serving.
 """
 
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,6 @@ import psutil
 import pytest
 import SimpleITK as sitk
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "TextDiffSeg"))
@@ -81,7 +82,7 @@ def test_proposals_come_back_on_the_inputs_grid_with_progress(client, ct_file, t
         uncertainty = result.uncertainty()
         assert uncertainty.array.dtype == np.float32 and 0 <= uncertainty.array.min() <= uncertainty.array.max() <= 1
         assert len(result.thumbnailPaths) == 2
-        assert max(Image.open(result.thumbnailPaths[0]).size) == 64
+        assert max(sitk.ReadImage(result.thumbnailPaths[0]).GetSize()) == 64
 
 
 def test_the_worker_stays_warm_and_a_seed_reproduces_its_proposal(client, ct_file, tiny_model_dir, tmp_path):
@@ -141,3 +142,38 @@ def test_cancel_kills_the_worker_mid_run_and_the_next_request_starts_a_new_one(c
         assert proposalsFromResult(event)[0].structure == "spleen"
     finally:
         client.stop()
+
+
+def test_a_model_download_shows_as_progress_and_unknown_commands_are_refused(monkeypatch, ct_file, tiny_model_dir,
+                                                                              tmp_path):
+    from TextDiffSegLib import worker
+
+    def resolve(model, progress):  # the registry downloading a 100 MB model
+        assert model == "big-model"
+        for megabytes in (0, 50, 100):
+            progress(megabytes * 10**6, 100 * 10**6)
+        return tiny_model_dir
+
+    monkeypatch.setattr(worker, "resolve_model", resolve)
+    events = []
+    serve = worker.Worker(events.append)
+    serve.handle({"id": 5, "command": "segment",
+                  **_request(ct_file, tiny_model_dir, tmp_path, model="big-model", prompts=["liver"], num_proposals=1)})
+    downloads = [event for event in events if event.get("stage") == "download"]
+    assert [event["fraction"] for event in downloads] == [0, 0.5, 1.0]
+    assert downloads[-1]["message"] == "downloading the model: 100 of 100 MB"
+    assert events[-1]["type"] == "result" and all(event["id"] == 5 for event in events)
+
+    serve.handle({"id": 6, "command": "dance"})
+    assert events[-1] == {"id": 6, "type": "error",
+                          "message": "unknown worker command 'dance'; expected 'segment' or 'shutdown'"}
+
+
+def test_malformed_requests_are_answered_and_shutdown_ends_the_worker():
+    requests = 'not json\n[1, 2]\n\n{"command": "shutdown"}\n{"id": 9, "command": "segment"}\n'
+    result = subprocess.run([sys.executable, "-m", "TextDiffSegLib.worker"], input=requests, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["id"], e["type"]) for e in events] == [(None, "error"), (None, "error")]  # nothing after shutdown
+    assert "malformed request" in events[0]["message"] and "not a JSON object" in events[1]["message"]
