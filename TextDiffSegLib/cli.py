@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--split-seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--autoencoder-steps", type=int, default=600)
-    train.add_argument("--steps", type=int, default=5000, help="denoiser training steps")
+    train.add_argument("--steps", type=int, default=6000, help="denoiser training steps")
     train.add_argument("--lr", type=float, default=3e-4)
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)

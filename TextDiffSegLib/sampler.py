@@ -20,7 +20,14 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(kind: str, num_train_timesteps: int, prediction_type: str):
-    """A diffusers scheduler; ``trailing`` spacing so that few steps still start from pure noise."""
+    """A diffusers scheduler, the same noise schedule in training and sampling.
+
+    ``trailing`` spacing makes even a few steps start from the last timestep. For sample- and
+    v-prediction the schedule is rescaled to zero terminal SNR (Lin et al. 2024): the last timestep
+    is pure noise, as sampling assumes; otherwise a model learns to read the faint trace of the
+    true mask left at that step and fails from pure noise. Epsilon-prediction is undefined there
+    and keeps the plain schedule.
+    """
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
     return SCHEDULERS[kind](
@@ -29,6 +36,7 @@ def make_scheduler(kind: str, num_train_timesteps: int, prediction_type: str):
         prediction_type=prediction_type,
         clip_sample=False,
         timestep_spacing="trailing",
+        rescale_betas_zero_snr=prediction_type != "epsilon",
     )
 
 

@@ -48,7 +48,7 @@ class TrainSettings:
     batch_size: int = 16
     crop: tuple[int, int] = (128, 128)  # training crop, voxels of the model grid (the sampler windows are larger)
     autoencoder_steps: int = 600
-    diffusion_steps: int = 5000
+    diffusion_steps: int = 6000
     autoencoder_lr: float = 1e-3
     lr: float = 3e-4
     weight_decay: float = 1e-5

@@ -110,6 +110,14 @@ def test_sampler_recovers_the_clean_sample_from_a_perfect_denoiser(kind, predict
     torch.testing.assert_close(result, target.expand(3, 1, 4, 4), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("prediction_type, pure_noise_at_the_end", [
+    ("sample", True), ("v_prediction", True), ("epsilon", False)])
+def test_schedule_ends_in_pure_noise_where_the_parameterisation_allows(prediction_type, pure_noise_at_the_end):
+    for kind in ("ddpm", "ddim"):
+        terminal = float(make_scheduler(kind, 1000, prediction_type).alphas_cumprod[-1])
+        assert (terminal == 0.0) == pure_noise_at_the_end
+
+
 def test_sampler_is_reproducible_per_seed():
     scheduler = make_scheduler("ddpm", 1000, "sample")
     denoise = lambda x, t: 0.5 * x  # noqa: E731
