@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--cache-dir", default="", help="where resampled cases are cached (default: OUTPUT/cache)")
+    train.add_argument("--init-from", default="", help="model folder or name to continue training from")
     train.set_defaults(run=_train)
 
     models = commands.add_parser("models", help="list the available models")
@@ -247,6 +248,7 @@ def _evaluate(args) -> int:
 def _train(args) -> int:
     from tqdm import tqdm
 
+    from .registry import resolve_model
     from .training import TrainSettings, train
 
     settings = TrainSettings(
@@ -256,6 +258,7 @@ def _train(args) -> int:
         diffusion_steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed,
         device=resolve_device(args.device), cache_dir=args.cache_dir,
         model_options={"conditioning": args.conditioning},
+        init_from=str(resolve_model(args.init_from)) if args.init_from else "",
     )
     bars = {}
 

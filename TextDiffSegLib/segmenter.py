@@ -16,6 +16,7 @@ import torch
 from .errors import InputImageError, PromptError
 from .fusion import agreement_scores, fuse, uncertainty_map
 from .modelio import load_model
+from .postprocessing import keep_largest_component
 from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
 from .registry import resolve_model
 from .sampler import make_scheduler, sample, windowed
@@ -81,13 +82,19 @@ class Segmenter:
         return structure
 
     def propose(self, volume: Volume, prompt: str, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
-                scheduler: str = "ddim", fusion: str = "mean", callback: ProgressCallback | None = None) -> ProposalSet:
-        """Sample ``num_proposals`` segmentations of the structure ``prompt`` names."""
-        return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion, callback)[0]
+                scheduler: str = "ddim", fusion: str = "mean", largest_component: bool = True,
+                callback: ProgressCallback | None = None) -> ProposalSet:
+        """Sample ``num_proposals`` segmentations of the structure ``prompt`` names.
+
+        Proposal k is sampled from seed ``seed + k``; ``largest_component`` keeps only the largest
+        connected region of each proposal; ``fusion`` is ``mean``, ``majority`` or ``staple``.
+        """
+        return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion,
+                                 largest_component, callback)[0]
 
     def propose_many(self, volume: Volume, prompts: list[str], num_proposals: int = 5, seed: int = 0,
                      steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
-                     callback: ProgressCallback | None = None) -> list[ProposalSet]:
+                     largest_component: bool = True, callback: ProgressCallback | None = None) -> list[ProposalSet]:
         """``propose`` for several prompts, encoding the scan once."""
         if not prompts:
             raise PromptError("no prompt given: name at least one structure, e.g. 'liver'")
@@ -106,7 +113,7 @@ class Segmenter:
                 report(_event("sample", fraction_base + done / len(prompts),
                               f"{structure.display_name}: proposal {k + 1}/{num_proposals}, step {step}/{steps}"))
             results.append(self._propose_structure(volume, scan, prompt, structure, num_proposals, seed, steps,
-                                                   scheduler, fusion, on_proposal))
+                                                   scheduler, fusion, largest_component, on_proposal))
         report(_event("done", 1.0, "finished"))
         return results
 
@@ -141,7 +148,7 @@ class Segmenter:
 
     @torch.no_grad()
     def _propose_structure(self, volume, scan: _PreparedScan, prompt, structure, num_proposals, seed, steps,
-                           scheduler_kind, fusion, on_proposal) -> ProposalSet:
+                           scheduler_kind, fusion, largest_component, on_proposal) -> ProposalSet:
         config = self.config
         embedding = self._condition(structure)
         scheduler = make_scheduler(scheduler_kind, config.num_train_timesteps, config.prediction_type)
@@ -165,6 +172,8 @@ class Segmenter:
             probability = torch.sigmoid(self.model.decode_mask(torch.cat(latents)))[:, 0]
             depth, height, width = scan.shape
             on_model_grid = probability[:, :height, :width].float().cpu().numpy()
+            if largest_component:
+                on_model_grid = keep_largest_component(on_model_grid)
             probabilities.append(from_model_grid(on_model_grid, scan.grid, volume).clip(0, 1).astype(np.float32))
         proposals = [(p >= 0.5).astype(np.uint8) for p in probabilities]
         return ProposalSet(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError
 from .families import FAMILIES
-from .modelio import save_model
+from .modelio import load_model, save_model
 from .model_card import TRAINING_RECORD, render_card
 from .sampler import make_scheduler
 from .terminology import get_structure, resolve_prompt
@@ -59,6 +59,7 @@ class TrainSettings:
     device: str = "cpu"
     cache_dir: str = ""
     model_options: dict = dataclasses.field(default_factory=dict)  # extra config fields (spacing, widths...)
+    init_from: str = ""  # a model folder to start from (its config and weights; the autoencoder stage is skipped)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -181,17 +182,28 @@ class _Run:
         if unknown:
             raise DataError(f"{settings.data} has no labels for {', '.join(unknown)}")
         self.training_cases, self.validation_cases = split_cases(dataset.cases, settings.validation_fraction, settings.split_seed)
-        config_class, model_class = FAMILIES[settings.family]
-        self.config = config_class(family=settings.family, name=settings.name or self.output.name,
-                                   modality=dataset.modality, structures=structures, **settings.model_options)
-        self.model = model_class(self.config).to(self.device)
+        self.stage, self.step = "autoencoder", 0
+        if settings.init_from:
+            self.model = load_model(settings.init_from, device=self.device).train()
+            self.config = self.model.config
+            self.config.name = settings.name or self.output.name
+            structures = self.config.structures
+            unlabelled = [s for s in structures if s not in dataset.labels.values()]
+            if unlabelled:
+                raise DataError(f"{settings.data} has no labels for {', '.join(unlabelled)}, which "
+                                f"{settings.init_from} segments; training from it needs all of them")
+            self.stage = "diffusion"
+        else:
+            config_class, model_class = FAMILIES[settings.family]
+            self.config = config_class(family=settings.family, name=settings.name or self.output.name,
+                                       modality=dataset.modality, structures=structures, **settings.model_options)
+            self.model = model_class(self.config).to(self.device)
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
         self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
                                     settings.present_fraction, settings.seed)
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
-        self.stage, self.step = "autoencoder", 0
         self.optimizer = self._optimizer()
         self._resume()
 

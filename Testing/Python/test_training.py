@@ -226,3 +226,15 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
         assert code == 2 and err.startswith("textdiffseg: error: ") and "Traceback" not in err
         assert all(word in err for word in words), err
     assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_training_can_continue_from_a_model_folder(chaos_dataset, cache_dir, tmp_path):
+    first = train(settings(chaos_dataset, cache_dir, tmp_path / "first", autoencoder_steps=5, diffusion_steps=2))
+    second = train(settings(chaos_dataset, cache_dir, tmp_path / "second", diffusion_steps=2, init_from=str(first)))
+    rows = read_log(tmp_path / "second")
+    assert steps(rows, "autoencoder") == [] and steps(rows, "diffusion") == [1, 2]
+    before, after = Segmenter.from_pretrained(first).model, Segmenter.from_pretrained(second).model
+    assert read_config(second).latent_scale == read_config(first).latent_scale
+    for (name, a), b in zip(before.mask_autoencoder.state_dict().items(), after.mask_autoencoder.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+    assert read_config(second).name == "second"

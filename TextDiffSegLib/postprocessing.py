@@ -1,0 +1,18 @@
+"""Clean-up of a sampled probability map before it leaves the engine."""
+
+import numpy as np
+from scipy import ndimage
+
+
+def keep_largest_component(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """``probability`` with everything outside the largest connected foreground region set to 0.
+
+    Every structure in the terminology table is one connected region (left and right organs are
+    separate structures), so islands elsewhere are false positives of slice-wise sampling.
+    """
+    labels, count = ndimage.label(probability >= threshold)
+    if count <= 1:
+        return probability
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return np.where(labels == sizes.argmax(), probability, 0).astype(probability.dtype)
