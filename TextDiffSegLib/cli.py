@@ -88,6 +88,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
     parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's)")
     parser.add_argument("--fusion", choices=FUSION_METHODS, default="mean", help="how proposals are fused")
+    parser.add_argument("--all-components", action="store_true",
+                        help="keep every connected region of each proposal (default: only the largest)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
@@ -149,7 +151,8 @@ def _segment(args) -> int:
     segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
     with _progress(args.progress) as report:
         results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
-                                         fusion=args.fusion, callback=report)
+                                         fusion=args.fusion, largest_component=not args.all_components,
+                                         callback=report)
     written = {"output": None, "uncertainty": [], "proposals": []}
     try:  # a run that fails half way removes what it wrote (each file itself is written atomically)
         segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
@@ -234,7 +237,7 @@ def _evaluate(args) -> int:
             bar.update(done - bar.n)
 
         report = evaluate(segmenter, args.data, args.split, _list(args.cases), _list(args.structures),
-                          args.proposals, args.seed, args.steps, args.fusion, progress)
+                          args.proposals, args.seed, args.steps, args.fusion, not args.all_components, progress)
     report["command"] = "textdiffseg " + shlex.join(args.argv)
     write_atomically(report_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), args.overwrite)
     for name, scores in report["structures"].items():

@@ -21,7 +21,8 @@ METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_m
 
 def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids: list[str] | None = None,
              structures: list[str] | None = None, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
-             fusion: str = "mean", progress: Callable[[int, int, str], None] | None = None) -> dict:
+             fusion: str = "mean", largest_component: bool = True,
+             progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Segment every case and structure and score it against the manual labels."""
     dataset = read_dataset(data, split)
     cases = dataset.select(case_ids)
@@ -42,7 +43,8 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
             progress(index, len(cases), case.id)
         image, label = read_volume(case.image), read_volume(case.label)
         started = time.perf_counter()
-        results = segmenter.propose_many(image, structures, num_proposals, seed, steps, fusion=fusion)
+        results = segmenter.propose_many(image, structures, num_proposals, seed, steps, fusion=fusion,
+                                         largest_component=largest_component)
         seconds.append(time.perf_counter() - started)
         for result in results:
             reference = label.array == label_values[result.structure.name]
@@ -63,7 +65,8 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     return {
         "model": segmenter.name, "data": str(data), "split": split, "cases": [case.id for case in cases],
         "num_cases": len(cases), "num_proposals": num_proposals, "steps": steps or segmenter.config.default_steps,
-        "fusion": fusion, "seed": seed, "device": f"{segmenter.device.type} ({platform.processor() or platform.machine()})",
+        "fusion": fusion, "largest_component": largest_component, "seed": seed,
+        "device": f"{segmenter.device.type} ({platform.processor() or platform.machine()})",
         "seconds_per_case": float(np.mean(seconds)), "mean_dice": _mean([s["dice"] for s in summary.values()]),
         "structures": summary, "rows": rows,
     }

@@ -46,7 +46,8 @@ def _scores(report: dict) -> list[str]:
         "## Measured scores",
         "",
         f"On {report['num_cases']} validation cases ({', '.join(report['cases'])}), {report['num_proposals']} proposals, "
-        f"{report['steps']} sampling steps, fusion `{report['fusion']}`; {report['seconds_per_case']:.1f} s per case "
+        f"{report['steps']} sampling steps, fusion `{report['fusion']}`"
+        f"{' of each proposal’s largest connected region' if report['largest_component'] else ''}; {report['seconds_per_case']:.1f} s per case "
         f"on {report['device']}. Mean fused Dice: {report['mean_dice']:.3f}.",
         "",
         "| structure | Dice (fused) | Dice (single) | Oracle Dice | RandTop-3 Dice | HD95 (mm) | NSD (2 mm) |",

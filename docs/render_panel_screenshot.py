@@ -1,8 +1,9 @@
 """Render docs/TextDiffSeg-panel.png: the module's panel (its .ui file, offscreen with PySide6).
 
 Slicer cannot run here, so the panel is drawn with stand-ins for Slicer's widgets and filled as it
-looks after a run: the gallery shows five liver proposals on a real BTCV CT (its manual label,
-grown, shrunk and shifted, in place of model samples), drawn by the engine's own thumbnail code.
+looks after a run: the gallery shows five liver proposals that the bundled default model sampled
+on a BTCV CT it was not trained on (its first validation case), drawn by the engine's own
+thumbnail code.
 
     python docs/render_panel_screenshot.py
 """
@@ -11,9 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
+import json
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "TextDiffSeg"), str(REPO / "Testing" / "Python")]
@@ -24,38 +23,26 @@ from PySide6.QtGui import QIcon, QPixmap  # noqa: E402
 from PySide6.QtWidgets import QListWidgetItem, QWidget  # noqa: E402
 from TextDiffSegHelpers.gallery import Gallery  # noqa: E402
 
-from TextDiffSegLib import registry, terminology  # noqa: E402
-from TextDiffSegLib.fusion import agreement_scores  # noqa: E402
+from TextDiffSegLib import registry  # noqa: E402
+from TextDiffSegLib.segmenter import Segmenter  # noqa: E402
 from TextDiffSegLib.thumbnails import thumbnail, write_png  # noqa: E402
-from TextDiffSegLib.volume import from_sitk  # noqa: E402
+from TextDiffSegLib.volume import read_volume  # noqa: E402
 
 CASE = REPO.parent / "shared" / "data" / "btcv"
 OUTPUT = REPO / "docs" / "TextDiffSeg-panel.png"
 THUMBNAIL = 100
 
 
-def proposals(liver: np.ndarray) -> list[np.ndarray]:
-    """Five plausible variants of a manual liver mask."""
-    ball = ndimage.generate_binary_structure(3, 1)
-    return [
-        liver,
-        ndimage.binary_dilation(liver, ball, iterations=2),
-        ndimage.binary_erosion(liver, ball, iterations=2),
-        np.roll(liver, 4, axis=2),
-        ndimage.binary_dilation(np.roll(liver, -3, axis=1), ball, iterations=1),
-    ]
-
-
 def main() -> None:
-    image = from_sitk(sitk.ReadImage(str(CASE / "imagesTr" / "btcv_0005.nii.gz")))
-    liver = sitk.GetArrayFromImage(sitk.ReadImage(str(CASE / "labelsTr" / "btcv_0005.nii.gz"))) == 6
-    masks = proposals(liver)
-    scores = agreement_scores(masks)
-    color = terminology.get_structure("liver").color
+    case = json.loads((registry.resolve_model(None) / "training.json").read_text())["split"]["validation"][0]
+    image = read_volume(CASE / "imagesTr" / f"{case}.nii.gz")
+    result = Segmenter.from_pretrained(None).propose(image, "liver", num_proposals=5, seed=42)
+    masks, scores = result.proposals, result.scores
+    color = result.structure.color
 
     panel = loadUi()
     child = lambda name: panel.findChild(QWidget, name)  # noqa: E731
-    child("inputVolumeSelector").addItem("btcv_0005")
+    child("inputVolumeSelector").addItem(case)
     child("promptLineEdit").setText("liver; spleen")
     default = registry.default_model_name()
     for info in registry.list_models():
@@ -64,7 +51,7 @@ def main() -> None:
     child("modelInfoLabel").setText(registry.list_models()[0].description + " Bundled, works offline.")
     child("seedSpinBox").setValue(42)
     child("deviceComboBox").addItems(["auto", "GPU", "CPU"])
-    child("outputSegmentationSelector").addItem("btcv_0005 TextDiffSeg")
+    child("outputSegmentationSelector").addItem(f"{case} TextDiffSeg")
     child("generateButton").setEnabled(True)
     child("progressBar").hide()
     child("statusLabel").setText("Done. Select a proposal to see it; accept one or fuse several.")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,3 +41,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return save_model(UniversalModel(tiny_config()), tmp_path_factory.mktemp("models") / "tiny", card="# tiny\n")
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    """The 3x3 rotation about x, y or z (for oblique image directions)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    matrix = np.eye(3)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import tiny_config
+from conftest import rotation, tiny_config
 
 from TextDiffSegLib.errors import InputImageError, ModelError, PromptError
 from TextDiffSegLib.families.universal import UniversalConfig, UniversalModel
@@ -146,11 +146,8 @@ def test_sliding_window_passes_small_inputs_whole():
 # --- geometry --------------------------------------------------------------------------------------
 
 
-def _rotation(degrees_about_x: float, degrees_about_z: float) -> tuple[float, ...]:
-    a, b = np.radians(degrees_about_x), np.radians(degrees_about_z)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
-    return tuple((rz @ rx).ravel())
+def _oblique(degrees_about_x: float, degrees_about_z: float) -> tuple[float, ...]:
+    return tuple((rotation("z", degrees_about_z) @ rotation("x", degrees_about_x)).ravel())
 
 
 @pytest.mark.realdata
@@ -158,7 +155,7 @@ def _rotation(degrees_about_x: float, degrees_about_z: float) -> tuple[float, ..
     (1.0, 0, 0, 0, 1, 0, 0, 0, 1),
     (-1.0, 0, 0, 0, -1, 0, 0, 0, 1),
     (0, 1.0, 0, 0, 0, 1, 1, 0, 0),  # axes permuted
-    _rotation(20, 15),  # oblique
+    _oblique(20, 15),  # oblique
 ])
 def test_model_grid_round_trip_keeps_anatomy_in_place(shared_data, direction):
     """A liver mask sent to the model grid and back lands where it was, for any direction."""
@@ -171,7 +168,7 @@ def test_model_grid_round_trip_keeps_anatomy_in_place(shared_data, direction):
 
 
 def test_model_grid_is_axis_aligned_and_covers_the_volume():
-    volume = Volume(np.zeros((10, 20, 30), np.int16), (1.0, 2.0, 3.0), (5.0, 6.0, 7.0), _rotation(30, 10))
+    volume = Volume(np.zeros((10, 20, 30), np.int16), (1.0, 2.0, 3.0), (5.0, 6.0, 7.0), _oblique(30, 10))
     grid = model_grid(volume, (2.0, 2.0, 2.0))
     assert grid.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
     low = np.array(grid.GetOrigin()) - 1.0

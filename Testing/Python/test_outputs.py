@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import slicerio
 import slicerio.segmentation
 
+from conftest import rotation
 from TextDiffSegLib import outputs as outputs_module
 from TextDiffSegLib import terminology
 from TextDiffSegLib import volume as volume_module
@@ -44,14 +45,6 @@ LEFT_KIDNEY = Structure(
 def terminology_entry():
     """The TerminologyEntry string the writer must store for a structure."""
     return terminology.terminology_entry
-
-
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
 
 
 def reference_volume(shape=(6, 8, 10)) -> Volume:

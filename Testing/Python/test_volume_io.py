@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import rotation
 from TextDiffSegLib import volume as volume_module
 from TextDiffSegLib.errors import InputImageError, OutputError
 from TextDiffSegLib.volume import (
@@ -25,15 +26,6 @@ from TextDiffSegLib.volume import (
 )
 
 TOL = 1e-6
-
-
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    """The 3x3 rotation about x, y or z."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
 
 
 OBLIQUE = tuple((rotation("x", 20) @ rotation("z", -20)).ravel())
