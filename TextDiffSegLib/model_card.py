@@ -35,6 +35,7 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         "",
         f"Reproduce: `textdiffseg train --data {settings['data']} --output {settings['output']}` with the settings above.",
         "",
+        *([training["notes"], ""] if training.get("notes") else []),
     ]
     if evaluation is not None:
         lines += _scores(evaluation)
