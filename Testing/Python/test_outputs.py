@@ -162,13 +162,19 @@ def test_overlapping_segments_go_to_separate_layers(tmp_path):
         np.testing.assert_array_equal(slicerio.segment_mask(segmentation, read["id"]).T, written.mask.astype(bool))
 
 
-def test_more_than_255_segments_fill_a_second_layer(tmp_path):
-    reference = reference_volume(shape=(4, 10, 10))
+def one_voxel_segments(reference, count: int, named: bool = False) -> list[SegmentOutput]:
+    """``count`` liver segments of one voxel each, at flat indices 0, 1, ..."""
     segments = []
-    for index in range(300):
+    for index in range(count):
         mask = np.zeros(reference.array.shape, np.uint8)
         mask.flat[index] = 1
-        segments.append(SegmentOutput(LIVER, mask, name=f"liver ({index + 1})"))
+        segments.append(SegmentOutput(LIVER, mask, name=f"liver ({index + 1})" if named else None))
+    return segments
+
+
+def test_more_than_255_segments_fill_a_second_layer(tmp_path):
+    reference = reference_volume(shape=(4, 10, 10))
+    segments = one_voxel_segments(reference, 300, named=True)
     segmentation = slicerio.read_segmentation(str(write_segmentation(tmp_path / "many.seg.nrrd", reference, segments)))
     read_segments = segmentation["segments"]
     assert segmentation["voxels"].shape == (2, 10, 10, 4)
@@ -352,11 +358,7 @@ def test_label_map_values_follow_segment_order(tmp_path, extension):
 
 def test_label_map_beyond_255_segments_is_uint16(tmp_path):
     reference = reference_volume(shape=(4, 10, 10))
-    segments = []
-    for index in range(300):
-        mask = np.zeros(reference.array.shape, np.uint8)
-        mask.flat[index] = 1
-        segments.append(SegmentOutput(LIVER, mask))
+    segments = one_voxel_segments(reference, 300)
     labels = read_volume(write_segmentation(tmp_path / "many.nii.gz", reference, segments))
     assert labels.array.dtype == np.uint16
     np.testing.assert_array_equal(labels.array.ravel()[:300], np.arange(1, 301))

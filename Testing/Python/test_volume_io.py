@@ -255,29 +255,19 @@ def test_empty_folder(tmp_path):
         read_volume(tmp_path)
 
 
+NOT_3D_SCALAR = {
+    "2D image": lambda: sitk.Image([8, 8], sitk.sitkInt16),
+    "4D image": lambda: sitk.Image([4, 4, 3, 2], sitk.sitkFloat32),
+    "3 components": lambda: sitk.Image([4, 4, 3], sitk.sitkVectorFloat32, 3),
+}
+
+
 @pytest.mark.parametrize("extension", [".nrrd", ".nii.gz", ".mha"])
-def test_2d_image_is_refused(tmp_path, extension):
-    path = tmp_path / f"flat{extension}"
-    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkInt16), str(path))
-    with pytest.raises(InputImageError, match="2D image") as error:
-        read_volume(path)
-    assert_supported_formats_named(error)
-
-
-@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd", ".mha"])
-def test_4d_image_is_refused(tmp_path, extension):
-    path = tmp_path / f"series{extension}"
-    sitk.WriteImage(sitk.Image([4, 4, 3, 2], sitk.sitkFloat32), str(path))
-    with pytest.raises(InputImageError, match="4D image") as error:
-        read_volume(path)
-    assert_supported_formats_named(error)
-
-
-@pytest.mark.parametrize("extension", [".nrrd", ".mha", ".nii.gz"])
-def test_vector_image_is_refused(tmp_path, extension):
-    path = tmp_path / f"vector{extension}"
-    sitk.WriteImage(sitk.Image([4, 4, 3], sitk.sitkVectorFloat32, 3), str(path))
-    with pytest.raises(InputImageError, match="3 components") as error:
+@pytest.mark.parametrize("message", list(NOT_3D_SCALAR))
+def test_images_that_are_not_3d_scalar_volumes_are_refused(tmp_path, extension, message):
+    path = tmp_path / f"image{extension}"
+    sitk.WriteImage(NOT_3D_SCALAR[message](), str(path))
+    with pytest.raises(InputImageError, match=message) as error:
         read_volume(path)
     assert_supported_formats_named(error)
 
