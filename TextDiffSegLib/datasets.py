@@ -96,10 +96,12 @@ class PreparedCase:
     label: np.ndarray  # uint8 [z, y, x], values index ``structures``
     structures: tuple[str, ...]  # structures[value - 1] is the name of label value ``value``
 
-    def mask(self, structure: str) -> np.ndarray:
+    def mask(self, structure: str, index=...) -> np.ndarray:
+        """The structure's mask over the whole case, or over ``label[index]`` (one slice: ``index=z``)."""
+        label = self.label[index]
         if structure not in self.structures:
-            return np.zeros(self.label.shape, dtype=bool)
-        return self.label == self.structures.index(structure) + 1
+            return np.zeros(label.shape, dtype=bool)
+        return label == self.structures.index(structure) + 1
 
 
 def prepare_case(case: Case, dataset: Dataset, spacing: tuple[float, float, float], cache_dir: Path) -> PreparedCase:

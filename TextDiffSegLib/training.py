@@ -140,7 +140,7 @@ class SliceSampler:
         z = int(rng.choice(present)) if len(present) and rng.random() < self.present_fraction else int(rng.integers(depth))
         neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)
         image = case.image[neighbours].astype(np.float32) / 255.0
-        mask = case.mask(self.structures[label])[z][None].astype(np.float32)
+        mask = case.mask(self.structures[label], z)[None].astype(np.float32)
         image, mask = self._crop(image, mask)
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
