@@ -54,6 +54,8 @@ class TrainSettings:
     weight_decay: float = 1e-5
     decoded_mask_weight: float = 1.0
     present_fraction: float = 0.75  # share of samples drawn from slices that contain the structure
+    rotation_degrees: float = 10.0  # in-plane rotations drawn from ±this (0: none)
+    scaling: float = 0.15  # in-plane zoom drawn from 1 ± this (0: none)
     checkpoint_every: int = 200
     seed: int = 0
     device: str = "cpu"
@@ -109,13 +111,16 @@ class SliceSampler:
     """Random 2.5D crops with the mask of one structure, from cases on the model grid.
 
     Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
-    relative to its header, so the model must not rely on it. Left-right is never flipped.
+    relative to its header, so the model must not rely on it. Left-right is never flipped. Small
+    in-plane rotations and zooms stand in for the variety of patients a few cases lack.
     """
 
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
-                 context: int, present_fraction: float, seed: int):
+                 context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
+                 scaling: float = 0.0):
         self.cases, self.structures, self.crop = cases, structures, crop
         self.context, self.present_fraction = context, present_fraction
+        self.rotation_degrees, self.scaling = rotation_degrees, scaling
         self.rng = np.random.default_rng(seed)
         self.slices_with = {
             (i, s): np.flatnonzero(case.mask(s).any(axis=(1, 2))) for i, case in enumerate(cases) for s in structures
@@ -128,7 +133,25 @@ class SliceSampler:
             images.append(image)
             masks.append(mask)
             labels.append(label)
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), torch.tensor(labels)
+        images, masks = self._rotate_and_zoom(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
+        return images, masks, torch.tensor(labels)
+
+    def _rotate_and_zoom(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample turned and zoomed about its centre; what comes in from outside is air (0)."""
+        if not (self.rotation_degrees or self.scaling):
+            return images, masks
+        count = images.shape[0]
+        angles = np.deg2rad(self.rng.uniform(-self.rotation_degrees, self.rotation_degrees, count))
+        zooms = self.rng.uniform(1 - self.scaling, 1 + self.scaling, count)
+        height, width = images.shape[-2:]
+        cos, sin = np.cos(angles) / zooms, np.sin(angles) / zooms
+        # A rotation in voxels, written in grid_sample's coordinates (-1..1 along each side).
+        theta = np.stack([np.stack([cos, -sin * height / width, np.zeros(count)], 1),
+                          np.stack([sin * width / height, cos, np.zeros(count)], 1)], 1)
+        grid = F.affine_grid(torch.from_numpy(theta).float(), list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return images, masks
 
     def _item(self):
         rng = self.rng
@@ -201,7 +224,8 @@ class _Run:
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
         self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
-                                    settings.present_fraction, settings.seed)
+                                    settings.present_fraction, settings.seed, settings.rotation_degrees,
+                                    settings.scaling)
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()

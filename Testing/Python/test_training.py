@@ -17,7 +17,8 @@ from TextDiffSegLib import cli
 from TextDiffSegLib.errors import DataError, ModelError, PromptError
 from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.segmenter import Segmenter
-from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, TrainSettings, train
+from TextDiffSegLib.datasets import PreparedCase
+from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, SliceSampler, TrainSettings, train
 from TextDiffSegLib.volume import read_volume
 
 pytestmark = pytest.mark.realdata
@@ -238,3 +239,24 @@ def test_training_can_continue_from_a_model_folder(chaos_dataset, cache_dir, tmp
     for (name, a), b in zip(before.mask_autoencoder.state_dict().items(), after.mask_autoencoder.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy()), name
     assert read_config(second).name == "second"
+
+
+def test_rotation_and_zoom_move_image_and_mask_together():
+    image = np.zeros((3, 64, 64), dtype=np.uint8)
+    label = np.zeros((3, 64, 64), dtype=np.uint8)
+    image[:, 10:30, 20:50] = 255
+    label[:, 10:30, 20:50] = 1
+    case = PreparedCase("square", image, label, ("liver",))
+
+    def mask_areas_and_misalignment(**augmentation):
+        sampler = SliceSampler([case], ("liver",), (64, 64), context=1, present_fraction=1.0, seed=0, **augmentation)
+        images, masks, _ = sampler.batch(16)
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+        misaligned = ((images[:, 1] > 0.5) != (masks[:, 0] > 0.5)).float().mean().item()
+        return masks.sum(dim=(1, 2, 3)), misaligned
+
+    areas, misaligned = mask_areas_and_misalignment()
+    assert misaligned == 0 and (areas == 600).all()
+    areas, misaligned = mask_areas_and_misalignment(rotation_degrees=30, scaling=0.2)
+    assert misaligned < 0.01  # only voxels on the square's edge may disagree
+    assert areas.min() < 540 and areas.max() > 660  # zoomed in and out
