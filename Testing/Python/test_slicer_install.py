@@ -66,7 +66,7 @@ def test_torch_comes_first_from_the_pytorch_extension_then_pip_ensure(monkeypatc
     install.installRequirements([install.TORCH_REQUIREMENT, "diffusers>=0.30,<1"], slicer)
     assert calls == [
         ("installTorch", False, str(Requirement(install.TORCH_REQUIREMENT).specifier)),
-        ("pip_ensure", ["diffusers>=0.30,<1"], {"prompt_install": False, "requester": "TextDiffSeg"}),
+        ("pip_ensure", [Requirement("diffusers>=0.30,<1")], {"prompt_install": False, "requester": "TextDiffSeg"}),
     ]
 
 

@@ -74,6 +74,7 @@ def installRequirements(missing: list[str], slicer) -> None:
         return
     if (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):
         packaging = importlib.import_module("slicer.packaging")
-        packaging.pip_ensure(others, prompt_install=False, requester="TextDiffSeg")
+        # Requirement objects: what every release of pip_ensure accepts (later ones take strings too).
+        packaging.pip_ensure([Requirement(r) for r in others], prompt_install=False, requester="TextDiffSeg")
     else:
         slicer.util.pip_install(others)
