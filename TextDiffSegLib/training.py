@@ -210,6 +210,7 @@ class _Run:
             self.model = load_model(settings.init_from, device=self.device).train()
             self.config = self.model.config
             self.config.name = settings.name or self.output.name
+            self.config.modality = dataset.modality  # the scans it now learns from are normalised as such
             structures = self.config.structures
             unlabelled = [s for s in structures if s not in dataset.labels.values()]
             if unlabelled:

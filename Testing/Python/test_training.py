@@ -241,6 +241,12 @@ def test_training_can_continue_from_a_model_folder(chaos_dataset, cache_dir, tmp
     assert read_config(second).name == "second"
 
 
+def test_a_ct_model_continued_on_mr_scans_becomes_an_mr_model(chaos_dataset, cache_dir, tmp_path, tiny_model_dir):
+    assert read_config(tiny_model_dir).modality == "CT"
+    adapted = train(settings(chaos_dataset, cache_dir, tmp_path / "mr", diffusion_steps=1, init_from=str(tiny_model_dir)))
+    assert read_config(adapted).modality == "MR"
+
+
 def test_rotation_and_zoom_move_image_and_mask_together():
     image = np.zeros((3, 64, 64), dtype=np.uint8)
     label = np.zeros((3, 64, 64), dtype=np.uint8)
