@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="bf16: forward passes in bfloat16 (weights stay fp32); auto: bf16 where the hardware "
+                            "computes it natively (default)")
     train.add_argument("--cache-dir", default="", help="where resampled cases are cached (default: OUTPUT/cache)")
     train.add_argument("--init-from", default="", help="model folder or name to continue training from")
     train.set_defaults(run=_train)
@@ -259,7 +262,7 @@ def _train(args) -> int:
         structures=tuple(_list(args.structures) or ()), validation_fraction=args.validation_fraction,
         split_seed=args.split_seed, batch_size=args.batch_size, autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        device=resolve_device(args.device), cache_dir=args.cache_dir,
+        device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={"conditioning": args.conditioning},
         init_from=str(resolve_model(args.init_from)) if args.init_from else "",
     )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from TextDiffSegLib import cli
+from TextDiffSegLib import cli, training
 from TextDiffSegLib.errors import DataError, ModelError, PromptError
 from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.segmenter import Segmenter
@@ -266,3 +266,12 @@ def test_rotation_and_zoom_move_image_and_mask_together():
     areas, misaligned = mask_areas_and_misalignment(rotation_degrees=30, scaling=0.2)
     assert misaligned < 0.01  # only voxels on the square's edge may disagree
     assert areas.min() < 540 and areas.max() > 660  # zoomed in and out
+
+
+def test_precision_is_checked_before_training(chaos_dataset, cache_dir, tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="precision must be"):
+        train(settings(chaos_dataset, cache_dir, tmp_path / "a", precision="fp16"))
+    monkeypatch.setattr(training, "bf16_is_native", lambda device: False)
+    with pytest.raises(DataError, match="no native bfloat16"):
+        train(settings(chaos_dataset, cache_dir, tmp_path / "b", precision="bf16"))
+    assert not (tmp_path / "b" / LOG_NAME).exists()
