@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                             "computes it natively (default)")
     train.add_argument("--cache-dir", default="", help="where resampled cases are cached (default: OUTPUT/cache)")
     train.add_argument("--init-from", default="", help="model folder or name to continue training from")
+    train.add_argument("--lora-rank", type=int, default=0,
+                       help="adapt the --init-from model to this dataset's modality with LoRA of this rank (e.g. 8)")
     train.set_defaults(run=_train)
 
     models = commands.add_parser("models", help="list the available models")
@@ -254,7 +256,6 @@ def _evaluate(args) -> int:
 def _train(args) -> int:
     from tqdm import tqdm
 
-    from .registry import resolve_model
     from .training import TrainSettings, train
 
     settings = TrainSettings(
@@ -264,7 +265,7 @@ def _train(args) -> int:
         diffusion_steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={"conditioning": args.conditioning},
-        init_from=str(resolve_model(args.init_from)) if args.init_from else "",
+        init_from=args.init_from or "", lora_rank=args.lora_rank,
     )
     bars = {}
 

@@ -28,6 +28,7 @@ class ModelConfig:
     conditioning: str = "text"  # "text" (text-encoder embedding) or "learned" (one vector per structure)
     text_encoder: str = "minilm"
     text_embed_dim: int = 384
+    adapter: dict | None = None  # for a LoRA adapter folder: base model, its weights' sha256, rank, alpha
 
     def __post_init__(self):
         self.structures = tuple(self.structures)
@@ -54,6 +55,8 @@ class ModelConfig:
             found.append(f"conditioning must be 'text' or 'learned', not {self.conditioning!r}")
         if self.default_steps < 1:
             found.append("default_steps must be at least 1")
+        if self.adapter is not None and set(self.adapter) != {"base", "base_sha256", "rank", "alpha"}:
+            found.append(f"adapter must give base, base_sha256, rank and alpha, not {sorted(self.adapter)}")
         return found
 
     def to_dict(self) -> dict[str, Any]:

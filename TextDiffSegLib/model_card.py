@@ -21,6 +21,9 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         "",
         "Structures: " + ", ".join(f"`{s}`" for s in config.structures) + ".",
         "",
+        *([f"A LoRA adapter (rank {config.adapter['rank']}) of the model `{config.adapter['base']}` "
+           f"(weights sha256 `{config.adapter['base_sha256'][:12]}…`), which must be installed to use it.", ""]
+          if config.adapter else []),
         "## Training",
         "",
         f"Data: `{settings['data']}`; {len(training['split']['training'])} training cases, "

@@ -56,9 +56,16 @@ def save_model(model: torch.nn.Module, directory: str | Path, card: str | None =
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Build the model its config describes and load its weights, in fp32, in eval mode."""
+    """Build the model its config describes and load its weights, in fp32, in eval mode.
+
+    An adapter folder (LoRA, see ``adaptation``) gives its base model with the adapter applied.
+    """
     directory = Path(directory)
     config = read_config(directory)
+    if config.adapter is not None:
+        from .adaptation import load_adapted  # which loads its base model through this function
+
+        return load_adapted(directory, config, device)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise ModelError(f"{directory} has no {WEIGHTS_NAME}; the model folder is incomplete, download or copy it again")

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adaptation import add_adapter, save_adapter, weights_sha256
 from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError
 from .families import FAMILIES
 from .modelio import load_model, save_model
 from .model_card import TRAINING_RECORD, render_card
+from .registry import resolve_model
 from .sampler import make_scheduler
 from .terminology import get_structure, resolve_prompt
 from .text_encoders import conditioning_text, load_text_encoder
@@ -62,7 +64,9 @@ class TrainSettings:
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": bf16 where the CPU or GPU computes it natively
     cache_dir: str = ""
     model_options: dict = dataclasses.field(default_factory=dict)  # extra config fields (spacing, widths...)
-    init_from: str = ""  # a model folder to start from (its config and weights; the autoencoder stage is skipped)
+    init_from: str = ""  # a model (folder or name) to start from: its config and weights; no autoencoder stage
+    lora_rank: int = 0  # > 0: adapt init_from with LoRA of this rank (see adaptation) instead of training it all
+    lora_alpha: float = 0.0  # LoRA scale numerator (0: the rank)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -225,11 +229,16 @@ class _Run:
             raise DataError(f"{settings.data} has no labels for {', '.join(unknown)}")
         self.training_cases, self.validation_cases = split_cases(dataset.cases, settings.validation_fraction, settings.split_seed)
         self.stage, self.step = "autoencoder", 0
+        if settings.lora_rank and not settings.init_from:
+            raise DataError("LoRA adapts a trained model: name it with init_from (--init-from)")
         if settings.init_from:
-            self.model = load_model(settings.init_from, device=self.device).train()
+            base = resolve_model(settings.init_from)
+            self.model = load_model(base, device=self.device).train()
             self.config = self.model.config
             self.config.name = settings.name or self.output.name
             self.config.modality = dataset.modality  # the scans it now learns from are normalised as such
+            if settings.lora_rank:
+                self._add_adapter(base, structures)
             structures = self.config.structures
             unlabelled = [s for s in structures if s not in dataset.labels.values()]
             if unlabelled:
@@ -251,6 +260,24 @@ class _Run:
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()
         self._resume()
+
+    def _add_adapter(self, base: Path, structures: tuple[str, ...]) -> None:
+        """LoRA into the model; the adapter segments ``structures``, those the new modality's data labels."""
+        init_from = self.settings.init_from
+        if self.config.adapter is not None:
+            raise DataError(f"{init_from} is itself an adapter; adapt its base model '{self.config.adapter['base']}' instead")
+        if self.config.conditioning != "text":
+            raise DataError(f"{init_from} names structures by a learnt embedding; LoRA adaptation needs a model "
+                            "conditioned on text, which can be adapted for some of its structures")
+        new = [s for s in structures if s not in self.config.structures]
+        if new:
+            raise DataError(f"{init_from} does not segment {', '.join(new)}: adaptation teaches a model a new "
+                            "modality, not new structures; leave them out with --structures")
+        self.config.structures = structures
+        # A registered model is recorded by name, so that the adapter finds it on any machine.
+        reference = str(base.resolve()) if Path(init_from).expanduser().is_dir() else init_from
+        add_adapter(self.model, reference, weights_sha256(base), self.settings.lora_rank,
+                    self.settings.lora_alpha or self.settings.lora_rank)
 
     def _conditions(self) -> torch.Tensor:
         """Per structure: pooled text embeddings of its canonical prompt, or its index (learned option)."""
@@ -410,6 +437,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     run.model.eval()
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
     record = {"settings": dataclasses.asdict(settings), "split": split}
-    folder = save_model(run.model, run.output / "model", card=render_card(run.config, record))
+    save = save_adapter if run.config.adapter is not None else save_model
+    folder = save(run.model, run.output / "model", card=render_card(run.config, record))
     (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return folder

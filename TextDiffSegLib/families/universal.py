@@ -126,6 +126,9 @@ class ImageEncoder(nn.Module):
 class UniversalModel(nn.Module):
     """Mask autoencoder, image encoder, structure embedding and x0-predicting U-Net."""
 
+    denoiser_prefix = "unet."  # where LoRA goes when adapting to a new modality
+    image_encoder_prefix = "image_encoder."  # retrained in full when adapting
+
     def __init__(self, config: UniversalConfig):
         super().__init__()
         self.config = config
