@@ -2,8 +2,9 @@
 
     python scripts/bundle_model.py RUN/model --name universal-btcv --report REPORT.json
 
-Copies config.json, model.safetensors and training.json, renders the model card (README.md) with
-the evaluation report, and updates Resources/Models/registry.json (structures, size, sha256).
+Copies config.json, the weights (model.safetensors, or adapter.safetensors for a LoRA adapter) and
+training.json, renders the model card (README.md) with the evaluation report, and updates
+Resources/Models/registry.json (structures, size, sha256 of the weights).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from TextDiffSegLib.adaptation import ADAPTER_WEIGHTS
 from TextDiffSegLib.model_card import TRAINING_RECORD, render_card
 from TextDiffSegLib.modelio import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
 from TextDiffSegLib.resources import resources_dir
@@ -22,11 +24,13 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="trained model folder (RUN/model)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--report", type=Path, required=True, help="report of `textdiffseg evaluate` on the validation cases")
+    parser.add_argument("--description", help="one line for the model list (default: the registry's current one)")
     args = parser.parse_args()
 
     target = resources_dir() / "Models" / args.name
     target.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINING_RECORD):
+    weights_name = ADAPTER_WEIGHTS if read_config(args.model).adapter else WEIGHTS_NAME
+    for name in (CONFIG_NAME, weights_name, TRAINING_RECORD):
         shutil.copy(args.model / name, target / name)
     config = read_config(target)
     if config.name != args.name:
@@ -39,13 +43,16 @@ def main() -> None:
 
     registry_path = resources_dir() / "Models" / "registry.json"
     registry = json.loads(registry_path.read_text())
-    weights = (target / WEIGHTS_NAME).read_bytes()
+    weights = (target / weights_name).read_bytes()
     entry = {"name": args.name, "family": config.family, "structures": list(config.structures),
              "modality": config.modality, "size_bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest(),
-             "url": None, "path": args.name}
-    models = [m for m in registry["models"] if m["name"] != args.name]
-    previous = next((m for m in registry["models"] if m["name"] == args.name), {})
-    registry["models"] = [{**previous, **entry}] + models
+             "url": None, "path": args.name, **({"description": args.description} if args.description else {})}
+    names = [m["name"] for m in registry["models"]]
+    if args.name in names:
+        index = names.index(args.name)
+        registry["models"][index] = {**registry["models"][index], **entry}
+    else:
+        registry["models"].append({"description": "", **entry})
     registry_path.write_text(json.dumps(registry, indent=2) + "\n")
     print(f"bundled {args.name} in {target} ({len(weights) / 1e6:.1f} MB)")
 
