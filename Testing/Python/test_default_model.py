@@ -1,24 +1,26 @@
-"""The bundled default model: validated on cases it did not train on, and its card's numbers reproduce."""
+"""The bundled models: validated on cases they did not train on, and their cards' numbers reproduce."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from TextDiffSegLib.datasets import read_dataset
 from TextDiffSegLib.metrics import dice
-from TextDiffSegLib.registry import resolve_model
+from TextDiffSegLib.registry import list_models, resolve_model
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.volume import read_volume
 
-LIVER = 6  # BTCV label value
+BUNDLED = [info.name for info in list_models() if info.path]
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    folder = resolve_model(None)
+@pytest.fixture(scope="module", params=BUNDLED)
+def bundled(request):
+    folder = resolve_model(request.param)
     return folder, json.loads((folder / "training.json").read_text()), json.loads((folder / "evaluation.json").read_text())
 
 
-def test_default_model_was_validated_on_cases_it_did_not_train_on(bundled):
+def test_bundled_models_were_validated_on_cases_they_did_not_train_on(bundled):
     _, training, evaluation = bundled
     assert set(training["split"]["validation"]).isdisjoint(training["split"]["training"])
     assert set(evaluation["cases"]) == set(training["split"]["validation"])
@@ -28,13 +30,13 @@ def test_default_model_was_validated_on_cases_it_did_not_train_on(bundled):
 def test_the_model_card_score_of_a_validation_case_reproduces(bundled, shared_data):
     """Segmenting the liver of the first validation case as the evaluation did gives its recorded Dice."""
     folder, training, evaluation = bundled
-    case = training["split"]["validation"][0]
-    recorded = next(row for row in evaluation["rows"] if row["case"] == case and row["structure"] == "liver")
-    image = read_volume(shared_data / "btcv/imagesTr" / f"{case}.nii.gz")
-    labels = read_volume(shared_data / "btcv/labelsTr" / f"{case}.nii.gz").array
+    dataset = read_dataset(shared_data / Path(evaluation["data"]).parent.name / "dataset.json")
+    case = next(c for c in dataset.cases if c.id == training["split"]["validation"][0])
+    recorded = next(row for row in evaluation["rows"] if row["case"] == case.id and row["structure"] == "liver")
+    liver = next(value for value, name in dataset.labels.items() if name == "liver")
     result = Segmenter.from_pretrained(folder).propose(
-        image, "liver", num_proposals=evaluation["num_proposals"], seed=evaluation["seed"], steps=evaluation["steps"],
-        fusion=evaluation["fusion"], largest_component=evaluation["largest_component"])
-    measured = dice(result.fused, labels == LIVER)
+        read_volume(case.image), "liver", num_proposals=evaluation["num_proposals"], seed=evaluation["seed"],
+        steps=evaluation["steps"], fusion=evaluation["fusion"], largest_component=evaluation["largest_component"])
+    measured = dice(result.fused, read_volume(case.label).array == liver)
     assert measured == pytest.approx(recorded["dice"], abs=0.02)
     assert measured > 0.2  # far above chance: the liver is found, on the right grid
