@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import ModelConfig
 from .errors import ModelError
+from .modelio import CONFIG_NAME, WEIGHTS_NAME, load_model, write_folder
 from .registry import resolve_model
-from .volume import write_atomically
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 LORA_PREFIX = "lora."  # low-rank weights in adapter.safetensors; retrained parameters keep their own names
@@ -35,7 +35,7 @@ LORA_PREFIX = "lora."  # low-rank weights in adapter.safetensors; retrained para
 def weights_sha256(directory: str | Path) -> str:
     """The sha256 of a model folder's weights: the identity an adapter records of its base."""
     digest = hashlib.sha256()
-    with open(Path(directory) / "model.safetensors", "rb") as file:
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -86,15 +86,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path, card: str | None = None) -> Path:
     """Write an adapter folder (fp16 weights) for a model prepared by ``add_adapter`` and trained."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(torch.float16).contiguous().cpu() for k, v in adapter_tensors(model).items()}
-    data = save(tensors, metadata={"format": "pt"})
-    write_atomically(directory / ADAPTER_WEIGHTS, lambda p: p.write_bytes(data), overwrite=True)
-    write_atomically(directory / "config.json", model.config.save, overwrite=True)
-    if card is not None:
-        write_atomically(directory / "README.md", lambda p: p.write_text(card), overwrite=True)
-    return directory
+    return write_folder(directory, ADAPTER_WEIGHTS, adapter_tensors(model), model.config, card)
 
 
 def load_adapted(directory: Path, config: ModelConfig, device: str | torch.device) -> nn.Module:
@@ -102,8 +94,6 @@ def load_adapted(directory: Path, config: ModelConfig, device: str | torch.devic
 
     The adapter may segment fewer structures than its base: those its training data labelled.
     """
-    from .modelio import load_model  # modelio hands adapter folders to this function
-
     spec = config.adapter
     base_directory = resolve_model(spec["base"])
     if weights_sha256(base_directory) != spec["base_sha256"]:
@@ -113,7 +103,7 @@ def load_adapted(directory: Path, config: ModelConfig, device: str | torch.devic
     base_config = model.config
     architecture = {k: v for k, v in base_config.to_dict().items() if k not in ("name", "modality", "structures", "adapter")}
     if any(config.to_dict()[k] != v for k, v in architecture.items()) or not set(config.structures) <= set(base_config.structures):
-        raise ModelError(f"{directory / 'config.json'} describes another architecture than its base model "
+        raise ModelError(f"{directory / CONFIG_NAME} describes another architecture than its base model "
                          f"{base_directory}; the adapter folder is corrupt, copy it again")
     add_adapter(model, spec["base"], spec["base_sha256"], spec["rank"], spec["alpha"])
     try:

@@ -41,15 +41,21 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 def save_model(model: torch.nn.Module, directory: str | Path, card: str | None = None, half: bool = True) -> Path:
     """Write a model folder (weights in fp16 unless ``half`` is false)."""
+    return write_folder(directory, WEIGHTS_NAME, model.state_dict(), model.config, card, half)
+
+
+def write_folder(directory: str | Path, weights_name: str, tensors: dict[str, torch.Tensor], config: ModelConfig,
+                 card: str | None = None, half: bool = True) -> Path:
+    """Write ``tensors`` as ``weights_name`` (fp16 unless ``half`` is false), ``config.json`` and the card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in tensors.items()}
     # safetensors.save_file creates its file readable by the owner only (0600, whatever the umask); bytes
     # written by Python get the usual permissions, so a shared or packaged model folder stays readable.
     data = save(tensors, metadata={"format": "pt"})
-    write_atomically(directory / WEIGHTS_NAME, lambda p: p.write_bytes(data), overwrite=True)
-    write_atomically(directory / CONFIG_NAME, model.config.save, overwrite=True)
+    write_atomically(directory / weights_name, lambda p: p.write_bytes(data), overwrite=True)
+    write_atomically(directory / CONFIG_NAME, config.save, overwrite=True)
     if card is not None:
         write_atomically(directory / CARD_NAME, lambda p: p.write_text(card), overwrite=True)
     return directory

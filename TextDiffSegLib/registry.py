@@ -30,7 +30,7 @@ class ModelInfo:
     structures: tuple[str, ...]
     modality: str
     size_bytes: int
-    sha256: str  # of the downloaded archive (or, for a bundled model, of its model.safetensors)
+    sha256: str  # of the downloaded archive (or, for a bundled model, of its weights file)
     description: str = ""
     url: str | None = None  # a .tar.gz holding the model folder; None for bundled models
     path: str | None = None  # bundled: folder name under Resources/Models
