@@ -14,10 +14,10 @@ import pytest
 
 from conftest import tiny_config
 from TextDiffSegLib import cli, training
+from TextDiffSegLib.datasets import PreparedCase
 from TextDiffSegLib.errors import DataError, ModelError, PromptError
 from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.segmenter import Segmenter
-from TextDiffSegLib.datasets import PreparedCase
 from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, SliceSampler, TrainSettings, train
 from TextDiffSegLib.volume import read_volume
 
