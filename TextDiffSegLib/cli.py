@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--autoencoder-steps", type=int, default=600)
     train.add_argument("--steps", type=int, default=6000, help="denoiser training steps")
     train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--rotation-degrees", type=float, default=10.0,
+                       help="augmentation: in-plane rotations drawn from ±this many degrees (0: none)")
+    train.add_argument("--scaling", type=float, default=0.15,
+                       help="augmentation: in-plane zoom drawn from 1 ± this (0: none)")
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -262,7 +266,8 @@ def _train(args) -> int:
         data=args.data, output=args.output, family=args.family, name=args.name,
         structures=tuple(_list(args.structures) or ()), validation_fraction=args.validation_fraction,
         split_seed=args.split_seed, batch_size=args.batch_size, autoencoder_steps=args.autoencoder_steps,
-        diffusion_steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={"conditioning": args.conditioning},
         init_from=args.init_from or "", lora_rank=args.lora_rank,

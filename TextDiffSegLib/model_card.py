@@ -18,6 +18,9 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         f"Family: `{config.family}`. Modality: {config.modality}. Model grid spacing (x, y, z): {config.spacing} mm.",
         f"Conditioning: {config.conditioning} (text encoder `{config.text_encoder}`)."
         if config.conditioning == "text" else "Conditioning: a learnt embedding per structure.",
+        f"Sampling: {config.default_steps} DDIM steps by default"
+        + ("; between steps each clean-mask estimate goes through the mask autoencoder (`project_to_masks`)."
+           if getattr(config, "project_to_masks", False) else "."),
         "",
         "Structures: " + ", ".join(f"`{s}`" for s in config.structures) + ".",
         "",

@@ -162,7 +162,12 @@ class Segmenter:
                 features = scan.features[start:start + SLICE_BATCH]
 
                 def denoise(noisy, t, features=features):
-                    predict = lambda x: self.model.denoise(x[:, :latent_channels], t, x[:, latent_channels:], embedding)
+                    project = config.project_to_masks and t != scheduler.timesteps[-1]  # the last estimate is decoded as it is
+
+                    def predict(x):
+                        clean = self.model.denoise(x[:, :latent_channels], t, x[:, latent_channels:], embedding)
+                        return self.model.project_to_mask(clean) if project else clean
+
                     return windowed(predict, torch.cat([noisy, features], dim=1), window)
 
                 generator = torch.Generator().manual_seed(proposal_seed * 100003 + start)

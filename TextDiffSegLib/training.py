@@ -220,6 +220,9 @@ class _Run:
         # Weights and optimiser stay fp32; only the forward pass runs in bfloat16 (1.7x faster on a
         # CPU with AVX-512 BF16), and losses are computed in fp32.
         self.bf16 = _use_bf16(settings.precision, self.device)
+        if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0:
+            raise DataError(f"augmentation needs 0 <= scaling < 1 and rotation_degrees >= 0, not scaling "
+                            f"{settings.scaling} and rotation_degrees {settings.rotation_degrees}")
         dataset = read_dataset(settings.data)
         # Names or synonyms ("left kidney"); a misspelt one gets the nearest known names.
         structures = (tuple(dict.fromkeys(resolve_prompt(s).name for s in settings.structures))

@@ -39,6 +39,11 @@ def test_invalid_config_is_refused_with_the_reason(field, value, message):
         tiny_config(**{field: value})
 
 
+def test_mask_projection_needs_a_clean_latent_prediction():
+    with pytest.raises(ModelError, match="project_to_masks needs prediction_type 'sample'"):
+        tiny_config(project_to_masks=True, prediction_type="epsilon")
+
+
 def test_config_with_unknown_field_is_refused():
     with pytest.raises(ModelError, match="colour"):
         UniversalConfig.from_dict({**tiny_config().to_dict(), "colour": "red"})
@@ -229,6 +234,20 @@ def test_learned_structure_embedding_works_without_a_text_encoder(tmp_path, smal
     folder = save_model(UniversalModel(tiny_config(conditioning="learned", text_encoder="/nonexistent")), tmp_path)
     result = Segmenter.from_pretrained(folder).propose(small_ct, "spleen", num_proposals=1)
     assert result.fused.shape == small_ct.array.shape
+
+
+@pytest.mark.realdata
+def test_mask_projection_runs_after_every_step_but_the_last(small_ct, monkeypatch):
+    torch.manual_seed(0)
+    model = UniversalModel(tiny_config(project_to_masks=True)).eval()
+    timesteps, projected_at = [], []
+    denoise, project = model.denoise, model.project_to_mask
+    monkeypatch.setattr(model, "denoise", lambda x, t, *rest: timesteps.append(int(t)) or denoise(x, t, *rest))
+    monkeypatch.setattr(model, "project_to_mask", lambda latent: projected_at.append(timesteps[-1]) or project(latent))
+    Segmenter(model, "tiny", torch.device("cpu")).propose(small_ct, "liver", num_proposals=1, steps=3)
+    assert len(set(timesteps)) == 3
+    assert set(projected_at) == set(timesteps) - {min(timesteps)}
+    assert projected_at.count(max(timesteps)) == timesteps.count(max(timesteps))
 
 
 def test_structure_the_model_does_not_know_is_refused(tiny_segmenter):

@@ -198,7 +198,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     """``textdiffseg train`` builds the default-size model (the CLI sets no widths): 2 + 2 steps, batches of 2."""
     output = tmp_path / "cli-run"
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
-            "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu"]
+            "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
+            "--scaling", "0.1"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -210,7 +211,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     config = read_config(model)
     assert config.name == "cli-run" and config.conditioning == "text" and list(config.structures) == CHAOS_STRUCTURES
     assert config.unet_channels == (32, 64, 96)  # the default widths
-    assert json.loads((model / "training.json").read_text())["settings"]["batch_size"] == 2
+    recorded = json.loads((model / "training.json").read_text())["settings"]
+    assert (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"]) == (2, 5.0, 0.1)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -220,7 +222,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
 
     # Errors are one line and status 2.
     for extra, words in ((["--structures", "liver,aorta"], ["has no labels for aorta"]),
-                         (["--device", "tpu"], ["unknown device 'tpu'"])):
+                         (["--device", "tpu"], ["unknown device 'tpu'"]),
+                         (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"])):
         code = cli.main(["train", "--data", str(chaos_dataset), "--output", str(tmp_path / "bad"), "--steps", "1",
                          "--autoencoder-steps", "1", "--cache-dir", str(cache_dir), *extra])
         _, err = capsys.readouterr()
@@ -275,3 +278,10 @@ def test_precision_is_checked_before_training(chaos_dataset, cache_dir, tmp_path
     with pytest.raises(DataError, match="no native bfloat16"):
         train(settings(chaos_dataset, cache_dir, tmp_path / "b", precision="bf16"))
     assert not (tmp_path / "b" / LOG_NAME).exists()
+
+
+@pytest.mark.parametrize("augmentation", [{"scaling": 1.0}, {"scaling": -0.1}, {"rotation_degrees": -5}])
+def test_augmentation_ranges_are_checked_before_training(chaos_dataset, cache_dir, tmp_path, augmentation):
+    with pytest.raises(DataError, match="augmentation needs 0 <= scaling < 1"):
+        train(settings(chaos_dataset, cache_dir, tmp_path, **augmentation))
+    assert not (tmp_path / LOG_NAME).exists()

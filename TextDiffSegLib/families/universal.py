@@ -29,6 +29,9 @@ class UniversalConfig(ModelConfig):
     context_slices: int = 1  # neighbouring slices on each side given to the image encoder
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     latent_scale: float = 1.0  # multiplies mask latents so that they have unit variance
+    # Between sampling steps, replace the clean-latent estimate by the latent of the mask it decodes
+    # to (see UniversalModel.project_to_mask); needs x0-prediction.
+    project_to_masks: bool = False
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -39,6 +42,8 @@ class UniversalConfig(ModelConfig):
         for field in ("unet_channels", "image_channels"):
             if any(c % 8 for c in getattr(self, field)):
                 found.append(f"{field} must be multiples of 8 (group norm), not {getattr(self, field)}")
+        if self.project_to_masks and self.prediction_type != "sample":
+            found.append("project_to_masks needs prediction_type 'sample' (the denoiser's output must be a clean latent)")
         if self.context_slices < 0:
             found.append("context_slices must be 0 or more")
         if any(w % self.size_multiple for w in self.window):
@@ -160,6 +165,17 @@ class UniversalModel(nn.Module):
     def decode_mask(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latents to mask logits [B, 1, H, W]."""
         return self.mask_autoencoder.decode(latent / self.config.latent_scale)
+
+    def project_to_mask(self, latent: torch.Tensor) -> torch.Tensor:
+        """The latent of the binary mask that ``latent`` decodes to.
+
+        Early in sampling the x0 estimate is the blurred average of the masks the model finds
+        plausible; noised again, it is unlike anything the denoiser saw in training (latents of
+        sharp masks), and each further step shrinks the result. Sending the estimate through the
+        mask autoencoder puts it back among the latents the denoiser knows.
+        """
+        mask = (self.decode_mask(latent) > 0).to(latent.dtype)
+        return self.encode_mask(mask)
 
     def embed_structure(self, condition: torch.Tensor) -> torch.Tensor:
         """Pooled text embeddings [B, text_embed_dim] or structure indices [B] to U-Net class embeddings."""
