@@ -58,7 +58,8 @@ def plot(study: dict, output: Path) -> None:
         label = "with mask projection" if projection else "without"
         dice_axis.plot([r["steps"] for r in rows], [r["mean_dice"] for r in rows], style, label=label)
         time_axis.plot([r["steps"] for r in rows], [r["seconds_per_case"] for r in rows], style, label=label)
-    dice_axis.set(xlabel="sampling steps", ylabel="mean fused Dice (6 organs)", xticks=[1, 2, 4])
+    structures = len(study["settings"][0]["dice"])
+    dice_axis.set(xlabel="sampling steps", ylabel=f"mean fused Dice ({structures} structures)", xticks=[1, 2, 4])
     time_axis.set(xlabel="sampling steps", ylabel=f"seconds per case ({study['device']})", xticks=[1, 2, 4])
     dice_axis.legend()
     figure.suptitle(f"{study['model']} on {len(study['cases'])} validation cases, {study['num_proposals']} proposals")
