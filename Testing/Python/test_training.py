@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_config
 from TextDiffSegLib import cli, training
@@ -199,7 +201,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     output = tmp_path / "cli-run"
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
-            "--scaling", "0.1"]
+            "--scaling", "0.1", "--ema-decay", "0.99"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -212,7 +214,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     assert config.name == "cli-run" and config.conditioning == "text" and list(config.structures) == CHAOS_STRUCTURES
     assert config.unet_channels == (32, 64, 96)  # the default widths
     recorded = json.loads((model / "training.json").read_text())["settings"]
-    assert (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"]) == (2, 5.0, 0.1)
+    assert (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"]) == (2, 5.0, 0.1, 0.99)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -278,6 +280,47 @@ def test_precision_is_checked_before_training(chaos_dataset, cache_dir, tmp_path
     with pytest.raises(DataError, match="no native bfloat16"):
         train(settings(chaos_dataset, cache_dir, tmp_path / "b", precision="bf16"))
     assert not (tmp_path / "b" / LOG_NAME).exists()
+
+
+def saved_and_checkpointed(output: Path) -> tuple[dict, dict]:
+    return load_file(output / "model" / "model.safetensors"), torch.load(output / CHECKPOINT_NAME, weights_only=True)
+
+
+def same_as_saved(saved: torch.Tensor, trained: torch.Tensor) -> bool:
+    return torch.equal(saved, trained.to(saved.dtype))  # model folders may store half precision
+
+
+def test_the_saved_denoiser_is_the_moving_average_of_its_weights(chaos_dataset, cache_dir, tmp_path):
+    train(settings(chaos_dataset, cache_dir, tmp_path / "averaged", diffusion_steps=6, ema_decay=0.5))
+    saved, state = saved_and_checkpointed(tmp_path / "averaged")
+    averaged = state["average"]
+    assert any(name.startswith("unet.") for name in averaged)
+    assert not any(name.startswith("mask_autoencoder.") for name in averaged)  # frozen in this stage
+    for name, value in state["model"].items():  # the checkpoint keeps the last weights, to resume from
+        assert same_as_saved(saved[name], averaged.get(name, value)), name
+    assert any(not torch.equal(averaged[name], state["model"][name]) for name in averaged)
+
+    train(settings(chaos_dataset, cache_dir, tmp_path / "last", diffusion_steps=6, ema_decay=0.0))
+    saved, state = saved_and_checkpointed(tmp_path / "last")
+    assert state["average"] is None
+    assert all(same_as_saved(saved[name], value) for name, value in state["model"].items())
+
+
+def test_a_resumed_run_keeps_its_moving_average(chaos_dataset, cache_dir, tmp_path):
+    run_settings = settings(chaos_dataset, cache_dir, tmp_path, diffusion_steps=7, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_settings, Recorder(stop_at=("diffusion", 5)))
+    checkpointed = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["average"]
+    resumed = training._Run(run_settings, None).average
+    assert resumed.keys() == checkpointed.keys()
+    assert all(torch.equal(resumed[name], value) for name, value in checkpointed.items())
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1])
+def test_the_moving_average_decay_is_checked_before_training(chaos_dataset, cache_dir, tmp_path, decay):
+    with pytest.raises(DataError, match="ema_decay must be at least 0 and below 1"):
+        train(settings(chaos_dataset, cache_dir, tmp_path, ema_decay=decay))
+    assert not (tmp_path / LOG_NAME).exists()
 
 
 @pytest.mark.parametrize("augmentation", [{"scaling": 1.0}, {"scaling": -0.1}, {"rotation_degrees": -5}])
