@@ -4,8 +4,8 @@ Two stages, as in the universal-model paper: the mask autoencoder first (BCE + D
 decay), then, with it frozen, the image encoder, structure embedding and denoiser (MSE on the
 predicted clean latent, plus BCE + Dice of its decoded mask). The saved model holds an exponential
 moving average of the second stage's weights, as diffusion models usually do (steadier than the
-last step's weights). A checkpoint is written every few hundred steps; running the same command again resumes from it. Every step's loss goes to
-``loss_log.csv``.
+last step's weights). A checkpoint is written every few hundred steps; running the same command
+again resumes from it. Every step's loss goes to ``loss_log.csv``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class TrainSettings:
     init_from: str = ""  # a model (folder or name) to start from: its config and weights; no autoencoder stage
     lora_rank: int = 0  # > 0: adapt init_from with LoRA of this rank (see adaptation) instead of training it all
     lora_alpha: float = 0.0  # LoRA scale numerator (0: the rank)
-    ema_decay: float = 0.999  # the saved denoiser is this exponential moving average of its weights (0: the last weights)
+    ema_decay: float = 0.999  # the saved denoiser: a moving average of its weights with this decay (0: the last ones)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -435,7 +435,7 @@ class _Run:
 
     @torch.no_grad()
     def update_average(self) -> None:
-        """Move the average towards the current weights; early on it follows them closely (warm-up, as in diffusers' EMAModel)."""
+        """Move the average towards the current weights; early on it follows them closely (as diffusers' EMAModel)."""
         if not self.settings.ema_decay:
             return
         parameters = self._trained_parameters()
@@ -448,6 +448,8 @@ class _Run:
     @torch.no_grad()
     def use_average(self) -> None:
         """Put the averaged weights into the model (before saving it)."""
+        if not self.settings.ema_decay:
+            return
         parameters = self._trained_parameters()
         for name, value in (self.average or {}).items():
             parameters[name].copy_(value)

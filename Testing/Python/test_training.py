@@ -214,7 +214,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     assert config.name == "cli-run" and config.conditioning == "text" and list(config.structures) == CHAOS_STRUCTURES
     assert config.unet_channels == (32, 64, 96)  # the default widths
     recorded = json.loads((model / "training.json").read_text())["settings"]
-    assert (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"]) == (2, 5.0, 0.1, 0.99)
+    settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"])
+    assert settings_given == (2, 5.0, 0.1, 0.99)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
