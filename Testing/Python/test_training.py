@@ -316,6 +316,10 @@ def test_a_resumed_run_keeps_its_moving_average(chaos_dataset, cache_dir, tmp_pa
     assert resumed.keys() == checkpointed.keys()
     assert all(torch.equal(resumed[name], value) for name, value in checkpointed.items())
 
+    train(dataclasses.replace(run_settings, ema_decay=0.0))  # finished without averaging: the last weights
+    saved, state = saved_and_checkpointed(tmp_path)
+    assert all(same_as_saved(saved[name], value) for name, value in state["model"].items())
+
 
 @pytest.mark.parametrize("decay", [1.0, -0.1])
 def test_the_moving_average_decay_is_checked_before_training(chaos_dataset, cache_dir, tmp_path, decay):
