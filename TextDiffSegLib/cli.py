@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="augmentation: in-plane rotations drawn from ±this many degrees (0: none)")
     train.add_argument("--scaling", type=float, default=0.15,
                        help="augmentation: in-plane zoom drawn from 1 ± this (0: none)")
+    train.add_argument("--present-fraction", type=float, default=0.75,
+                       help="share of training samples from slices that contain the structure")
+    train.add_argument("--near-negatives", type=float, default=0.5,
+                       help="of the other samples, the share from slices within 40 mm past the structure's ends")
     train.add_argument("--ema-decay", type=float, default=0.999,
                        help="save the moving average of the denoiser's weights with this decay (0: the last weights)")
     train.add_argument("--checkpoint-every", type=int, default=200)
@@ -269,7 +273,7 @@ def _train(args) -> int:
         structures=tuple(_list(args.structures) or ()), validation_fraction=args.validation_fraction,
         split_seed=args.split_seed, batch_size=args.batch_size, autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
-        ema_decay=args.ema_decay,
+        present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={"conditioning": args.conditioning},

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .adaptation import add_adapter, save_adapter, weights_sha256
 from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
@@ -37,6 +38,7 @@ from .volume import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "loss_log.csv"
+NEAR_NEGATIVE_MM = 40.0  # how far past a structure's ends the near negative slices reach
 
 
 @dataclasses.dataclass
@@ -57,6 +59,7 @@ class TrainSettings:
     weight_decay: float = 1e-5
     decoded_mask_weight: float = 1.0
     present_fraction: float = 0.75  # share of samples drawn from slices that contain the structure
+    near_negative_fraction: float = 0.5  # of the other samples, the share from slices within 40 mm past its ends
     rotation_degrees: float = 10.0  # in-plane rotations drawn from ±this (0: none)
     scaling: float = 0.15  # in-plane zoom drawn from 1 ± this (0: none)
     checkpoint_every: int = 200
@@ -117,6 +120,11 @@ class ImportanceTimesteps:
 class SliceSampler:
     """Random 2.5D crops with the mask of one structure, from cases on the model grid.
 
+    A share ``present_fraction`` of the samples comes from slices that contain the structure; the
+    rest from slices that do not, and of those a share ``near_negative_fraction`` from the
+    ``near_slices`` just past its ends, where a slice-wise model is least sure whether the structure
+    is there (the liver prompt on the heart above the dome, the kidney prompt on bowel below the pole).
+
     Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
     relative to its header, so the model must not rely on it. Left-right is never flipped. Small
     in-plane rotations and zooms stand in for the variety of patients a few cases lack.
@@ -124,14 +132,20 @@ class SliceSampler:
 
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
                  context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
-                 scaling: float = 0.0):
+                 scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8):
         self.cases, self.structures, self.crop = cases, structures, crop
         self.context, self.present_fraction = context, present_fraction
         self.rotation_degrees, self.scaling = rotation_degrees, scaling
+        self.near_negative_fraction = near_negative_fraction
         self.rng = np.random.default_rng(seed)
-        self.slices_with = {
-            (i, s): np.flatnonzero(case.mask(s).any(axis=(1, 2))) for i, case in enumerate(cases) for s in structures
-        }
+        self.slices_with, self.slices_without, self.slices_near = {}, {}, {}
+        for i, case in enumerate(cases):
+            for s in structures:
+                present = case.mask(s).any(axis=(1, 2))
+                near = ndimage.binary_dilation(present, iterations=near_slices) & ~present if present.any() else present
+                self.slices_with[(i, s)] = np.flatnonzero(present)
+                self.slices_without[(i, s)] = np.flatnonzero(~present)
+                self.slices_near[(i, s)] = np.flatnonzero(near)
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, masks, labels = [], [], []
@@ -165,9 +179,15 @@ class SliceSampler:
         label = int(rng.integers(len(self.structures)))
         case_index = int(rng.integers(len(self.cases)))
         case = self.cases[case_index]
-        present = self.slices_with[(case_index, self.structures[label])]
+        key = (case_index, self.structures[label])
+        if rng.random() < self.present_fraction:
+            choices = self.slices_with[key]
+        elif rng.random() < self.near_negative_fraction:
+            choices = self.slices_near[key]
+        else:
+            choices = self.slices_without[key]
         depth = case.image.shape[0]
-        z = int(rng.choice(present)) if len(present) and rng.random() < self.present_fraction else int(rng.integers(depth))
+        z = int(rng.choice(choices)) if len(choices) else int(rng.integers(depth))
         neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)
         image = case.image[neighbours].astype(np.float32) / 255.0
         mask = case.mask(self.structures[label], z)[None].astype(np.float32)
@@ -224,6 +244,9 @@ class _Run:
         self.bf16 = _use_bf16(settings.precision, self.device)
         if not 0 <= settings.ema_decay < 1:
             raise DataError(f"ema_decay must be at least 0 and below 1 (0: no averaging), not {settings.ema_decay}")
+        if not (0 <= settings.present_fraction <= 1 and 0 <= settings.near_negative_fraction <= 1):
+            raise DataError(f"present_fraction and near_negative_fraction are shares between 0 and 1, not "
+                            f"{settings.present_fraction} and {settings.near_negative_fraction}")
         if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0:
             raise DataError(f"augmentation needs 0 <= scaling < 1 and rotation_degrees >= 0, not scaling "
                             f"{settings.scaling} and rotation_degrees {settings.rotation_degrees}")
@@ -262,7 +285,8 @@ class _Run:
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
         self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
                                     settings.present_fraction, settings.seed, settings.rotation_degrees,
-                                    settings.scaling)
+                                    settings.scaling, settings.near_negative_fraction,
+                                    near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])))
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()

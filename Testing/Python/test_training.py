@@ -201,7 +201,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     output = tmp_path / "cli-run"
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
-            "--scaling", "0.1", "--ema-decay", "0.99"]
+            "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -214,8 +214,9 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     assert config.name == "cli-run" and config.conditioning == "text" and list(config.structures) == CHAOS_STRUCTURES
     assert config.unet_channels == (32, 64, 96)  # the default widths
     recorded = json.loads((model / "training.json").read_text())["settings"]
-    settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"])
-    assert settings_given == (2, 5.0, 0.1, 0.99)
+    settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
+                      recorded["present_fraction"], recorded["near_negative_fraction"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -272,6 +273,35 @@ def test_rotation_and_zoom_move_image_and_mask_together():
     areas, misaligned = mask_areas_and_misalignment(rotation_degrees=30, scaling=0.2)
     assert misaligned < 0.01  # only voxels on the square's edge may disagree
     assert areas.min() < 540 and areas.max() > 660  # zoomed in and out
+
+
+def test_negative_samples_come_from_slices_without_the_structure_most_from_just_past_its_ends():
+    """The liver on slices 15-19; the slices within 4 of its ends are bright, all others dark."""
+    label = np.zeros((40, 16, 16), dtype=np.uint8)
+    label[15:20, 4:12, 4:12] = 1
+    image = np.zeros(label.shape, dtype=np.uint8)
+    image[11:15] = image[20:24] = 255
+    case = PreparedCase("ends", image, label, ("liver",))
+
+    def draw(present_fraction, near_negative_fraction):
+        sampler = SliceSampler([case], ("liver",), (16, 16), context=1, present_fraction=present_fraction, seed=0,
+                               near_negative_fraction=near_negative_fraction, near_slices=4)
+        images, masks, _ = sampler.batch(64)
+        return images[:, 1].mean(dim=(1, 2)) > 0.5, masks.sum(dim=(1, 2, 3)) > 0
+
+    near, present = draw(present_fraction=1.0, near_negative_fraction=1.0)
+    assert present.all() and not near.any()
+    near, present = draw(present_fraction=0.0, near_negative_fraction=1.0)
+    assert not present.any() and near.all()
+    near, present = draw(present_fraction=0.0, near_negative_fraction=0.0)  # any of the 35 slices without it
+    assert not present.any() and 0 < near.float().mean() < 0.5
+
+
+@pytest.mark.parametrize("shares", [{"present_fraction": 1.5}, {"near_negative_fraction": -0.1}])
+def test_sampling_shares_are_checked_before_training(chaos_dataset, cache_dir, tmp_path, shares):
+    with pytest.raises(DataError, match="are shares between 0 and 1"):
+        train(settings(chaos_dataset, cache_dir, tmp_path, **shares))
+    assert not (tmp_path / LOG_NAME).exists()
 
 
 def test_precision_is_checked_before_training(chaos_dataset, cache_dir, tmp_path, monkeypatch):
