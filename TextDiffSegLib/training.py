@@ -123,7 +123,7 @@ class SliceSampler:
     A share ``present_fraction`` of the samples comes from slices that contain the structure; the
     rest from slices that do not, and of those a share ``near_negative_fraction`` from the
     ``near_slices`` just past its ends, where a slice-wise model is least sure whether the structure
-    is there (the liver prompt on the heart above the dome, the kidney prompt on bowel below the pole).
+    is there (the kidney and pancreas prompts on slices past their ends, the liver prompt on the heart).
 
     Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
     relative to its header, so the model must not rely on it. Left-right is never flipped. Small
@@ -142,7 +142,7 @@ class SliceSampler:
         for i, case in enumerate(cases):
             for s in structures:
                 present = case.mask(s).any(axis=(1, 2))
-                near = ndimage.binary_dilation(present, iterations=near_slices) & ~present if present.any() else present
+                near = ndimage.binary_dilation(present, iterations=near_slices) & ~present
                 self.slices_with[(i, s)] = np.flatnonzero(present)
                 self.slices_without[(i, s)] = np.flatnonzero(~present)
                 self.slices_near[(i, s)] = np.flatnonzero(near)
