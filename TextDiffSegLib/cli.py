@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--split-seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--crop", type=int, default=128,
+                       help="side of the square training crops, in voxels of the model grid (a multiple of 16); "
+                            "as large as the model's window (192 for universal-btcv), it shows whole slices, as segmenting does")
     train.add_argument("--autoencoder-steps", type=int, default=600)
     train.add_argument("--steps", type=int, default=6000, help="denoiser training steps")
     train.add_argument("--lr", type=float, default=3e-4)
@@ -271,7 +274,8 @@ def _train(args) -> int:
     settings = TrainSettings(
         data=args.data, output=args.output, family=args.family, name=args.name,
         structures=tuple(_list(args.structures) or ()), validation_fraction=args.validation_fraction,
-        split_seed=args.split_seed, batch_size=args.batch_size, autoencoder_steps=args.autoencoder_steps,
+        split_seed=args.split_seed, batch_size=args.batch_size, crop=(args.crop, args.crop),
+        autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, seed=args.seed,

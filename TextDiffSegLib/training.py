@@ -51,7 +51,7 @@ class TrainSettings:
     validation_fraction: float = 0.2
     split_seed: int = 0
     batch_size: int = 16
-    crop: tuple[int, int] = (128, 128)  # training crop, voxels of the model grid (the sampler windows are larger)
+    crop: tuple[int, int] = (128, 128)  # training crop, voxels of the model grid (slices smaller than it are padded)
     autoencoder_steps: int = 600
     diffusion_steps: int = 6000
     autoencoder_lr: float = 1e-3
@@ -201,8 +201,9 @@ class SliceSampler:
     def _crop(self, image: np.ndarray, mask: np.ndarray):
         height, width = self.crop
         pad_y, pad_x = max(0, height - image.shape[1]), max(0, width - image.shape[2])
-        if pad_y or pad_x:
-            pads = ((0, 0), (pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2))
+        if pad_y or pad_x:  # a slice smaller than the crop lands anywhere in it
+            top, left = int(self.rng.integers(pad_y + 1)), int(self.rng.integers(pad_x + 1))
+            pads = ((0, 0), (top, pad_y - top), (left, pad_x - left))
             image, mask = np.pad(image, pads), np.pad(mask, pads)
         y = int(self.rng.integers(image.shape[1] - height + 1))
         x = int(self.rng.integers(image.shape[2] - width + 1))
@@ -280,6 +281,10 @@ class _Run:
             self.config = config_class(family=settings.family, name=settings.name or self.output.name,
                                        modality=dataset.modality, structures=structures, **settings.model_options)
             self.model = model_class(self.config).to(self.device)
+        multiple = self.config.size_multiple
+        if any(side <= 0 or side % multiple for side in settings.crop):
+            raise DataError(f"training crops need sides that are positive multiples of {multiple} (the model's "
+                            f"downsampling), not {tuple(settings.crop)}")
         self.model.to(memory_format=torch.channels_last)
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]

@@ -201,7 +201,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     output = tmp_path / "cli-run"
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
-            "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25"]
+            "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
+            "--crop", "64"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -215,8 +216,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     assert config.unet_channels == (32, 64, 96)  # the default widths
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
-                      recorded["present_fraction"], recorded["near_negative_fraction"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25)
+                      recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64])
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -227,7 +228,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     # Errors are one line and status 2.
     for extra, words in ((["--structures", "liver,aorta"], ["has no labels for aorta"]),
                          (["--device", "tpu"], ["unknown device 'tpu'"]),
-                         (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"])):
+                         (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"]),
+                         (["--crop", "100"], ["positive multiples of 16", "(100, 100)"])):
         code = cli.main(["train", "--data", str(chaos_dataset), "--output", str(tmp_path / "bad"), "--steps", "1",
                          "--autoencoder-steps", "1", "--cache-dir", str(cache_dir), *extra])
         _, err = capsys.readouterr()
@@ -273,6 +275,17 @@ def test_rotation_and_zoom_move_image_and_mask_together():
     areas, misaligned = mask_areas_and_misalignment(rotation_degrees=30, scaling=0.2)
     assert misaligned < 0.01  # only voxels on the square's edge may disagree
     assert areas.min() < 540 and areas.max() > 660  # zoomed in and out
+
+
+def test_slices_smaller_than_the_crop_land_anywhere_in_it():
+    """A 20 x 30 slice, all liver, in 64 x 64 crops: whole every time, at many places."""
+    label = np.ones((3, 20, 30), dtype=np.uint8)
+    case = PreparedCase("small", np.full(label.shape, 255, dtype=np.uint8), label, ("liver",))
+    sampler = SliceSampler([case], ("liver",), (64, 64), context=1, present_fraction=1.0, seed=0)
+    _, masks, _ = sampler.batch(32)
+    assert (masks.sum(dim=(1, 2, 3)) == 600).all()
+    corners = {(int(rows[0]), int(columns[0])) for rows, columns in (np.nonzero(m[0].numpy()) for m in masks)}
+    assert len(corners) > 16
 
 
 def test_negative_samples_come_from_slices_without_the_structure_most_from_just_past_its_ends():
