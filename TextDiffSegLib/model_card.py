@@ -18,9 +18,7 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         f"Family: `{config.family}`. Modality: {config.modality}. Model grid spacing (x, y, z): {config.spacing} mm.",
         f"Conditioning: {config.conditioning} (text encoder `{config.text_encoder}`)."
         if config.conditioning == "text" else "Conditioning: a learnt embedding per structure.",
-        f"Sampling: {config.default_steps} DDIM steps by default"
-        + ("; between steps each clean-mask estimate goes through the mask autoencoder (`project_to_masks`)."
-           if getattr(config, "project_to_masks", False) else "."),
+        "Sampling: " + "; ".join(_sampling(config)) + ".",
         "",
         "Structures: " + ", ".join(f"`{s}`" for s in config.structures) + ".",
         "",
@@ -46,6 +44,17 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
     if evaluation is not None:
         lines += _scores(evaluation)
     return "\n".join(lines)
+
+
+def _sampling(config: ModelConfig) -> list[str]:
+    """How the model samples; the options are those of a universal-family config (read with getattr for others)."""
+    parts = [f"{config.default_steps} DDIM steps by default"]
+    if getattr(config, "project_to_masks", False):
+        parts.append("between steps each clean-mask estimate goes through the mask autoencoder (`project_to_masks`)")
+    if getattr(config, "mirror_proposals", False):
+        parts.append("proposals of odd seeds are sampled on the scan mirrored front to back and mirrored back "
+                     "(`mirror_proposals`)")
+    return parts
 
 
 def _scores(report: dict) -> list[str]:

@@ -48,6 +48,7 @@ class ProposalSet:
 class _PreparedScan:
     grid: object  # SimpleITK image of the model grid
     features: torch.Tensor  # [slices, channels, h, w] image features on the latent grid
+    mirrored_features: torch.Tensor | None  # the same for the scan mirrored front to back (mirror_proposals)
     shape: tuple[int, int, int]  # model-grid shape before padding
 
 
@@ -86,7 +87,8 @@ class Segmenter:
                 callback: ProgressCallback | None = None) -> ProposalSet:
         """Sample ``num_proposals`` segmentations of the structure ``prompt`` names.
 
-        Proposal k is sampled from seed ``seed + k``; ``largest_component`` keeps only the largest
+        Proposal k is sampled from seed ``seed + k`` (on the mirrored scan where the model's
+        ``mirror_proposals`` says so and the seed is odd); ``largest_component`` keeps only the largest
         connected region of each proposal; ``fusion`` is ``mean``, ``majority`` or ``staple``.
         """
         return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion,
@@ -127,14 +129,19 @@ class Segmenter:
         multiple = config.size_multiple  # scans narrower than the window go through the U-Net whole
         pad_y, pad_x = (-shape[1]) % multiple, (-shape[2]) % multiple
         image = torch.nn.functional.pad(image, (0, pad_x, 0, pad_y))
-        depth = shape[0]
+        mirrored = self._encode(image.flip(-2)) if config.mirror_proposals else None
+        return _PreparedScan(grid=grid, features=self._encode(image), mirrored_features=mirrored, shape=shape)
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image features of every slice [z, y, x] of ``image``, each with its neighbours as context."""
+        depth, context = image.shape[0], self.config.context_slices
         features = []
         for start in range(0, depth, SLICE_BATCH):
             centres = torch.arange(start, min(start + SLICE_BATCH, depth))
-            offsets = torch.arange(-config.context_slices, config.context_slices + 1)
+            offsets = torch.arange(-context, context + 1)
             neighbours = (centres[:, None] + offsets[None]).clamp(0, depth - 1)
             features.append(self.model.image_encoder(image[neighbours].to(self.device)))
-        return _PreparedScan(grid=grid, features=torch.cat(features), shape=shape)
+        return torch.cat(features)
 
     def _condition(self, structure: Structure) -> torch.Tensor:
         config = self.config
@@ -157,9 +164,11 @@ class Segmenter:
         seeds = [seed + k for k in range(num_proposals)]
         probabilities = []
         for k, proposal_seed in enumerate(seeds):
+            mirrored = scan.mirrored_features is not None and proposal_seed % 2 == 1
+            scan_features = scan.mirrored_features if mirrored else scan.features
             latents = []
-            for start in range(0, scan.features.shape[0], SLICE_BATCH):
-                features = scan.features[start:start + SLICE_BATCH]
+            for start in range(0, scan_features.shape[0], SLICE_BATCH):
+                features = scan_features[start:start + SLICE_BATCH]
 
                 def denoise(noisy, t, features=features):
                     project = config.project_to_masks and t != scheduler.timesteps[-1]  # the last estimate is decoded as it is
@@ -175,6 +184,8 @@ class Segmenter:
                 latents.append(sample(denoise, scheduler, shape, steps, generator, self.device))
             on_proposal(k, steps)
             probability = torch.sigmoid(self.model.decode_mask(torch.cat(latents)))[:, 0]
+            if mirrored:
+                probability = probability.flip(-2)
             depth, height, width = scan.shape
             on_model_grid = probability[:, :height, :width].float().cpu().numpy()
             if largest_component:

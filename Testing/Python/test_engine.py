@@ -250,6 +250,26 @@ def test_mask_projection_runs_after_every_step_but_the_last(small_ct, monkeypatc
     assert projected_at.count(max(timesteps)) == timesteps.count(max(timesteps))
 
 
+def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back():
+    # A grid the model takes without padding (32 = 2 x its size multiple), so mirroring the scan
+    # before sampling and the result after it must give exactly the proposal of the mirrored scan.
+    rng = np.random.default_rng(0)
+    scan = Volume(rng.integers(-200, 300, (6, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    mirrored_scan = scan.with_array(np.ascontiguousarray(scan.array[:, ::-1]))
+    torch.manual_seed(0)
+    model = UniversalModel(tiny_config(mirror_proposals=True)).eval()
+    with_mirror = Segmenter(model, "tiny", torch.device("cpu"))
+    without_mirror = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
+    without_mirror.model.load_state_dict(model.state_dict())
+    even_seed, odd_seed = with_mirror.propose(scan, "liver", num_proposals=2, seed=0).probabilities
+    np.testing.assert_array_equal(even_seed, without_mirror.propose(scan, "liver", num_proposals=1, seed=0).probabilities[0])
+    of_mirrored_scan = without_mirror.propose(mirrored_scan, "liver", num_proposals=1, seed=1).probabilities[0]
+    np.testing.assert_allclose(odd_seed, of_mirrored_scan[:, ::-1], atol=1e-6)
+    assert not np.allclose(odd_seed, of_mirrored_scan, atol=1e-3)
+    alone = with_mirror.propose(scan, "liver", num_proposals=1, seed=1).probabilities[0]
+    np.testing.assert_array_equal(alone, odd_seed)  # still reproducible from its seed alone
+
+
 def test_structure_the_model_does_not_know_is_refused(tiny_segmenter):
     with pytest.raises(PromptError, match="cannot segment 'pancreas'.*liver"):
         tiny_segmenter.resolve("pancreas")

@@ -32,6 +32,10 @@ class UniversalConfig(ModelConfig):
     # Between sampling steps, replace the clean-latent estimate by the latent of the mask it decodes
     # to (see UniversalModel.project_to_mask); needs x0-prediction.
     project_to_masks: bool = False
+    # Sample the proposals of odd seeds on the scan mirrored front to back, and mirror them back:
+    # training flips that axis at random (see training.SliceSampler), so both are scans the model
+    # knows, and the proposals differ by more than their noise.
+    mirror_proposals: bool = False
 
     def problems(self) -> list[str]:
         found = super().problems()
