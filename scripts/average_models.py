@@ -14,10 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from TextDiffSegLib.model_card import TRAINING_RECORD
-from TextDiffSegLib.modelio import WEIGHTS_NAME, read_config, write_folder
+from TextDiffSegLib.modelio import WEIGHTS_NAME, load_model, read_config, write_folder
 
 
 def main() -> None:
@@ -27,13 +25,13 @@ def main() -> None:
     args = parser.parse_args()
 
     configs = [read_config(folder) for folder in args.models]
+    if any(c.adapter for c in configs):
+        sys.exit("LoRA adapter folders cannot be averaged: average their base models, then adapt the average")
     architectures = [{k: v for k, v in c.to_dict().items() if k != "name"} for c in configs]
     if any(a != architectures[0] for a in architectures):
         sys.exit("the models' configs differ: only models of one lineage (same architecture and options) can be averaged")
-    weights = [load_file(str(folder / WEIGHTS_NAME)) for folder in args.models]
-    if any(w.keys() != weights[0].keys() for w in weights):
-        sys.exit("the models' weights hold different tensors: they are not of one architecture")
-    mean = {k: sum(w[k].float() for w in weights) / len(weights) for k in weights[0]}
+    weights = [load_model(folder).state_dict() for folder in args.models]  # each checked against its config
+    mean = {k: sum(w[k] for w in weights) / len(weights) for k in weights[0]}
     write_folder(args.output, WEIGHTS_NAME, mean, configs[-1])
     training = json.loads((args.models[-1] / TRAINING_RECORD).read_text())
     note = f"Weights: the mean of the weights of {', '.join(str(m) for m in args.models)} (scripts/average_models.py)."

@@ -47,3 +47,12 @@ def test_models_of_other_architectures_are_refused(tmp_path):
 def test_models_sampled_differently_are_refused(tmp_path, option):
     first, other = _model_folder(tmp_path / "a", 0), _model_folder(tmp_path / "b", 1, **{option: True})
     assert _average(tmp_path / "soup", first, other).returncode != 0
+
+
+def test_adapter_folders_are_refused(tmp_path):
+    first = _model_folder(tmp_path / "a", 0)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    tiny_config(adapter={"base": "a", "base_sha256": "0" * 64, "rank": 4, "alpha": 4.0}).save(adapter / "config.json")
+    done = _average(tmp_path / "soup", first, adapter)
+    assert done.returncode != 0 and "adapter" in done.stderr
