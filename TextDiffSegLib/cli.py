@@ -107,7 +107,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's)")
     parser.add_argument("--fusion", choices=FUSION_METHODS, default="mean", help="how proposals are fused")
     parser.add_argument("--all-components", action="store_true",
-                        help="keep every connected region of each proposal (default: only the largest)")
+                        help="keep every connected region of each proposal and fused mask (default: only the largest)")
+    parser.add_argument("--allow-overlap", action="store_true",
+                        help="let the fused masks of several prompts overlap (default: a voxel two of them claim "
+                             "goes to the structure more probable there)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
@@ -137,7 +140,7 @@ def _segment(args) -> int:
     from .errors import PromptError
     from .outputs import SegmentOutput, check_scalar_path, check_segmentation_path, write_scalar, write_segmentation
     from .segmenter import Segmenter
-    from .terminology import resolve_prompt, split_prompts
+    from .terminology import resolve_prompts, split_prompts
     from .volume import read_volume
 
     # Everything that can be checked without the model is checked first: bad prompts and outputs
@@ -145,12 +148,7 @@ def _segment(args) -> int:
     prompts = [p for text in args.prompt for p in split_prompts(text)]
     if not prompts:
         raise PromptError("empty prompt: type the structure to segment, such as 'liver' or 'left kidney'.")
-    structures = [resolve_prompt(p) for p in prompts]
-    for index, structure in enumerate(structures):
-        if structure in structures[:index]:
-            first = prompts[structures.index(structure)]
-            raise PromptError(f"the prompts {first!r} and {prompts[index]!r} both name {structure.display_name}; "
-                              "give each structure once")
+    structures = resolve_prompts(prompts)
     output = check_segmentation_path(args.output, args.overwrite)
     suffix = ".seg.nrrd" if output.name.lower().endswith(".seg.nrrd") else ".nii.gz"
     uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
@@ -170,7 +168,7 @@ def _segment(args) -> int:
     with _progress(args.progress) as report:
         results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
                                          fusion=args.fusion, largest_component=not args.all_components,
-                                         callback=report)
+                                         separate=not args.allow_overlap, callback=report)
     written = {"output": None, "uncertainty": [], "proposals": []}
     try:  # a run that fails half way removes what it wrote (each file itself is written atomically)
         segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
@@ -255,7 +253,8 @@ def _evaluate(args) -> int:
             bar.update(done - bar.n)
 
         report = evaluate(segmenter, args.data, args.split, _list(args.cases), _list(args.structures),
-                          args.proposals, args.seed, args.steps, args.fusion, not args.all_components, progress)
+                          args.proposals, args.seed, args.steps, args.fusion, not args.all_components,
+                          not args.allow_overlap, progress)
     report["command"] = "textdiffseg " + shlex.join(args.argv)
     write_atomically(report_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), args.overwrite)
     for name, scores in report["structures"].items():

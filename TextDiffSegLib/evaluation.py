@@ -21,9 +21,13 @@ METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_m
 
 def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids: list[str] | None = None,
              structures: list[str] | None = None, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
-             fusion: str = "mean", largest_component: bool = True,
+             fusion: str = "mean", largest_component: bool = True, separate: bool = True,
              progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Segment every case and structure and score it against the manual labels."""
+    """Segment every case and structure and score it against the manual labels.
+
+    The structures of a case are segmented in one ``propose_many`` call, so with ``separate`` their
+    fused masks do not overlap.
+    """
     dataset = read_dataset(data, split)
     cases = dataset.select(case_ids)
     available = set(dataset.labels.values()) & set(segmenter.structures)
@@ -44,7 +48,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
         image, label = read_volume(case.image), read_volume(case.label)
         started = time.perf_counter()
         results = segmenter.propose_many(image, structures, num_proposals, seed, steps, fusion=fusion,
-                                         largest_component=largest_component)
+                                         largest_component=largest_component, separate=separate)
         seconds.append(time.perf_counter() - started)
         for result in results:
             reference = label.array == label_values[result.structure.name]
@@ -65,7 +69,8 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     return {
         "model": segmenter.name, "data": str(data), "split": split, "cases": [case.id for case in cases],
         "num_cases": len(cases), "num_proposals": num_proposals, "steps": steps or segmenter.config.default_steps,
-        "fusion": fusion, "largest_component": largest_component, "seed": seed,
+        "fusion": fusion, "largest_component": largest_component,
+        "separate": separate, "seed": seed,
         "device": f"{segmenter.device.type} ({platform.processor() or platform.machine()})",
         "seconds_per_case": float(np.mean(seconds)), "mean_dice": _mean([s["dice"] for s in summary.values()]),
         "structures": summary, "rows": rows,

@@ -63,7 +63,8 @@ def _scores(report: dict) -> list[str]:
         "",
         f"On {report['num_cases']} validation cases ({', '.join(report['cases'])}), {report['num_proposals']} proposals, "
         f"{report['steps']} sampling steps, fusion `{report['fusion']}`"
-        f"{' of each proposal’s largest connected region' if report['largest_component'] else ''}; {report['seconds_per_case']:.1f} s per case "
+        f"{' of each proposal’s largest connected region' if report['largest_component'] else ''}"
+        f"{_separation(report)}; {report['seconds_per_case']:.1f} s per case "
         f"on {report['device']}. Mean fused Dice: {report['mean_dice']:.3f}.",
         "",
         "| structure | Dice (fused) | Dice (single) | Oracle Dice | RandTop-3 Dice | HD95 (mm) | NSD (2 mm) |",
@@ -75,6 +76,15 @@ def _scores(report: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     return lines
+
+
+def _separation(report: dict) -> str:
+    """How the fused masks of the structures segmented together were kept apart (reports before
+    ``separate`` existed let them overlap)."""
+    if not report.get("separate") or len(report["structures"]) < 2:
+        return ""
+    return (", the structures of a case segmented together and kept apart (a voxel two fused masks claim goes to "
+            "the structure more probable there)")
 
 
 def format_score(value: float | None, digits: int) -> str:

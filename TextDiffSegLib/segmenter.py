@@ -16,11 +16,11 @@ import torch
 from .errors import InputImageError, PromptError
 from .fusion import agreement_scores, fuse, uncertainty_map
 from .modelio import load_model
-from .postprocessing import keep_largest_component
+from .postprocessing import keep_largest_component, separate_overlaps
 from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
 from .registry import resolve_model
 from .sampler import make_scheduler, sample, windowed
-from .terminology import Structure, resolve_prompt
+from .terminology import Structure, resolve_prompt, resolve_prompts
 from .text_encoders import conditioning_text, load_text_encoder
 from .volume import Volume
 
@@ -74,7 +74,9 @@ class Segmenter:
 
     def resolve(self, prompt: str) -> Structure:
         """The structure a prompt names, checked against what this model was trained for."""
-        structure = resolve_prompt(prompt)
+        return self._check_known(resolve_prompt(prompt))
+
+    def _check_known(self, structure: Structure) -> Structure:
         if structure.name not in self.config.structures:
             raise PromptError(
                 f"model '{self.name}' cannot segment '{structure.display_name}'; it knows: "
@@ -89,20 +91,28 @@ class Segmenter:
 
         Proposal k is sampled from seed ``seed + k`` (on the mirrored scan where the model's
         ``mirror_proposals`` says so and the seed is odd); ``largest_component`` keeps only the largest
-        connected region of each proposal; ``fusion`` is ``mean``, ``majority`` or ``staple``.
+        connected region of each proposal and of the fused mask; ``fusion`` is ``mean``, ``majority``
+        or ``staple``.
         """
         return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion,
-                                 largest_component, callback)[0]
+                                 largest_component, callback=callback)[0]
 
     def propose_many(self, volume: Volume, prompts: list[str], num_proposals: int = 5, seed: int = 0,
                      steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
-                     largest_component: bool = True, callback: ProgressCallback | None = None) -> list[ProposalSet]:
-        """``propose`` for several prompts, encoding the scan once."""
+                     largest_component: bool = True, separate: bool = True,
+                     callback: ProgressCallback | None = None) -> list[ProposalSet]:
+        """``propose`` for several prompts, encoding the scan once.
+
+        With ``separate``, the fused masks of the structures do not overlap: a voxel two of them
+        claim goes to the structure with the higher mean probability there (``separate_overlaps``),
+        and with ``largest_component`` each fused mask then keeps its largest region again. The
+        proposals themselves are left as sampled.
+        """
         if not prompts:
             raise PromptError("no prompt given: name at least one structure, e.g. 'liver'")
         if num_proposals < 1:
             raise ValueError(f"num_proposals must be at least 1, not {num_proposals}")
-        structures = [self.resolve(prompt) for prompt in prompts]
+        structures = [self._check_known(structure) for structure in resolve_prompts(prompts)]
         _check_volume(volume)
         steps = steps or self.config.default_steps
         report = callback or (lambda event: None)
@@ -116,6 +126,10 @@ class Segmenter:
                               f"{structure.display_name}: proposal {k + 1}/{num_proposals}, step {step}/{steps}"))
             results.append(self._propose_structure(volume, scan, prompt, structure, num_proposals, seed, steps,
                                                    scheduler, fusion, largest_component, on_proposal))
+        if separate and len(results) > 1:
+            separated = separate_overlaps([r.fused for r in results], [r.probabilities for r in results])
+            for result, fused in zip(results, separated):
+                result.fused = keep_largest_component(fused) if largest_component else fused
         report(_event("done", 1.0, "finished"))
         return results
 
@@ -192,9 +206,11 @@ class Segmenter:
                 on_model_grid = keep_largest_component(on_model_grid)
             probabilities.append(from_model_grid(on_model_grid, scan.grid, volume).clip(0, 1).astype(np.float32))
         proposals = [(p >= 0.5).astype(np.uint8) for p in probabilities]
+        fused = fuse(probabilities, fusion)
         return ProposalSet(
             structure=structure, prompt=prompt, model=self.name, seeds=seeds, probabilities=probabilities,
-            proposals=proposals, fused=fuse(probabilities, fusion), uncertainty=uncertainty_map(probabilities),
+            proposals=proposals, fused=keep_largest_component(fused) if largest_component else fused,
+            uncertainty=uncertainty_map(probabilities),
             scores=agreement_scores(proposals), fusion=fusion,
         )
 

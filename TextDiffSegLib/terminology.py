@@ -10,6 +10,7 @@ Public functions:
 - ``structures()``: every known structure, in table order.
 - ``get_structure(name)``: one structure by canonical name.
 - ``resolve_prompt(text)``: free text (``"Segment the left kidney in this CT"``) to one structure.
+- ``resolve_prompts(prompts)``: several prompts to as many different structures.
 - ``split_prompts(text)``: ``"liver; spleen"`` to ``["liver", "spleen"]``.
 - ``terminology_entry(structure)``: the ``TerminologyEntry`` tag Slicer stores on a segment.
 - ``completions(prefix, limit)``: display names and synonyms for a prompt box.
@@ -431,6 +432,19 @@ def resolve_prompt(text: str) -> Structure:
             return table.by_name[name]
     known = " or ".join(repr(table.by_name[n].display_name) for n in names)
     raise PromptError(f"There is no {side} {' '.join(phrase)!r} in the terminology; known: {known}.")
+
+
+def resolve_prompts(prompts: list[str]) -> list[Structure]:
+    """The structures several prompts name, one per prompt; ``PromptError`` if two name the same one."""
+    structures = []
+    for prompt in prompts:
+        structure = resolve_prompt(prompt)
+        if structure in structures:
+            first = prompts[structures.index(structure)]
+            raise PromptError(f"the prompts {first!r} and {prompt!r} both name {structure.display_name}; "
+                              "give each structure once")
+        structures.append(structure)
+    return structures
 
 
 def split_prompts(text: str) -> list[str]:

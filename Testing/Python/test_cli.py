@@ -157,6 +157,19 @@ def test_segment_writes_a_slicer_segmentation(capsys, tmp_path, ct, balanced_mod
     np.testing.assert_array_equal(labels.array == 1, masks[0] & ~masks[1])
 
 
+def test_fused_segments_are_kept_apart_unless_overlap_is_allowed(capsys, tmp_path, small_ct, balanced_model_dir):
+    def segment_masks(name: str, *extra) -> list[np.ndarray]:
+        code, _, err = segment(capsys, balanced_model_dir, small_ct, tmp_path / name, *extra, prompts=("liver", "spleen"))
+        assert code == 0, err
+        segmentation = slicerio.read_segmentation(str(tmp_path / name))
+        return [slicerio.segment_mask(segmentation, s["id"]) for s in segmentation["segments"]]
+
+    liver, spleen = segment_masks("apart.seg.nrrd")
+    assert liver.any() and spleen.any() and not (liver & spleen).any()
+    liver, spleen = segment_masks("overlapping.seg.nrrd", "--allow-overlap")
+    assert (liver & spleen).any()  # the balanced model claims some voxels for both
+
+
 @realdata
 def test_segment_writes_a_labelmap_with_the_input_geometry(capsys, tmp_path, shared_data, tiny_model_dir):
     image = shared_data / "totalseg_examples" / "example_mr_sm.nii.gz"
@@ -533,9 +546,11 @@ def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, shared_data):
         dices = [r["dice"] for r in rows if r["structure"] == name]
         assert report["structures"][name]["dice"] == pytest.approx(np.mean(dices))
 
-    # The report's Dice is that of what `segment` writes for the same case, seed and settings.
+    assert report["separate"] is True
+
+    # The report's Dice is that of what `segment` writes for the same case, seed, settings and prompts.
     image = shared_data / "btcv" / "imagesTr" / "btcv_0005.nii.gz"
-    code, _, err = segment(capsys, tiny_model_dir, image, tmp_path / "liver.nii.gz", prompts=("liver",))
+    code, _, err = segment(capsys, tiny_model_dir, image, tmp_path / "liver.nii.gz", prompts=("liver", "spleen"))
     assert code == 0, err
     mask = read_volume(tmp_path / "liver.nii.gz").array == 1
     reference = read_volume(shared_data / "btcv" / "labelsTr" / "btcv_0005.nii.gz").array == 6  # 6: liver

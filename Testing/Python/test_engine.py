@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from conftest import rotation, tiny_config
 
 from TextDiffSegLib.errors import InputImageError, ModelError, PromptError
@@ -227,6 +228,26 @@ def test_each_proposal_is_reproducible_from_its_seed(tiny_segmenter, small_ct):
     alone = tiny_segmenter.propose(small_ct, "liver", num_proposals=1, seed=2)
     np.testing.assert_array_equal(three.probabilities[2], alone.probabilities[0])
     assert not np.array_equal(three.probabilities[0], three.probabilities[1])
+
+
+@pytest.mark.realdata
+def test_fused_masks_of_several_structures_do_not_overlap_unless_asked(tiny_segmenter, small_ct):
+    prompts = ["liver", "spleen"]
+    overlapping = tiny_segmenter.propose_many(small_ct, prompts, num_proposals=2, separate=False)
+    assert (overlapping[0].fused & overlapping[1].fused).any()  # the random model claims some voxels for both
+    separated = tiny_segmenter.propose_many(small_ct, prompts, num_proposals=2)
+    assert not (separated[0].fused & separated[1].fused).any()
+    for before, after in zip(overlapping, separated):
+        assert not (after.fused & ~before.fused.astype(bool)).any()  # only contested voxels are taken away
+        assert ndimage.label(after.fused)[1] == 1
+        for proposal_before, proposal_after in zip(before.proposals, after.proposals):
+            np.testing.assert_array_equal(proposal_before, proposal_after)  # proposals are left as sampled
+
+
+def test_a_structure_named_twice_is_refused(tiny_segmenter):
+    scan = Volume(np.zeros((4, 32, 32), np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    with pytest.raises(PromptError, match="'liver' and 'the LIVER' both name liver"):
+        tiny_segmenter.propose_many(scan, ["liver", "spleen", "the LIVER"])
 
 
 @pytest.mark.realdata

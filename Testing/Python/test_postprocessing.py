@@ -1,8 +1,8 @@
-"""Keeping the largest connected region of a probability map."""
+"""Keeping the largest connected region of a probability map; separating the masks of neighbouring structures."""
 
 import numpy as np
 
-from TextDiffSegLib.postprocessing import keep_largest_component
+from TextDiffSegLib.postprocessing import keep_largest_component, separate_overlaps
 
 
 def test_islands_are_removed_and_the_largest_region_kept_as_it_was():
@@ -22,3 +22,26 @@ def test_a_single_region_or_an_empty_map_is_unchanged():
     np.testing.assert_array_equal(keep_largest_component(probability), probability)
     probability[1:3, 1:3, 1:3] = 0.8
     np.testing.assert_array_equal(keep_largest_component(probability), probability)
+
+
+def test_a_voxel_two_masks_claim_goes_to_the_structure_more_probable_there():
+    liver, spleen = np.zeros((1, 1, 4), np.uint8), np.zeros((1, 1, 4), np.uint8)
+    liver[..., :3], spleen[..., 1:] = 1, 1  # they both claim voxels 1 and 2
+    liver_proposals = [np.array([[[0.9, 0.8, 0.4, 0.0]]]), np.array([[[0.9, 0.6, 0.6, 0.0]]])]  # means 0.7, 0.5
+    spleen_proposals = [np.array([[[0.0, 0.5, 0.9, 0.9]]]), np.array([[[0.0, 0.7, 0.9, 0.9]]])]  # means 0.6, 0.9
+    separated_liver, separated_spleen = separate_overlaps([liver, spleen], [liver_proposals, spleen_proposals])
+    np.testing.assert_array_equal(separated_liver, [[[1, 1, 0, 0]]])
+    np.testing.assert_array_equal(separated_spleen, [[[0, 0, 1, 1]]])
+    assert separated_liver.dtype == np.uint8
+    np.testing.assert_array_equal(liver, [[[1, 1, 1, 0]]])  # the inputs are not changed
+
+
+def test_masks_that_do_not_overlap_are_unchanged_and_a_tie_goes_to_the_first():
+    first, second = np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)
+    first[..., 0], second[..., 2] = 1, 1
+    same = [np.full((1, 1, 3), 0.8)]
+    kept = separate_overlaps([first, second], [same, same])
+    np.testing.assert_array_equal(kept[0], first)
+    np.testing.assert_array_equal(kept[1], second)
+    second[..., 0] = 1
+    np.testing.assert_array_equal(separate_overlaps([first, second], [same, same])[1], [[[0, 0, 1]]])

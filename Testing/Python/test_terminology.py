@@ -21,6 +21,7 @@ from TextDiffSegLib.terminology import (
     get_structure,
     load_table,
     resolve_prompt,
+    resolve_prompts,
     split_prompts,
     structures,
     terminology_entry,
@@ -336,8 +337,13 @@ def test_split_prompts(text, expected):
 
 
 def test_split_then_resolve():
-    names = [resolve_prompt(p).name for p in split_prompts("liver; L kidney\nIVC")]
+    names = [s.name for s in resolve_prompts(split_prompts("liver; L kidney\nIVC"))]
     assert names == ["liver", "kidney_left", "inferior_vena_cava"]
+
+
+def test_two_prompts_naming_one_structure_are_refused():
+    with pytest.raises(PromptError, match="'liver' and 'HEPAR' both name liver; give each structure once"):
+        resolve_prompts(["liver", "spleen", "HEPAR"])
 
 
 # --- terminology_entry -------------------------------------------------------------------------
