@@ -87,7 +87,7 @@ def main() -> None:
         image, labels = read_volume(case.image), read_volume(case.label)
         results = segmenter.propose_many(image, structures, num_proposals=report["num_proposals"],
                                          seed=report["seed"], steps=report["steps"], fusion=report["fusion"],
-                                         largest_component=report["largest_component"])
+                                         largest_component=report["largest_component"], separate=report["separate"])
         view = model_grid(image, VIEW_SPACING)
         ct = to_model_grid(image, view)
         truth = to_model_grid(labels, view, is_label=True)

@@ -174,12 +174,13 @@ def test_fused_segments_are_kept_apart_unless_overlap_is_allowed(capsys, tmp_pat
 def test_segment_writes_a_labelmap_with_the_input_geometry(capsys, tmp_path, shared_data, tiny_model_dir):
     image = shared_data / "totalseg_examples" / "example_mr_sm.nii.gz"
     output = tmp_path / "labels.nii.gz"
-    code, out, err = segment(capsys, tiny_model_dir, image, output, prompts=("spleen; liver",))
+    code, out, err = segment(capsys, tiny_model_dir, image, output, "--allow-overlap", prompts=("spleen; liver",))
     assert code == 0, err
     labels = read_volume(output)
     assert_same_geometry(labels, read_volume(image))
     assert labels.array.dtype == np.uint8
-    # The tiny model's masks are full; the later prompt (liver, label 2) wins every voxel.
+    # The tiny model's masks are full and allowed to overlap; in a label map the later prompt (liver,
+    # label 2) wins every voxel.
     assert set(np.unique(labels.array)) == {2}
     assert "spleen: " in out and "liver: " in out
 

@@ -7,6 +7,8 @@ import pytest
 
 from TextDiffSegLib.datasets import read_dataset
 from TextDiffSegLib.metrics import dice
+from TextDiffSegLib.model_card import render_card
+from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.registry import list_models, resolve_model
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.volume import read_volume
@@ -24,6 +26,12 @@ def test_bundled_models_were_validated_on_cases_they_did_not_train_on(bundled):
     _, training, evaluation = bundled
     assert set(training["split"]["validation"]).isdisjoint(training["split"]["training"])
     assert set(evaluation["cases"]) == set(training["split"]["validation"])
+
+
+def test_the_bundled_card_is_rendered_from_its_training_record_and_report(bundled):
+    """The card a user reads states the scores, and how they were measured, of the report beside it."""
+    folder, training, evaluation = bundled
+    assert (folder / "README.md").read_text() == render_card(read_config(folder), training, evaluation)
 
 
 @pytest.mark.realdata
