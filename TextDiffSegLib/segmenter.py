@@ -117,7 +117,8 @@ class Segmenter:
         steps = steps or self.config.default_steps
         report = callback or (lambda event: None)
         report(_event("preprocess", 0.0, "resampling the scan to the model grid"))
-        scan = self._prepare(volume)
+        any_odd_seed = num_proposals > 1 or seed % 2 == 1  # only odd seeds sample the mirrored scan
+        scan = self._prepare(volume, mirror=self.config.mirror_proposals and any_odd_seed)
         results = []
         for index, (prompt, structure) in enumerate(zip(prompts, structures)):
             def on_proposal(k: int, step: int, fraction_base=index / len(prompts)):
@@ -134,7 +135,8 @@ class Segmenter:
         return results
 
     @torch.no_grad()
-    def _prepare(self, volume: Volume) -> _PreparedScan:
+    def _prepare(self, volume: Volume, mirror: bool) -> _PreparedScan:
+        """The scan on the model grid and its features; with ``mirror`` also those of the scan mirrored front to back."""
         config = self.config
         grid = model_grid(volume, config.spacing)
         normalized = volume.with_array(normalize_intensity(volume.array, config.modality))
@@ -143,7 +145,7 @@ class Segmenter:
         multiple = config.size_multiple  # scans narrower than the window go through the U-Net whole
         pad_y, pad_x = (-shape[1]) % multiple, (-shape[2]) % multiple
         image = torch.nn.functional.pad(image, (0, pad_x, 0, pad_y))
-        mirrored = self._encode(image.flip(-2)) if config.mirror_proposals else None
+        mirrored = self._encode(image.flip(-2)) if mirror else None
         return _PreparedScan(grid=grid, features=self._encode(image), mirrored_features=mirrored, shape=shape)
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
