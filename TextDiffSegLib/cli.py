@@ -62,7 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--family", default="universal", help="model family (default: universal)")
     train.add_argument("--name", default="", help="model name (default: the output folder's name)")
     train.add_argument("--structures", help="comma-separated structures (default: every labelled structure)")
-    train.add_argument("--conditioning", choices=("text", "learned"), default="text")
+    train.add_argument("--conditioning", choices=("text", "learned"),
+                       help="how a new model names structures: text embeddings (default) or a learnt vector each")
+    train.add_argument("--model-option", action="append", type=_model_option, default=[], metavar="KEY=VALUE",
+                       help="a config field of a new model, e.g. unet_channels=64,128,256 or spacing=2,2,4 (repeatable)")
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--split-seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, default=16)
@@ -122,6 +125,22 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
     return value
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``; the value read as JSON where it is (numbers, true, [..]), a comma-separated list, or text."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. unet_channels=64,128,256, not {text!r}")
+    return key.strip(), _option_value(value.strip())
+
+
+def _option_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        parts = text.split(",")
+        return [_option_value(part.strip()) for part in parts] if len(parts) > 1 else text
 
 
 def resolve_device(name: str) -> str:
@@ -279,7 +298,7 @@ def _train(args) -> int:
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
-        model_options={"conditioning": args.conditioning},
+        model_options={**({"conditioning": args.conditioning} if args.conditioning else {}), **dict(args.model_option)},
         init_from=args.init_from or "", lora_rank=args.lora_rank,
     )
     bars = {}

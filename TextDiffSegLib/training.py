@@ -39,6 +39,8 @@ from .volume import write_atomically
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "loss_log.csv"
 NEAR_NEGATIVE_MM = 40.0  # how far past a structure's ends the near negative slices reach
+# Config fields that are not model options: the dataset, the run's settings and training set them.
+NOT_OPTIONS = ("family", "name", "modality", "structures", "adapter", "latent_scale")
 
 
 @dataclasses.dataclass
@@ -67,7 +69,8 @@ class TrainSettings:
     device: str = "cpu"
     precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto": bf16 where the CPU or GPU computes it natively
     cache_dir: str = ""
-    model_options: dict = dataclasses.field(default_factory=dict)  # extra config fields (spacing, widths...)
+    # Config fields of a new model (spacing, widths...); training from init_from accepts only its own values.
+    model_options: dict = dataclasses.field(default_factory=dict)
     init_from: str = ""  # a model (folder or name) to start from: its config and weights; no autoencoder stage
     lora_rank: int = 0  # > 0: adapt init_from with LoRA of this rank (see adaptation) instead of training it all
     lora_alpha: float = 0.0  # LoRA scale numerator (0: the rank)
@@ -210,6 +213,37 @@ class SliceSampler:
         return image[:, y:y + height, x:x + width], mask[:, y:y + height, x:x + width]
 
 
+def _new_config(settings: TrainSettings, name: str, modality: str, structures: tuple[str, ...]):
+    """The config of a model trained from scratch: its family's defaults, with ``settings.model_options``."""
+    if settings.family not in FAMILIES:
+        raise DataError(f"unknown model family {settings.family!r}; known families are {', '.join(FAMILIES)}")
+    config_class = FAMILIES[settings.family][0]
+    options = settings.model_options
+    known = sorted({f.name for f in dataclasses.fields(config_class)} - set(NOT_OPTIONS))
+    misplaced = sorted(set(options) & set(NOT_OPTIONS))
+    if misplaced:
+        raise DataError(f"{', '.join(misplaced)} cannot be set as model options: the dataset, the run's settings "
+                        "and training set them")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DataError(f"the {settings.family} family has no option {', '.join(unknown)}; its options are {', '.join(known)}")
+    try:
+        return config_class(family=settings.family, name=name, modality=modality, structures=structures, **options)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"the model options do not fit the {settings.family} family: {error}") from None
+
+
+def _check_options_kept(config, options: dict, init_from: str) -> None:
+    """Refuse model options that differ from those of the model training continues from."""
+    current = config.to_dict()
+    for key, value in options.items():
+        if key not in current or key in NOT_OPTIONS:
+            raise DataError(f"{key} is not a model option; leave it out when training from {init_from}")
+        if current[key] != (list(value) if isinstance(value, tuple) else value):
+            raise DataError(f"{init_from} has {key} = {current[key]}, and training from it cannot change that "
+                            f"to {value}; leave that model option out, or train a new model without init_from")
+
+
 def bf16_is_native(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware (CPUs with AVX-512 BF16 or AMX; Ampere and later GPUs)."""
     if device.type == "cuda":
@@ -270,6 +304,7 @@ class _Run:
             self.config.modality = dataset.modality  # the scans it now learns from are normalised as such
             if settings.lora_rank:
                 self._add_adapter(base, structures)
+            _check_options_kept(self.config, settings.model_options, settings.init_from)
             structures = self.config.structures
             unlabelled = [s for s in structures if s not in dataset.labels.values()]
             if unlabelled:
@@ -277,10 +312,8 @@ class _Run:
                                 f"{settings.init_from} segments; training from it needs all of them")
             self.stage = "diffusion"
         else:
-            config_class, model_class = FAMILIES[settings.family]
-            self.config = config_class(family=settings.family, name=settings.name or self.output.name,
-                                       modality=dataset.modality, structures=structures, **settings.model_options)
-            self.model = model_class(self.config).to(self.device)
+            self.config = _new_config(settings, settings.name or self.output.name, dataset.modality, structures)
+            self.model = FAMILIES[settings.family][1](self.config).to(self.device)
         multiple = self.config.size_multiple
         if any(side <= 0 or side % multiple for side in settings.crop):
             raise DataError(f"training crops need sides that are positive multiples of {multiple} (the model's "

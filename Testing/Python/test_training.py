@@ -20,7 +20,7 @@ from TextDiffSegLib.datasets import PreparedCase
 from TextDiffSegLib.errors import DataError, ModelError, PromptError
 from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.segmenter import Segmenter
-from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, SliceSampler, TrainSettings, train
+from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, SliceSampler, TrainSettings, train
 from TextDiffSegLib.volume import read_volume
 
 pytestmark = pytest.mark.realdata
@@ -51,7 +51,7 @@ def tiny_options(**overrides) -> dict:
     """The architecture fields of the tiny config, as ``TrainSettings.model_options``."""
     config = tiny_config()
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-               if f.name not in ("family", "name", "modality", "structures")}
+               if f.name not in NOT_OPTIONS}
     return {**options, **overrides}
 
 
@@ -229,13 +229,42 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     for extra, words in ((["--structures", "liver,aorta"], ["has no labels for aorta"]),
                          (["--device", "tpu"], ["unknown device 'tpu'"]),
                          (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"]),
-                         (["--crop", "100"], ["positive multiples of 16", "(100, 100)"])):
+                         (["--crop", "100"], ["positive multiples of 16", "(100, 100)"]),
+                         (["--model-option", "unet_width=3"], ["no option unet_width", "unet_channels"]),
+                         (["--model-option", "structures=liver"], ["cannot be set as model options"]),
+                         (["--model-option", "unet_channels=8,16,20"], ["multiples of 8"]),
+                         (["--model-option", "unet_channels=wide"], ["do not fit"])):
         code = cli.main(["train", "--data", str(chaos_dataset), "--output", str(tmp_path / "bad"), "--steps", "1",
                          "--autoencoder-steps", "1", "--cache-dir", str(cache_dir), *extra])
         _, err = capsys.readouterr()
         assert code == 2 and err.startswith("textdiffseg: error: ") and "Traceback" not in err
         assert all(word in err for word in words), err
     assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_train_command_sets_a_new_models_config_with_model_options(chaos_dataset, cache_dir, tmp_path, capsys):
+    output = tmp_path / "tiny"
+    options = ["spacing=6,6,9", "window=32,32", "mask_channels=4,8,8", "image_channels=8,8,8",
+               "image_feature_channels=8", "unet_channels=8,16,16", "project_to_masks=true"]
+    common = ["--data", str(chaos_dataset), "--autoencoder-steps", "1", "--steps", "1", "--batch-size", "2",
+              "--crop", "64", "--cache-dir", str(cache_dir)]
+    code = cli.main(["train", "--output", str(output), *common, *[x for o in options for x in ("--model-option", o)]])
+    assert code == 0, capsys.readouterr().err
+    config = read_config(output / "model")
+    assert (config.spacing, config.window, config.unet_channels, config.project_to_masks) == \
+        ((6.0, 6.0, 9.0), (32, 32), (8, 16, 16), True)
+    recorded = json.loads((output / "model" / "training.json").read_text())["settings"]["model_options"]
+    assert recorded["unet_channels"] == [8, 16, 16]
+
+    # Training on from it keeps its config: the same value is accepted, another is refused.
+    more = ["train", "--output", str(tmp_path / "more"), *common, "--init-from", str(output / "model")]
+    assert cli.main([*more, "--model-option", "unet_channels=8,16,16"]) == 0
+    capsys.readouterr()
+    assert cli.main([*more, "--model-option", "unet_channels=8,16,24", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "unet_channels = [8, 16, 16]" in err and "cannot change" in err
+    assert cli.main([*more, "--model-option", "latent_scale=2", "--steps", "2"]) == 2
+    assert "latent_scale is not a model option" in capsys.readouterr().err
 
 
 def test_training_can_continue_from_a_model_folder(chaos_dataset, cache_dir, tmp_path):
