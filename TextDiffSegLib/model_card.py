@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .config import ModelConfig
 
 TRAINING_RECORD = "training.json"
+
+
+def copy_training_record(source: Path, target: Path, note: str) -> None:
+    """``source``'s training record into ``target``, with ``note`` (how ``target`` was made from it) added to its notes."""
+    training = json.loads((Path(source) / TRAINING_RECORD).read_text())
+    training["notes"] = f"{training.get('notes', '')} {note}".strip()
+    (Path(target) / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
 
 
 def render_card(config: ModelConfig, training: dict, evaluation: dict | None = None) -> str:

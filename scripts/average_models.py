@@ -10,11 +10,10 @@ are refused.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from TextDiffSegLib.model_card import TRAINING_RECORD
+from TextDiffSegLib.model_card import copy_training_record
 from TextDiffSegLib.modelio import WEIGHTS_NAME, load_model, read_config, write_folder
 
 
@@ -33,10 +32,8 @@ def main() -> None:
     weights = [load_model(folder).state_dict() for folder in args.models]  # each checked against its config
     mean = {k: sum(w[k] for w in weights) / len(weights) for k in weights[0]}
     write_folder(args.output, WEIGHTS_NAME, mean, configs[-1])
-    training = json.loads((args.models[-1] / TRAINING_RECORD).read_text())
     note = f"Weights: the mean of the weights of {', '.join(str(m) for m in args.models)} (scripts/average_models.py)."
-    training["notes"] = f"{training.get('notes', '')} {note}".strip()
-    (args.output / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
+    copy_training_record(args.models[-1], args.output, note)
     print(f"averaged {len(args.models)} models into {args.output}")
 
 

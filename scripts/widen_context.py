@@ -10,11 +10,10 @@ at zero, so OUTPUT segments exactly as MODEL until it is trained further
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from TextDiffSegLib.model_card import TRAINING_RECORD
+from TextDiffSegLib.model_card import copy_training_record
 from TextDiffSegLib.modelio import WEIGHTS_NAME, load_model, read_config, write_folder
 
 FIRST_CONV = "image_encoder.layers.0.0.weight"  # [out, 2 * context_slices + 1, 3, 3]
@@ -41,11 +40,9 @@ def main() -> None:
     weights[FIRST_CONV] = widened
     config.context_slices = args.context_slices
     write_folder(args.output, WEIGHTS_NAME, weights, config)
-    training = json.loads((args.model / TRAINING_RECORD).read_text())
     note = (f"Image encoder widened from {old} to {args.context_slices} neighbouring slices per side "
             f"(scripts/widen_context.py, new weights zero) from {args.model}.")
-    training["notes"] = f"{training.get('notes', '')} {note}".strip()
-    (args.output / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
+    copy_training_record(args.model, args.output, note)
     print(f"widened {args.model} to {args.context_slices} slices per side in {args.output}")
 
 
