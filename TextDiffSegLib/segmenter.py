@@ -16,7 +16,7 @@ import torch
 from .errors import InputImageError, PromptError
 from .fusion import agreement_scores, fuse, uncertainty_map
 from .modelio import load_model
-from .postprocessing import keep_largest_component, separate_overlaps
+from .postprocessing import keep_largest_component, separate_overlaps, smooth_across_slices
 from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
 from .registry import resolve_model
 from .sampler import make_scheduler, sample, windowed
@@ -203,7 +203,8 @@ class Segmenter:
             if mirrored:
                 probability = probability.flip(-2)
             depth, height, width = scan.shape
-            on_model_grid = probability[:, :height, :width].float().cpu().numpy()
+            on_model_grid = smooth_across_slices(probability[:, :height, :width].float().cpu().numpy(),
+                                                 config.slice_smoothing)
             if largest_component:
                 on_model_grid = keep_largest_component(on_model_grid)
             probabilities.append(from_model_grid(on_model_grid, scan.grid, volume).clip(0, 1).astype(np.float32))

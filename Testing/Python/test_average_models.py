@@ -43,9 +43,9 @@ def test_models_of_other_architectures_are_refused(tmp_path):
     assert not (tmp_path / "soup").exists()
 
 
-@pytest.mark.parametrize("option", ["project_to_masks", "mirror_proposals"])
-def test_models_sampled_differently_are_refused(tmp_path, option):
-    first, other = _model_folder(tmp_path / "a", 0), _model_folder(tmp_path / "b", 1, **{option: True})
+@pytest.mark.parametrize("option, value", [("project_to_masks", True), ("mirror_proposals", True), ("slice_smoothing", 1.0)])
+def test_models_sampled_differently_are_refused(tmp_path, option, value):
+    first, other = _model_folder(tmp_path / "a", 0), _model_folder(tmp_path / "b", 1, **{option: value})
     assert _average(tmp_path / "soup", first, other).returncode != 0
 
 

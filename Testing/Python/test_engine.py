@@ -34,6 +34,7 @@ def test_config_round_trips_through_json(tmp_path):
     ("unet_channels", (8, 12, 16), "multiples of 8"),
     ("prediction_type", "noise", "prediction_type"),
     ("window", (36, 36), "multiple of 16"),
+    ("slice_smoothing", -1.0, "slice_smoothing must be 0 or more"),
 ])
 def test_invalid_config_is_refused_with_the_reason(field, value, message):
     with pytest.raises(ModelError, match=message):
@@ -289,6 +290,23 @@ def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back():
     assert not np.allclose(odd_seed, of_mirrored_scan, atol=1e-3)
     alone = with_mirror.propose(scan, "liver", num_proposals=1, seed=1).probabilities[0]
     np.testing.assert_array_equal(alone, odd_seed)  # still reproducible from its seed alone
+
+
+def test_slice_smoothing_smooths_each_proposal_along_z_only():
+    # The scan is on the tiny model's grid (6 x 6 x 9 mm, 32 x 32 in-plane), so the smoothed proposal
+    # must be the unsmoothed one filtered along z. The random model's probabilities vary by only
+    # about 1e-3 between slices, hence the small tolerances.
+    rng = np.random.default_rng(1)
+    scan = Volume(rng.integers(-200, 300, (8, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    torch.manual_seed(0)
+    plain = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
+    smoothing = Segmenter(UniversalModel(tiny_config(slice_smoothing=1.0)).eval(), "tiny", torch.device("cpu"))
+    smoothing.model.load_state_dict(plain.model.state_dict())
+    sampled = plain.propose(scan, "liver", num_proposals=1, largest_component=False).probabilities[0]
+    smoothed = smoothing.propose(scan, "liver", num_proposals=1, largest_component=False).probabilities[0]
+    expected = ndimage.gaussian_filter1d(sampled, 1.0, axis=0, mode="nearest")
+    np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-6)
+    assert np.abs(smoothed - sampled).max() > 2e-5
 
 
 def test_structure_the_model_does_not_know_is_refused(tiny_segmenter):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from TextDiffSegLib.postprocessing import keep_largest_component, separate_overlaps
+from TextDiffSegLib.postprocessing import keep_largest_component, separate_overlaps, smooth_across_slices
 
 
 def test_islands_are_removed_and_the_largest_region_kept_as_it_was():
@@ -22,6 +22,19 @@ def test_a_single_region_or_an_empty_map_is_unchanged():
     np.testing.assert_array_equal(keep_largest_component(probability), probability)
     probability[1:3, 1:3, 1:3] = 0.8
     np.testing.assert_array_equal(keep_largest_component(probability), probability)
+
+
+def test_smoothing_across_slices_spreads_a_slice_to_its_neighbours_only_along_z():
+    probability = np.zeros((9, 3, 3), np.float32)
+    probability[4, 1, 1] = 1.0  # one voxel on one slice
+    smoothed = smooth_across_slices(probability, 1.0)
+    assert smoothed.dtype == probability.dtype
+    assert smoothed[4, 1, 1] < 1 and smoothed[3, 1, 1] == smoothed[5, 1, 1] > smoothed[2, 1, 1] > 0
+    assert np.isclose(smoothed[:, 1, 1].sum(), 1.0)
+    elsewhere = np.ones(probability.shape, bool)
+    elsewhere[:, 1, 1] = False
+    np.testing.assert_array_equal(smoothed[elsewhere], 0)  # nothing spread in-plane
+    np.testing.assert_array_equal(smooth_across_slices(probability, 0.0), probability)
 
 
 def test_a_voxel_two_masks_claim_goes_to_the_structure_more_probable_there():

@@ -36,6 +36,10 @@ class UniversalConfig(ModelConfig):
     # training flips that axis at random (see training.SliceSampler), so both are scans the model
     # knows, and the proposals differ by more than their noise.
     mirror_proposals: bool = False
+    # Smooth each proposal's probabilities along z with a Gaussian of this sigma, in slices of the
+    # model grid (0: off): each slice is sampled from its own noise, so neighbouring slices of a
+    # proposal disagree more than the anatomy does (see postprocessing.smooth_across_slices).
+    slice_smoothing: float = 0.0
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -50,6 +54,8 @@ class UniversalConfig(ModelConfig):
             found.append("project_to_masks needs prediction_type 'sample' (the denoiser's output must be a clean latent)")
         if self.context_slices < 0:
             found.append("context_slices must be 0 or more")
+        if not self.slice_smoothing >= 0:
+            found.append(f"slice_smoothing must be 0 or more (a sigma in slices), not {self.slice_smoothing}")
         if any(w % self.size_multiple for w in self.window):
             found.append(f"window must be a multiple of {self.size_multiple} (the model's downsampling), not {self.window}")
         return found
