@@ -63,8 +63,8 @@ def _sampling(config: ModelConfig) -> list[str]:
         parts.append("proposals of odd seeds are sampled on the scan mirrored front to back and mirrored back "
                      "(`mirror_proposals`)")
     if getattr(config, "slice_smoothing", 0):
-        parts.append(f"each proposal is smoothed along z with a Gaussian of {config.slice_smoothing:g} slices of the model grid "
-                     "(`slice_smoothing`)")
+        parts.append(f"each proposal is smoothed along z with a Gaussian of sigma {config.slice_smoothing:g} "
+                     "(in slices of the model grid; `slice_smoothing`)")
     return parts
 
 

@@ -294,8 +294,8 @@ def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back():
 
 def test_slice_smoothing_smooths_each_proposal_along_z_only():
     # The scan is on the tiny model's grid (6 x 6 x 9 mm, 32 x 32 in-plane), so the smoothed proposal
-    # must be the unsmoothed one filtered along z. The random model's probabilities vary by only
-    # about 1e-3 between slices, hence the small tolerances.
+    # must be the unsmoothed one filtered along z. The random model's probabilities differ by
+    # less than 1e-3 between slices, hence the small tolerances.
     rng = np.random.default_rng(1)
     scan = Volume(rng.integers(-200, 300, (8, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
     torch.manual_seed(0)
