@@ -31,7 +31,7 @@ def smooth_across_slices(probability: np.ndarray, sigma: float) -> np.ndarray:
     """
     if sigma == 0:
         return probability
-    return ndimage.gaussian_filter1d(probability, sigma, axis=0, mode="nearest").astype(probability.dtype)
+    return ndimage.gaussian_filter1d(probability, sigma, axis=0, mode="nearest")  # keeps the dtype
 
 
 def separate_overlaps(masks: list[np.ndarray], probabilities: list[list[np.ndarray]]) -> list[np.ndarray]:
