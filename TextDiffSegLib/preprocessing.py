@@ -16,6 +16,8 @@ from .volume import Volume, to_sitk
 
 CT_WINDOW_HU = (-125.0, 275.0)
 MR_PERCENTILES = (0.5, 99.5)
+BODY_LEVEL = 0.05  # normalised intensity above which a voxel counts as body (fat is about 0.06 in the CT window)
+POSITION_UNIT_MM = 100.0
 
 
 def normalize_intensity(array: np.ndarray, modality: str) -> np.ndarray:
@@ -30,6 +32,23 @@ def normalize_intensity(array: np.ndarray, modality: str) -> np.ndarray:
     else:
         raise ValueError(f"unknown modality {modality!r}; expected 'CT' or 'MR'")
     return np.clip((array - low) / (high - low), 0.0, 1.0)
+
+
+def lateral_position(slices: np.ndarray, spacing_x: float) -> np.ndarray:
+    """Each voxel's left-right distance from the middle of the body in its slice, per 100 mm.
+
+    ``slices`` are normalised slices ``[..., y, x]`` on the model grid, whose x runs towards the
+    patient's left, so the patient's left is positive. The middle is the mean x of the slice's body
+    voxels (the slice's centre where it has none), so it does not depend on the field of view or on
+    where a slice lies in a padded or cropped window.
+    """
+    slices = np.asarray(slices, dtype=np.float32)
+    columns = np.arange(slices.shape[-1], dtype=np.float32)
+    body = slices > BODY_LEVEL
+    count = body.sum(axis=(-2, -1))
+    middle = np.where(count > 0, (body * columns).sum(axis=(-2, -1)) / np.maximum(count, 1), (slices.shape[-1] - 1) / 2)
+    position = (columns - middle[..., None]) * (spacing_x / POSITION_UNIT_MM)
+    return np.broadcast_to(position[..., None, :], slices.shape).astype(np.float32)
 
 
 def model_grid(volume: Volume, spacing: tuple[float, float, float]) -> sitk.Image:

@@ -17,7 +17,7 @@ from .errors import InputImageError, PromptError
 from .fusion import agreement_scores, fuse, uncertainty_map
 from .modelio import load_model
 from .postprocessing import keep_largest_component, separate_overlaps, smooth_across_slices
-from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
+from .preprocessing import from_model_grid, lateral_position, model_grid, normalize_intensity, to_model_grid
 from .registry import resolve_model
 from .sampler import make_scheduler, sample, windowed
 from .terminology import Structure, resolve_prompt, resolve_prompts
@@ -149,14 +149,17 @@ class Segmenter:
         return _PreparedScan(grid=grid, features=self._encode(image), mirrored_features=mirrored, shape=shape)
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image features of every slice [z, y, x] of ``image``, each with its neighbours as context."""
+        """Image features of every slice [z, y, x] of ``image``, each with its neighbours (and lateral position) as context."""
         depth, context = image.shape[0], self.config.context_slices
         features = []
         for start in range(0, depth, SLICE_BATCH):
             centres = torch.arange(start, min(start + SLICE_BATCH, depth))
             offsets = torch.arange(-context, context + 1)
-            neighbours = (centres[:, None] + offsets[None]).clamp(0, depth - 1)
-            features.append(self.model.image_encoder(image[neighbours].to(self.device)))
+            slices = image[(centres[:, None] + offsets[None]).clamp(0, depth - 1)]
+            if self.config.lateral_position:
+                position = lateral_position(image[centres, None].numpy(), self.config.spacing[0])
+                slices = torch.cat([slices, torch.from_numpy(position)], dim=1)
+            features.append(self.model.image_encoder(slices.to(self.device)))
         return torch.cat(features)
 
     def _condition(self, structure: Structure) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError
 from .families import FAMILIES
 from .modelio import load_model, save_model
+from .preprocessing import lateral_position
 from .model_card import TRAINING_RECORD, render_card
 from .registry import resolve_model
 from .sampler import make_scheduler
@@ -131,12 +132,18 @@ class SliceSampler:
     Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
     relative to its header, so the model must not rely on it. Left-right is never flipped. Small
     in-plane rotations and zooms stand in for the variety of patients a few cases lack.
+
+    With ``position_spacing`` (the model grid's x spacing in mm), each sample gets one more channel
+    after its slices: the lateral position (``preprocessing.lateral_position``) of the slice as padded,
+    cropped, turned and zoomed with it, so that it stays the position of the anatomy under it.
     """
 
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
                  context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
-                 scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8):
+                 scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8,
+                 position_spacing: float = 0.0):
         self.cases, self.structures, self.crop = cases, structures, crop
+        self.position_spacing = position_spacing
         self.context, self.present_fraction = context, present_fraction
         self.rotation_degrees, self.scaling = rotation_degrees, scaling
         self.near_negative_fraction = near_negative_fraction
@@ -173,7 +180,12 @@ class SliceSampler:
         theta = np.stack([np.stack([cos, -sin * height / width, np.zeros(count)], 1),
                           np.stack([sin * width / height, cos, np.zeros(count)], 1)], 1)
         grid = F.affine_grid(torch.from_numpy(theta).float(), list(images.shape), align_corners=False)
-        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        slices = 2 * self.context + 1
+        turned = F.grid_sample(images[:, :slices], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if images.shape[1] > slices:  # the lateral position: linear in x, so continued (at the border) rather than 0
+            position = F.grid_sample(images[:, slices:], grid, mode="bilinear", padding_mode="border", align_corners=False)
+            turned = torch.cat([turned, position], dim=1)
+        images = turned
         masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         return images, masks
 
@@ -194,20 +206,29 @@ class SliceSampler:
         neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)
         image = case.image[neighbours].astype(np.float32) / 255.0
         mask = case.mask(self.structures[label], z)[None].astype(np.float32)
+        image, mask = self._pad(image, mask)
+        if self.position_spacing:
+            image = np.concatenate([image, lateral_position(image[self.context][None], self.position_spacing)])
         image, mask = self._crop(image, mask)
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
         scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
-        image = np.clip(image * scale + shift, 0, 1)
+        slices = 2 * self.context + 1
+        image = np.concatenate([np.clip(image[:slices] * scale + shift, 0, 1), image[slices:]])
         return np.ascontiguousarray(image), np.ascontiguousarray(mask), label
+
+    def _pad(self, image: np.ndarray, mask: np.ndarray):
+        """A slice smaller than the crop, padded with air to the crop's size; it lands anywhere in it."""
+        height, width = self.crop
+        pad_y, pad_x = max(0, height - image.shape[1]), max(0, width - image.shape[2])
+        if not (pad_y or pad_x):
+            return image, mask
+        top, left = int(self.rng.integers(pad_y + 1)), int(self.rng.integers(pad_x + 1))
+        pads = ((0, 0), (top, pad_y - top), (left, pad_x - left))
+        return np.pad(image, pads), np.pad(mask, pads)
 
     def _crop(self, image: np.ndarray, mask: np.ndarray):
         height, width = self.crop
-        pad_y, pad_x = max(0, height - image.shape[1]), max(0, width - image.shape[2])
-        if pad_y or pad_x:  # a slice smaller than the crop lands anywhere in it
-            top, left = int(self.rng.integers(pad_y + 1)), int(self.rng.integers(pad_x + 1))
-            pads = ((0, 0), (top, pad_y - top), (left, pad_x - left))
-            image, mask = np.pad(image, pads), np.pad(mask, pads)
         y = int(self.rng.integers(image.shape[1] - height + 1))
         x = int(self.rng.integers(image.shape[2] - width + 1))
         return image[:, y:y + height, x:x + width], mask[:, y:y + height, x:x + width]
@@ -324,7 +345,8 @@ class _Run:
         self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
                                     settings.present_fraction, settings.seed, settings.rotation_degrees,
                                     settings.scaling, settings.near_negative_fraction,
-                                    near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])))
+                                    near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])),
+                                    position_spacing=self.config.spacing[0] if self.config.lateral_position else 0.0)
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()

@@ -14,7 +14,7 @@ from TextDiffSegLib.errors import InputImageError, ModelError, PromptError
 from TextDiffSegLib.families.universal import UniversalConfig, UniversalModel
 from TextDiffSegLib.metrics import dice
 from TextDiffSegLib.modelio import load_model, read_config, save_model
-from TextDiffSegLib.preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
+from TextDiffSegLib.preprocessing import from_model_grid, lateral_position, model_grid, normalize_intensity, to_model_grid
 from TextDiffSegLib.sampler import make_scheduler, sample, windowed
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.volume import Volume, read_volume
@@ -307,6 +307,31 @@ def test_slice_smoothing_smooths_each_proposal_along_z_only():
     expected = ndimage.gaussian_filter1d(sampled, 1.0, axis=0, mode="nearest")
     np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-6)
     assert np.abs(smoothed - sampled).max() > 2e-5
+
+
+def test_lateral_position_is_zero_at_the_middle_of_the_body_and_positive_towards_the_patients_left():
+    slices = np.zeros((2, 4, 10), dtype=np.float32)
+    slices[0, :, 2:5] = 0.5  # body in columns 2-4: its middle is column 3
+    position = lateral_position(slices, spacing_x=2.5)
+    np.testing.assert_allclose(position[0, 1], (np.arange(10) - 3) * 0.025)
+    np.testing.assert_allclose(position[1, 1], (np.arange(10) - 4.5) * 0.025)  # no body: the slice's centre
+    padded = lateral_position(np.pad(slices, ((0, 0), (0, 0), (7, 0))), spacing_x=2.5)
+    np.testing.assert_allclose(padded[0, :, 7:], position[0])  # padding with air moves the map with the body
+
+
+def test_the_image_encoder_is_given_the_lateral_position_of_each_slice():
+    rng = np.random.default_rng(2)
+    scan = Volume(rng.integers(-1000, 300, (3, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    torch.manual_seed(0)
+    segmenter = Segmenter(UniversalModel(tiny_config(lateral_position=True)).eval(), "tiny", torch.device("cpu"))
+    inputs = []
+    segmenter.model.image_encoder.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    segmenter.propose(scan, "liver", num_proposals=1)
+    (slices,) = inputs
+    assert slices.shape == (3, 4, 32, 32)
+    expected = lateral_position(normalize_intensity(scan.array, "CT"), 6.0)
+    np.testing.assert_allclose(slices[:, 3].numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(slices[:, 1].numpy(), normalize_intensity(scan.array, "CT"), atol=1e-6)
 
 
 def test_structure_the_model_does_not_know_is_refused(tiny_segmenter):

@@ -317,6 +317,31 @@ def test_slices_smaller_than_the_crop_land_anywhere_in_it():
     assert len(corners) > 16
 
 
+def test_the_lateral_position_channel_is_the_position_of_the_anatomy_under_it():
+    """A 20 x 30 slice whose body is its columns 10-29, padded anywhere in 64 x 64 crops: the extra channel
+    is 0 at the body's middle column wherever it lands, grows by 2.5 mm per column, and is not jittered."""
+    image = np.zeros((3, 20, 30), dtype=np.uint8)
+    image[:, :, 10:] = 200
+    case = PreparedCase("body", image, np.ones(image.shape, dtype=np.uint8), ("liver",))
+    sampler = SliceSampler([case], ("liver",), (64, 64), context=1, present_fraction=1.0, seed=0, position_spacing=2.5)
+    images, masks, _ = sampler.batch(16)
+    assert images.shape[1] == 4
+    for sample, mask in zip(images, masks):
+        position = sample[3].numpy()
+        np.testing.assert_allclose(np.diff(position, axis=1), 0.025, atol=1e-6)
+        np.testing.assert_allclose(np.diff(position, axis=0), 0, atol=1e-6)
+        body_columns = np.flatnonzero(sample[1].numpy().max(axis=0) > 0.5)
+        middle = body_columns.mean()
+        np.testing.assert_allclose(np.interp(middle, np.arange(64), position[0]), 0, atol=1e-6)
+        assert np.array_equal(np.flatnonzero(mask[0].numpy().max(axis=0)), np.arange(body_columns[0] - 10, body_columns[-1] + 1))
+
+    turned = SliceSampler([case], ("liver",), (64, 64), context=1, present_fraction=1.0, seed=0, position_spacing=2.5,
+                          rotation_degrees=30, scaling=0.2).batch(16)[0]
+    position = turned[:, 3]
+    assert position.min() < -0.5 and position.max() > 0.5  # continued past the slice, not set to 0 (air) there
+    assert (turned[:, :3] >= 0).all() and (turned[:, :3] <= 1).all()
+
+
 def test_negative_samples_come_from_slices_without_the_structure_most_from_just_past_its_ends():
     """The liver on slices 15-19; the slices within 4 of its ends are bright, all others dark."""
     label = np.zeros((40, 16, 16), dtype=np.uint8)

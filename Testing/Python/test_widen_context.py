@@ -18,14 +18,14 @@ def _model_folder(path, **config):
     return folder
 
 
-def _widen(output, model, context_slices):
-    return subprocess.run([sys.executable, str(REPO / "scripts/widen_context.py"), str(output), str(model),
-                           "--context-slices", str(context_slices)], capture_output=True, text=True)
+def _widen(output, model, *options):
+    return subprocess.run([sys.executable, str(REPO / "scripts/widen_context.py"), str(output), str(model), *options],
+                          capture_output=True, text=True)
 
 
 def test_the_widened_encoder_computes_what_the_original_did(tmp_path):
     original = _model_folder(tmp_path / "a", context_slices=1)
-    done = _widen(tmp_path / "wide", original, 2)
+    done = _widen(tmp_path / "wide", original, "--context-slices", "2")
     assert done.returncode == 0, done.stderr
     narrow, wide = load_model(original), load_model(tmp_path / "wide")
     assert wide.config.context_slices == 2
@@ -41,6 +41,28 @@ def test_the_widened_encoder_computes_what_the_original_did(tmp_path):
 
 def test_fewer_slices_are_refused(tmp_path):
     original = _model_folder(tmp_path / "a", context_slices=2)
-    done = _widen(tmp_path / "narrow", original, 1)
+    done = _widen(tmp_path / "narrow", original, "--context-slices", "1")
     assert done.returncode != 0 and "cannot remove" in done.stderr
     assert not (tmp_path / "narrow").exists()
+
+
+def test_the_lateral_position_channel_starts_without_effect(tmp_path):
+    original = _model_folder(tmp_path / "a", context_slices=1)
+    done = _widen(tmp_path / "placed", original, "--lateral-position")
+    assert done.returncode == 0, done.stderr
+    plain, placed = load_model(original), load_model(tmp_path / "placed")
+    assert placed.config.lateral_position and placed.config.context_slices == 1
+    slices = torch.rand(2, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(placed.image_encoder(slices), plain.image_encoder(slices[:, :3]), rtol=1e-3, atol=1e-3)
+    assert "given the lateral position channel" in json.loads((tmp_path / "placed/training.json").read_text())["notes"]
+
+    # Widening it further keeps the position's weights; asking for nothing new is refused.
+    assert _widen(tmp_path / "wide", tmp_path / "placed", "--context-slices", "2").returncode == 0
+    wide = load_model(tmp_path / "wide")
+    assert wide.config.lateral_position and wide.config.context_slices == 2
+    with torch.no_grad():
+        widened_input = torch.cat([torch.rand(2, 1, 32, 32), slices[:, :3], torch.rand(2, 1, 32, 32), slices[:, 3:]], 1)
+        torch.testing.assert_close(wide.image_encoder(widened_input), placed.image_encoder(slices), rtol=1e-3, atol=1e-3)
+    again = _widen(tmp_path / "again", tmp_path / "placed", "--lateral-position")
+    assert again.returncode != 0 and "already has that input" in again.stderr

@@ -27,6 +27,10 @@ class UniversalConfig(ModelConfig):
     image_channels: tuple[int, int, int] = (16, 32, 64)
     image_feature_channels: int = 32
     context_slices: int = 1  # neighbouring slices on each side given to the image encoder
+    # Give the image encoder one more input channel: each voxel's left-right distance from the middle
+    # of the body (preprocessing.lateral_position), so that it can tell the patient's left from the
+    # right where tissue looks alike (an enlarged spleen reaching across like a liver).
+    lateral_position: bool = False
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     latent_scale: float = 1.0  # multiplies mask latents so that they have unit variance
     # Between sampling steps, replace the clean-latent estimate by the latent of the mask it decodes
@@ -76,7 +80,7 @@ class UniversalConfig(ModelConfig):
 
     @property
     def image_in_channels(self) -> int:
-        return 2 * self.context_slices + 1
+        return 2 * self.context_slices + 1 + int(self.lateral_position)
 
 
 def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
@@ -123,7 +127,8 @@ class _ResidualBlock(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Scan slices (with their neighbours as channels) to features on the latent grid."""
+    """Scan slices (with their neighbours, and the lateral position where the config asks for it, as channels) to
+    features on the latent grid."""
 
     def __init__(self, in_channels: int, channels: tuple[int, int, int], out_channels: int):
         super().__init__()
