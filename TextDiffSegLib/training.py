@@ -29,8 +29,8 @@ from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError
 from .families import FAMILIES
 from .modelio import load_model, save_model
-from .preprocessing import lateral_position
 from .model_card import TRAINING_RECORD, render_card
+from .preprocessing import lateral_position
 from .registry import resolve_model
 from .sampler import make_scheduler
 from .terminology import get_structure, resolve_prompt
@@ -182,7 +182,7 @@ class SliceSampler:
         grid = F.affine_grid(torch.from_numpy(theta).float(), list(images.shape), align_corners=False)
         slices = 2 * self.context + 1
         turned = F.grid_sample(images[:, :slices], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if images.shape[1] > slices:  # the lateral position: linear in x, so continued (at the border) rather than 0
+        if images.shape[1] > slices:  # the lateral position: held at its edge value outside, not 0
             position = F.grid_sample(images[:, slices:], grid, mode="bilinear", padding_mode="border", align_corners=False)
             turned = torch.cat([turned, position], dim=1)
         images = turned
