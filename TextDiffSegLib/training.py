@@ -145,6 +145,7 @@ class SliceSampler:
         self.cases, self.structures, self.crop = cases, structures, crop
         self.position_spacing = position_spacing
         self.context, self.present_fraction = context, present_fraction
+        self.slice_channels = 2 * context + 1  # the slice and its neighbours; the lateral position comes after them
         self.rotation_degrees, self.scaling = rotation_degrees, scaling
         self.near_negative_fraction = near_negative_fraction
         self.rng = np.random.default_rng(seed)
@@ -180,7 +181,7 @@ class SliceSampler:
         theta = np.stack([np.stack([cos, -sin * height / width, np.zeros(count)], 1),
                           np.stack([sin * width / height, cos, np.zeros(count)], 1)], 1)
         grid = F.affine_grid(torch.from_numpy(theta).float(), list(images.shape), align_corners=False)
-        slices = 2 * self.context + 1
+        slices = self.slice_channels
         turned = F.grid_sample(images[:, :slices], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if images.shape[1] > slices:  # the lateral position: held at its edge value outside, not 0
             position = F.grid_sample(images[:, slices:], grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -213,7 +214,7 @@ class SliceSampler:
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
         scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
-        slices = 2 * self.context + 1
+        slices = self.slice_channels
         image = np.concatenate([np.clip(image[:slices] * scale + shift, 0, 1), image[slices:]])
         return np.ascontiguousarray(image), np.ascontiguousarray(mask), label
 

@@ -41,13 +41,14 @@ def main() -> None:
         sys.exit(f"{args.model} already has that input; ask for more slices (--context-slices) or --lateral-position")
     weights = load_model(args.model).state_dict()
     kernel = weights[FIRST_CONV]
-    widened = kernel.new_zeros(kernel.shape[0], 2 * new + 1 + int(position), *kernel.shape[2:])
+    old_slices = 2 * old + 1
+    config.context_slices, config.lateral_position = new, position
+    widened = kernel.new_zeros(kernel.shape[0], config.image_in_channels, *kernel.shape[2:])
     pad = new - old
-    widened[:, pad:pad + 2 * old + 1] = kernel[:, :2 * old + 1]
+    widened[:, pad:pad + old_slices] = kernel[:, :old_slices]
     if had_position:
         widened[:, -1] = kernel[:, -1]
     weights[FIRST_CONV] = widened
-    config.context_slices, config.lateral_position = new, position
     write_folder(args.output, WEIGHTS_NAME, weights, config)
     added = []
     if new > old:
