@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="bf16: forward passes in bfloat16 (weights stay fp32); auto: bf16 where the hardware "
                             "computes it natively (default)")
+    train.add_argument("--workers", type=int, default=0,
+                       help="processes that draw training batches ahead of the training step (default 0: none; "
+                            "on a GPU, a few keep it busy)")
     train.add_argument("--cache-dir", default="", help="where resampled cases are cached (default: OUTPUT/cache)")
     train.add_argument("--init-from", default="", help="model folder or name to continue training from")
     train.add_argument("--lora-rank", type=int, default=0,
@@ -296,7 +299,7 @@ def _train(args) -> int:
         autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={**({"conditioning": args.conditioning} if args.conditioning else {}), **dict(args.model_option)},
         init_from=args.init_from or "", lora_rank=args.lora_rank,

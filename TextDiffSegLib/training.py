@@ -76,6 +76,7 @@ class TrainSettings:
     lora_rank: int = 0  # > 0: adapt init_from with LoRA of this rank (see adaptation) instead of training it all
     lora_alpha: float = 0.0  # LoRA scale numerator (0: the rank)
     ema_decay: float = 0.999  # the saved denoiser: a moving average of its weights with this decay (0: the last ones)
+    workers: int = 0  # processes drawing batches ahead of the training step (0: drawn in the training process)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -235,6 +236,25 @@ class SliceSampler:
         return image[:, y:y + height, x:x + width], mask[:, y:y + height, x:x + width]
 
 
+class WorkerBatches(torch.utils.data.IterableDataset):
+    """Endless batches of a ``SliceSampler`` for a ``DataLoader`` with worker processes.
+
+    Each worker draws from its own random stream, seeded by ``seed`` (the run's seed and position)
+    and the worker's number: forked with one copy of the sampler, they would otherwise all send
+    the same batches.
+    """
+
+    def __init__(self, sampler: SliceSampler, batch_size: int, seed: list[int]):
+        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            self.sampler.rng = np.random.default_rng([*self.seed, worker.id])
+        while True:
+            yield self.sampler.batch(self.batch_size)
+
+
 def _new_config(settings: TrainSettings, name: str, modality: str, structures: tuple[str, ...]):
     """The config of a model trained from scratch: its family's defaults, with ``settings.model_options``."""
     if settings.family not in FAMILIES:
@@ -304,6 +324,8 @@ class _Run:
         if not (0 <= settings.present_fraction <= 1 and 0 <= settings.near_negative_fraction <= 1):
             raise DataError(f"present_fraction and near_negative_fraction are shares between 0 and 1, not "
                             f"{settings.present_fraction} and {settings.near_negative_fraction}")
+        if settings.workers < 0:
+            raise DataError(f"workers is a number of processes, 0 or more, not {settings.workers}")
         if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0:
             raise DataError(f"augmentation needs 0 <= scaling < 1 and rotation_degrees >= 0, not scaling "
                             f"{settings.scaling} and rotation_degrees {settings.rotation_degrees}")
@@ -353,6 +375,18 @@ class _Run:
         self.optimizer = self._optimizer()
         self.average: dict[str, torch.Tensor] | None = None  # the moving average, once the diffusion stage runs
         self._resume()
+        self.worker_batches = None  # started at the first batch, after resuming has set the run's position
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next batch of images, masks and structure indices, drawn here or by the worker processes."""
+        if not self.settings.workers:
+            return self.sampler.batch(self.settings.batch_size)
+        if self.worker_batches is None:
+            batches = WorkerBatches(self.sampler, self.settings.batch_size, [self.settings.seed, self.step, len(self.stage)])
+            self.worker_batches = iter(torch.utils.data.DataLoader(
+                batches, batch_size=None, num_workers=self.settings.workers, prefetch_factor=4,
+                pin_memory=self.device.type == "cuda"))
+        return next(self.worker_batches)
 
     def _add_adapter(self, base: Path, structures: tuple[str, ...]) -> None:
         """LoRA into the model; the adapter segments ``structures``, those the new modality's data labels."""
@@ -470,7 +504,7 @@ class _Run:
         return tensor.to(self.device, memory_format=torch.channels_last)
 
     def autoencoder_step(self) -> float:
-        _, masks, _ = self.sampler.batch(self.settings.batch_size)
+        _, masks, _ = self.batch()
         masks = self._to_device(masks)
         autoencoder = self.model.mask_autoencoder
         with self.autocast():
@@ -483,12 +517,12 @@ class _Run:
 
     @torch.no_grad()
     def measure_latent_scale(self, batches: int = 20) -> float:
-        latents = [self.model.mask_autoencoder.encode(self.sampler.batch(self.settings.batch_size)[1].to(self.device))
+        latents = [self.model.mask_autoencoder.encode(self.batch()[1].to(self.device))
                    for _ in range(batches)]
         return float(1.0 / torch.cat(latents).std().clamp(min=1e-6))
 
     def diffusion_step(self, scheduler) -> float:
-        images, masks, labels = self.sampler.batch(self.settings.batch_size)
+        images, masks, labels = self.batch()
         images, masks, labels = self._to_device(images), self._to_device(masks), labels.to(self.device)
         model = self.model
         with torch.no_grad():

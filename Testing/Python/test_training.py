@@ -202,7 +202,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
             "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
-            "--crop", "64"]
+            "--crop", "64", "--workers", "1"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -216,8 +216,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     assert config.unet_channels == (32, 64, 96)  # the default widths
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
-                      recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64])
+                      recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -229,6 +229,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     for extra, words in ((["--structures", "liver,aorta"], ["has no labels for aorta"]),
                          (["--device", "tpu"], ["unknown device 'tpu'"]),
                          (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"]),
+                         (["--workers", "-2"], ["workers is a number of processes"]),
                          (["--crop", "100"], ["positive multiples of 16", "(100, 100)"]),
                          (["--model-option", "unet_width=3"], ["no option unet_width", "unet_channels"]),
                          (["--model-option", "structures=liver"], ["cannot be set as model options"]),
@@ -430,3 +431,30 @@ def test_augmentation_ranges_are_checked_before_training(chaos_dataset, cache_di
     with pytest.raises(DataError, match="augmentation needs 0 <= scaling < 1"):
         train(settings(chaos_dataset, cache_dir, tmp_path, **augmentation))
     assert not (tmp_path / LOG_NAME).exists()
+
+
+def test_worker_processes_draw_different_batches_reproducibly():
+    """Two worker processes, forked with one sampler, each draw their own batches; the same seed draws them again."""
+    label = np.zeros((40, 32, 32), dtype=np.uint8)
+    label[5:35, 8:24, 8:24] = 1
+    image = np.random.default_rng(0).integers(0, 256, label.shape, dtype=np.uint8)
+    case = PreparedCase("noise", image, label, ("liver",))
+
+    def first_batches(seed):
+        sampler = SliceSampler([case], ("liver",), (32, 32), context=1, present_fraction=0.5, seed=0)
+        loader = torch.utils.data.DataLoader(training.WorkerBatches(sampler, 4, seed), batch_size=None, num_workers=2)
+        batches = iter(loader)
+        return [next(batches)[0] for _ in range(4)]  # the loader takes them from each worker in turn
+
+    drawn = first_batches([0, 0, 1])
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[2], drawn[3])
+    assert all(torch.equal(a, b) for a, b in zip(drawn, first_batches([0, 0, 1])))
+    assert not torch.equal(drawn[0], first_batches([0, 7, 1])[0])  # a resumed run draws new ones
+
+
+def test_training_with_worker_processes(chaos_dataset, cache_dir, tmp_path):
+    output = tmp_path / "b"
+    folder = train(settings(chaos_dataset, cache_dir, output, autoencoder_steps=4, diffusion_steps=3, workers=2))
+    assert steps(read_log(output), "diffusion") == [1, 2, 3]
+    assert (folder / "model.safetensors").is_file()
+    assert json.loads((folder / "training.json").read_text())["settings"]["workers"] == 2

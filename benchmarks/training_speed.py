@@ -1,0 +1,65 @@
+"""Benchmark: how fast `textdiffseg train` continues the bundled model on BTCV, per batch size and number of
+worker processes drawing the batches (`--workers`); prints and writes ms per step and samples per second.
+
+    python benchmarks/training_speed.py [--device cpu|cuda] [--settings 16x0,16x1] [--steps 60]
+        [--output benchmarks/results/training_speed-cpu.json]
+
+Each setting (BATCHxWORKERS) is a short run of the bundled model's recipe (160 x 160 crops) into a
+temporary folder; the figure is the median of its steps after the first third (start-up left out).
+"""
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from TextDiffSegLib.training import TrainSettings, train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "btcv" / "dataset.json"
+
+
+def setting(text: str) -> tuple[int, int]:
+    batch_size, workers = text.split("x")
+    return int(batch_size), int(workers)
+
+
+def measure(batch_size: int, workers: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as output:
+        train(TrainSettings(
+            data=str(DATA), output=output, init_from="universal-btcv", crop=(160, 160), diffusion_steps=args.steps,
+            lr=5e-5, present_fraction=0.6, near_negative_fraction=0.5, rotation_degrees=15.0, scaling=0.25,
+            checkpoint_every=args.steps, device=args.device, batch_size=batch_size, workers=workers,
+            cache_dir=args.cache_dir))
+        with open(Path(output) / "loss_log.csv") as handle:
+            seconds = [float(row["seconds"]) for row in csv.DictReader(handle)][args.steps // 3:]
+    step = statistics.median(seconds)
+    return {"batch_size": batch_size, "workers": workers, "ms_per_step": round(step * 1000, 1),
+            "samples_per_second": round(batch_size / step, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--settings", default="16x0,16x1", help="BATCHxWORKERS, comma-separated")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parents[1] / ".cache" / "btcv"))
+    parser.add_argument("--output")
+    args = parser.parse_args()
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    figures = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "results": []}
+    for batch_size, workers in map(setting, args.settings.split(",")):
+        figures["results"].append(measure(batch_size, workers, args))
+        print(figures["results"][-1], flush=True)
+    output = Path(args.output or Path(__file__).parent / "results" / f"training_speed-{args.device}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
