@@ -377,12 +377,16 @@ class _Run:
         self._resume()
         self.worker_batches = None  # started at the first batch, after resuming has set the run's position
 
+    def position_seed(self) -> list[int]:
+        """The seed of the batches drawn from the run's current position (so that a resumed run draws new ones)."""
+        return [self.settings.seed, self.step, len(self.stage)]
+
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next batch of images, masks and structure indices, drawn here or by the worker processes."""
         if not self.settings.workers:
             return self.sampler.batch(self.settings.batch_size)
         if self.worker_batches is None:
-            batches = WorkerBatches(self.sampler, self.settings.batch_size, [self.settings.seed, self.step, len(self.stage)])
+            batches = WorkerBatches(self.sampler, self.settings.batch_size, self.position_seed())
             self.worker_batches = iter(torch.utils.data.DataLoader(
                 batches, batch_size=None, num_workers=self.settings.workers, prefetch_factor=4,
                 pin_memory=self.device.type == "cuda"))
@@ -443,7 +447,7 @@ class _Run:
                     "Resume with the settings of that run, or choose a new output folder (or delete the checkpoint) "
                     "to start over."
                 ) from None
-            self.sampler.rng = np.random.default_rng([self.settings.seed, self.step, len(self.stage)])
+            self.sampler.rng = np.random.default_rng(self.position_seed())
         self._trim_log()
 
     def _trim_log(self) -> None:

@@ -4,8 +4,8 @@ worker processes drawing the batches (`--workers`); prints and writes ms per ste
     python benchmarks/training_speed.py [--device cpu|cuda] [--settings 16x0,16x1] [--steps 60]
         [--output benchmarks/results/training_speed-cpu.json]
 
-Each setting (BATCHxWORKERS) is a short run of the bundled model's recipe (160 x 160 crops) into a
-temporary folder; the figure is the median of its steps after the first third (start-up left out).
+Each setting (BATCHxWORKERS) is a short run of the bundled model's recipe (the settings in its
+training.json: 160 x 160 crops) into a temporary folder; the figure is the median of its steps after the first third (start-up left out).
 """
 
 import argparse
@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
+from TextDiffSegLib.model_card import TRAINING_RECORD
+from TextDiffSegLib.registry import resolve_model
 from TextDiffSegLib.training import TrainSettings, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "btcv" / "dataset.json"
+MODEL = "universal-btcv"
 
 
 def setting(text: str) -> tuple[int, int]:
@@ -29,12 +32,12 @@ def setting(text: str) -> tuple[int, int]:
 
 
 def measure(batch_size: int, workers: int, args: argparse.Namespace) -> dict:
+    recipe = json.loads((resolve_model(MODEL) / TRAINING_RECORD).read_text())["settings"]
     with tempfile.TemporaryDirectory() as output:
-        train(TrainSettings(
-            data=str(DATA), output=output, init_from="universal-btcv", crop=(160, 160), diffusion_steps=args.steps,
-            lr=5e-5, present_fraction=0.6, near_negative_fraction=0.5, rotation_degrees=15.0, scaling=0.25,
-            checkpoint_every=args.steps, device=args.device, batch_size=batch_size, workers=workers,
-            cache_dir=args.cache_dir))
+        train(TrainSettings(**{
+            **recipe, "data": str(DATA), "output": output, "init_from": MODEL, "diffusion_steps": args.steps,
+            "checkpoint_every": args.steps, "device": args.device, "batch_size": batch_size, "workers": workers,
+            "cache_dir": args.cache_dir}))
         with open(Path(output) / "loss_log.csv") as handle:
             seconds = [float(row["seconds"]) for row in csv.DictReader(handle)][args.steps // 3:]
     step = statistics.median(seconds)

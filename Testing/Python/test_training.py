@@ -453,8 +453,7 @@ def test_worker_processes_draw_different_batches_reproducibly():
 
 
 def test_training_with_worker_processes(chaos_dataset, cache_dir, tmp_path):
-    output = tmp_path / "b"
-    folder = train(settings(chaos_dataset, cache_dir, output, autoencoder_steps=4, diffusion_steps=3, workers=2))
-    assert steps(read_log(output), "diffusion") == [1, 2, 3]
+    folder = train(settings(chaos_dataset, cache_dir, tmp_path, autoencoder_steps=4, diffusion_steps=3, workers=2))
+    assert steps(read_log(tmp_path), "diffusion") == [1, 2, 3]
     assert (folder / "model.safetensors").is_file()
     assert json.loads((folder / "training.json").read_text())["settings"]["workers"] == 2
