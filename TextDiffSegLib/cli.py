@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="augmentation: in-plane rotations drawn from ±this many degrees (0: none)")
     train.add_argument("--scaling", type=float, default=0.15,
                        help="augmentation: in-plane zoom drawn from 1 ± this (0: none)")
+    train.add_argument("--gamma", type=float, default=1.0,
+                       help="augmentation: intensity gamma drawn log-uniformly from 1/this to this, e.g. 1.5 "
+                            "(default 1: none)")
     train.add_argument("--present-fraction", type=float, default=0.75,
                        help="share of training samples from slices that contain the structure")
     train.add_argument("--near-negatives", type=float, default=0.5,
@@ -298,6 +301,7 @@ def _train(args) -> int:
         split_seed=args.split_seed, batch_size=args.batch_size, crop=(args.crop, args.crop),
         autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
+        gamma=args.gamma,
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,

@@ -65,6 +65,7 @@ class TrainSettings:
     near_negative_fraction: float = 0.5  # of the other samples, the share from slices within 40 mm past its ends
     rotation_degrees: float = 10.0  # in-plane rotations drawn from ±this (0: none)
     scaling: float = 0.15  # in-plane zoom drawn from 1 ± this (0: none)
+    gamma: float = 1.0  # intensity gamma drawn log-uniformly from 1/this to this (1: none)
     checkpoint_every: int = 200
     seed: int = 0
     device: str = "cpu"
@@ -132,7 +133,9 @@ class SliceSampler:
 
     Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
     relative to its header, so the model must not rely on it. Left-right is never flipped. Small
-    in-plane rotations and zooms stand in for the variety of patients a few cases lack.
+    in-plane rotations and zooms stand in for the variety of patients a few cases lack; with
+    ``gamma`` above 1, a random gamma curve on the intensities (as nnU-Net's augmentation) for the
+    variety of scanners and contrast phases: each tissue's brightness moves, its order is kept.
 
     With ``position_spacing`` (the model grid's x spacing in mm), each sample gets one more channel
     after its slices: the lateral position (``preprocessing.lateral_position``) of the slice as padded,
@@ -142,12 +145,12 @@ class SliceSampler:
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
                  context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
                  scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8,
-                 position_spacing: float = 0.0):
+                 position_spacing: float = 0.0, gamma: float = 1.0):
         self.cases, self.structures, self.crop = cases, structures, crop
         self.position_spacing = position_spacing
         self.context, self.present_fraction = context, present_fraction
         self.slice_channels = 2 * context + 1  # the slice and its neighbours; the lateral position comes after them
-        self.rotation_degrees, self.scaling = rotation_degrees, scaling
+        self.rotation_degrees, self.scaling, self.gamma = rotation_degrees, scaling, gamma
         self.near_negative_fraction = near_negative_fraction
         self.rng = np.random.default_rng(seed)
         self.slices_with, self.slices_without, self.slices_near = {}, {}, {}
@@ -214,9 +217,12 @@ class SliceSampler:
         image, mask = self._crop(image, mask)
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
-        scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
         slices = self.slice_channels
-        image = np.concatenate([np.clip(image[:slices] * scale + shift, 0, 1), image[slices:]])
+        intensities = image[:slices]
+        if self.gamma != 1:
+            intensities = intensities ** np.float32(np.exp(rng.uniform(-np.log(self.gamma), np.log(self.gamma))))
+        scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
+        image = np.concatenate([np.clip(intensities * scale + shift, 0, 1), image[slices:]])
         return np.ascontiguousarray(image), np.ascontiguousarray(mask), label
 
     def _pad(self, image: np.ndarray, mask: np.ndarray):
@@ -326,9 +332,10 @@ class _Run:
                             f"{settings.present_fraction} and {settings.near_negative_fraction}")
         if settings.workers < 0:
             raise DataError(f"workers is a number of processes, 0 or more, not {settings.workers}")
-        if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0:
-            raise DataError(f"augmentation needs 0 <= scaling < 1 and rotation_degrees >= 0, not scaling "
-                            f"{settings.scaling} and rotation_degrees {settings.rotation_degrees}")
+        if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0 or settings.gamma < 1:
+            raise DataError(f"augmentation needs 0 <= scaling < 1, rotation_degrees >= 0 and gamma >= 1, not "
+                            f"scaling {settings.scaling}, rotation_degrees {settings.rotation_degrees} and "
+                            f"gamma {settings.gamma}")
         dataset = read_dataset(settings.data)
         # Names or synonyms ("left kidney"); a misspelt one gets the nearest known names.
         structures = (tuple(dict.fromkeys(resolve_prompt(s).name for s in settings.structures))
@@ -369,7 +376,8 @@ class _Run:
                                     settings.present_fraction, settings.seed, settings.rotation_degrees,
                                     settings.scaling, settings.near_negative_fraction,
                                     near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])),
-                                    position_spacing=self.config.spacing[0] if self.config.lateral_position else 0.0)
+                                    position_spacing=self.config.spacing[0] if self.config.lateral_position else 0.0,
+                                    gamma=settings.gamma)
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()

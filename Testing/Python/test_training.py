@@ -202,7 +202,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
             "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
-            "--crop", "64", "--workers", "1"]
+            "--gamma", "1.5", "--crop", "64", "--workers", "1"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -216,8 +216,9 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     assert config.unet_channels == (32, 64, 96)  # the default widths
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
-                      recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1)
+                      recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"],
+                      recorded["gamma"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -305,6 +306,26 @@ def test_rotation_and_zoom_move_image_and_mask_together():
     areas, misaligned = mask_areas_and_misalignment(rotation_degrees=30, scaling=0.2)
     assert misaligned < 0.01  # only voxels on the square's edge may disagree
     assert areas.min() < 540 and areas.max() > 660  # zoomed in and out
+
+
+def test_gamma_moves_each_tissues_brightness_and_keeps_their_order():
+    """Two tissues at 0.3 and 0.6: with gamma 2 their values spread beyond the brightness jitter's
+    (0.9-1.1 times, then ±0.05) and stay within the gamma curve's reach; the darker stays darker."""
+    image = np.zeros((3, 32, 32), dtype=np.uint8)
+    image[:, :, :16], image[:, :, 16:] = round(0.3 * 255), round(0.6 * 255)
+    case = PreparedCase("two tissues", image, np.ones(image.shape, dtype=np.uint8), ("liver",))
+
+    def tissue_values(gamma):
+        images = SliceSampler([case], ("liver",), (32, 32), context=1, present_fraction=1.0, seed=0, gamma=gamma).batch(64)[0]
+        assert images.dtype == torch.float32
+        return images[:, 1, 0, 0], images[:, 1, 0, -1]  # the crop is the whole slice: its corners are the two tissues
+
+    dark, bright = tissue_values(1.0)
+    assert dark.min() >= 0.3 * 0.9 - 0.05 - 1e-3 and dark.max() <= 0.3 * 1.1 + 0.05 + 1e-3
+    dark, bright = tissue_values(2.0)
+    assert dark.min() < 0.3 * 0.9 - 0.05 and dark.max() > 0.3 * 1.1 + 0.05
+    assert dark.min() >= 0.3 ** 2 * 0.9 - 0.05 - 1e-3 and dark.max() <= 0.3 ** 0.5 * 1.1 + 0.05 + 1e-3
+    assert (dark < bright).all()
 
 
 def test_slices_smaller_than_the_crop_land_anywhere_in_it():
@@ -426,9 +447,9 @@ def test_the_moving_average_decay_is_checked_before_training(chaos_dataset, cach
     assert not (tmp_path / LOG_NAME).exists()
 
 
-@pytest.mark.parametrize("augmentation", [{"scaling": 1.0}, {"scaling": -0.1}, {"rotation_degrees": -5}])
+@pytest.mark.parametrize("augmentation", [{"scaling": 1.0}, {"scaling": -0.1}, {"rotation_degrees": -5}, {"gamma": 0.8}])
 def test_augmentation_ranges_are_checked_before_training(chaos_dataset, cache_dir, tmp_path, augmentation):
-    with pytest.raises(DataError, match="augmentation needs 0 <= scaling < 1"):
+    with pytest.raises(DataError, match="augmentation needs 0 <= scaling < 1, rotation_degrees >= 0 and gamma >= 1"):
         train(settings(chaos_dataset, cache_dir, tmp_path, **augmentation))
     assert not (tmp_path / LOG_NAME).exists()
 
