@@ -85,7 +85,17 @@ def _scores(report: dict) -> list[str]:
         cells = [format_score(scores[m], 3) for m in ("dice", "single_dice", "oracle_dice", "randtop3_dice")]
         cells += [format_score(scores["hd95_mm"], 1), format_score(scores["nsd"], 3)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Reproduce: `{report['command']}`", ""]
+    lines += ["", *_per_case(report), "", f"Reproduce: `{report['command']}`", ""]
+    return lines
+
+
+def _per_case(report: dict) -> list[str]:
+    """The fused Dice of each case and structure: where a mean is held down by one scan, it shows."""
+    structures = list(report["structures"])
+    dice = {(row["case"], row["structure"]): row["dice"] for row in report["rows"]}
+    lines = ["Fused Dice per case:", "", "| case | " + " | ".join(structures) + " |", "|---|" + "---|" * len(structures)]
+    for case in report["cases"]:
+        lines.append(f"| {case} | " + " | ".join(format_score(dice.get((case, s)), 3) for s in structures) + " |")
     return lines
 
 

@@ -34,6 +34,16 @@ def test_the_bundled_card_is_rendered_from_its_training_record_and_report(bundle
     assert (folder / "README.md").read_text() == render_card(read_config(folder), training, evaluation)
 
 
+def test_the_bundled_card_states_each_validation_cases_dice(bundled):
+    folder, _, evaluation = bundled
+    rows = {line.split(" | ")[0].strip("| "): line for line in (folder / "README.md").read_text().splitlines()
+            if line.startswith("| ")}
+    structures = list(evaluation["structures"])
+    for row in evaluation["rows"]:
+        cells = rows[row["case"]].strip("| ").split(" | ")
+        assert cells[1 + structures.index(row["structure"])] == f"{row['dice']:.3f}"
+
+
 @pytest.mark.realdata
 def test_the_model_card_score_of_a_validation_case_reproduces(bundled, shared_data):
     """Segmenting the first validation case as the evaluation did (all its structures in one call)
