@@ -3,17 +3,19 @@
     python scripts/structure_statistics.py DATASET.json spleen liver [--model universal-btcv]
 
 A model trained on a few cases knows the organs' sizes and brightness only as those cases show them;
-a validation case far outside that range (an enlarged spleen, a spleen darker than the liver) tells
-an error of the model from one of the data. With ``--model``, each case is marked as the model's
-training or validation case (from its ``training.json``), and the training cases' range is printed.
+a validation case far outside that range (an enlarged spleen, a spleen darker than the liver) is one
+whose like the model has never seen. With ``--model``, each case is marked as the model's training or
+validation case (from its ``training.json``), and the training cases' range is printed.
 """
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 from TextDiffSegLib.datasets import read_dataset
+from TextDiffSegLib.errors import TextDiffSegError
 from TextDiffSegLib.model_card import TRAINING_RECORD
 from TextDiffSegLib.registry import resolve_model
 from TextDiffSegLib.terminology import resolve_prompt
@@ -30,6 +32,9 @@ def main() -> None:
     dataset = read_dataset(args.data)
     values = {name: value for value, name in dataset.labels.items()}
     structures = [resolve_prompt(s).name for s in args.structures]
+    unlabelled = [s for s in structures if s not in values]
+    if unlabelled:
+        sys.exit(f"{args.data} has no labels for {', '.join(unlabelled)}; it labels {', '.join(values)}")
     split = {}
     if args.model:
         record = json.loads((resolve_model(args.model) / TRAINING_RECORD).read_text())["split"]
@@ -54,4 +59,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TextDiffSegError as error:  # an unreadable dataset, an unknown structure or model
+        sys.exit(str(error))

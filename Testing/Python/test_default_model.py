@@ -36,12 +36,12 @@ def test_the_bundled_card_is_rendered_from_its_training_record_and_report(bundle
 
 def test_the_bundled_card_states_each_validation_cases_dice(bundled):
     folder, _, evaluation = bundled
-    rows = {line.split(" | ")[0].strip("| "): line for line in (folder / "README.md").read_text().splitlines()
-            if line.startswith("| ")}
+    table = [[cell.strip() for cell in line.split("|")[1:-1]]
+             for line in (folder / "README.md").read_text().splitlines() if line.startswith("| ")]
+    rows = {cells[0]: cells[1:] for cells in table}
     structures = list(evaluation["structures"])
     for row in evaluation["rows"]:
-        cells = rows[row["case"]].strip("| ").split(" | ")
-        assert cells[1 + structures.index(row["structure"])] == f"{row['dice']:.3f}"
+        assert rows[row["case"]][structures.index(row["structure"])] == f"{row['dice']:.3f}"
 
 
 @pytest.mark.realdata

@@ -32,3 +32,15 @@ def test_each_case_row_holds_its_spleen_volume_and_the_models_split(shared_data)
     assert float(rows[case][1]) == pytest.approx(spleen.sum() * np.prod(label.spacing) / 1000, abs=0.5)
     volumes = [float(rows[c][1]) for c in split["training"]]
     assert rows["training range"][1] == f"{min(volumes):.0f} to {max(volumes):.0f}"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["pancreas"], "has no labels for pancreas; it labels liver, kidney_right, kidney_left, spleen"),
+    (["gallblader"], "gallbladder"),  # a misspelt structure: the nearest known names
+    (["spleen", "--model", "no-such-model"], "no-such-model"),
+])
+def test_bad_arguments_get_a_one_line_error(shared_data, arguments, message):
+    done = subprocess.run([sys.executable, str(REPO / "scripts/structure_statistics.py"),
+                           str(shared_data / "chaos_t2" / "dataset.json"), *arguments], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr
