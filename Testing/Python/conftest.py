@@ -17,6 +17,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def markdown_rows(text: str) -> dict[str, list[str]]:
+    """The body rows of the Markdown tables in ``text`` (not their headers), by their first cell: the other cells, stripped."""
+    lines = text.splitlines()
+    body = [line for line, following in zip(lines, [*lines[1:], ""])
+            if line.startswith("| ") and not following.startswith("|---")]
+    table = [[cell.strip() for cell in line.split("|")[1:-1]] for line in body]
+    return {cells[0]: cells[1:] for cells in table}
+
+
 TINY_STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right")
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import markdown_rows
 
 from TextDiffSegLib.datasets import read_dataset
 from TextDiffSegLib.metrics import dice
@@ -36,9 +37,7 @@ def test_the_bundled_card_is_rendered_from_its_training_record_and_report(bundle
 
 def test_the_bundled_card_states_each_validation_cases_dice(bundled):
     folder, _, evaluation = bundled
-    table = [[cell.strip() for cell in line.split("|")[1:-1]]
-             for line in (folder / "README.md").read_text().splitlines() if line.startswith("| ")]
-    rows = {cells[0]: cells[1:] for cells in table}
+    rows = markdown_rows((folder / "README.md").read_text())
     structures = list(evaluation["structures"])
     for row in evaluation["rows"]:
         assert rows[row["case"]][structures.index(row["structure"])] == f"{row['dice']:.3f}"

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, markdown_rows
 
 from TextDiffSegLib.registry import resolve_model
 from TextDiffSegLib.volume import read_volume
@@ -19,8 +19,7 @@ def test_each_case_row_holds_its_spleen_volume_and_the_models_split(shared_data)
     done = subprocess.run([sys.executable, str(REPO / "scripts/structure_statistics.py"), str(dataset), "spleen",
                            "--model", "universal-chaos-t2-lora"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    table = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()[2:]]
-    rows = {cells[0]: cells[1:] for cells in table}
+    rows = markdown_rows(done.stdout)
     split = json.loads((resolve_model("universal-chaos-t2-lora") / "training.json").read_text())["split"]
     cases = split["training"] + split["validation"]
     assert set(rows) == {*cases, "training range"}
