@@ -29,10 +29,22 @@ class Case:
 
 @dataclass(frozen=True)
 class Dataset:
+    path: Path  # its dataset.json
     name: str
     modality: str
     labels: dict[int, str]  # label value -> canonical structure name
     cases: tuple[Case, ...]
+
+    def label_values(self) -> dict[str, int]:
+        """Structure name -> label value."""
+        return {name: value for value, name in self.labels.items()}
+
+    def require_labels(self, structures, why: str = "") -> None:
+        """A ``DataError`` naming the ``structures`` this dataset does not label (``why`` says who needs them)."""
+        unlabelled = [s for s in structures if s not in self.labels.values()]
+        if unlabelled:
+            raise DataError(f"{self.path} has no labels for {', '.join(unlabelled)}{why}; "
+                            f"it labels {', '.join(self.labels.values())}")
 
     def select(self, case_ids: list[str] | None) -> tuple[Case, ...]:
         """The cases named in ``case_ids`` (all of them when ``None``)."""
@@ -70,7 +82,7 @@ def read_dataset(path: str | os.PathLike, split: str = "training") -> Dataset:
         cases.append(Case(id=image.name.split(".")[0], image=image, label=label))
     modality = description.get("modality", "CT")
     modality = modality.get("0", "CT") if isinstance(modality, dict) else modality
-    return Dataset(name=description.get("name", path.parent.name), modality=str(modality).upper(),
+    return Dataset(path=path, name=description.get("name", path.parent.name), modality=str(modality).upper(),
                    labels=labels, cases=tuple(cases))
 
 

@@ -39,7 +39,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     if missing:
         raise DataError(f"cannot evaluate {', '.join(missing)}: the dataset does not label it or the model "
                         f"does not know it; both have {', '.join(sorted(available))}")
-    label_values = {name: value for value, name in dataset.labels.items()}
+    label_values = dataset.label_values()
     rng = np.random.default_rng(seed)
     rows, seconds = [], []
     for index, case in enumerate(cases):

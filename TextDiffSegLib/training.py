@@ -340,9 +340,7 @@ class _Run:
         # Names or synonyms ("left kidney"); a misspelt one gets the nearest known names.
         structures = (tuple(dict.fromkeys(resolve_prompt(s).name for s in settings.structures))
                       or tuple(dataset.labels[v] for v in sorted(dataset.labels)))
-        unknown = [s for s in structures if s not in dataset.labels.values()]
-        if unknown:
-            raise DataError(f"{settings.data} has no labels for {', '.join(unknown)}")
+        dataset.require_labels(structures)
         self.training_cases, self.validation_cases = split_cases(dataset.cases, settings.validation_fraction, settings.split_seed)
         self.stage, self.step = "autoencoder", 0
         if settings.lora_rank and not settings.init_from:
@@ -357,10 +355,7 @@ class _Run:
                 self._add_adapter(base, structures)
             _check_options_kept(self.config, settings.model_options, settings.init_from)
             structures = self.config.structures
-            unlabelled = [s for s in structures if s not in dataset.labels.values()]
-            if unlabelled:
-                raise DataError(f"{settings.data} has no labels for {', '.join(unlabelled)}, which "
-                                f"{settings.init_from} segments; training from it needs all of them")
+            dataset.require_labels(structures, f", which {settings.init_from} segments; training from it needs all of them")
             self.stage = "diffusion"
         else:
             self.config = _new_config(settings, settings.name or self.output.name, dataset.modality, structures)

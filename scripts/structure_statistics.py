@@ -30,11 +30,9 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset = read_dataset(args.data)
-    values = {name: value for value, name in dataset.labels.items()}
+    values = dataset.label_values()
     structures = [resolve_prompt(s).name for s in args.structures]
-    unlabelled = [s for s in structures if s not in values]
-    if unlabelled:
-        sys.exit(f"{args.data} has no labels for {', '.join(unlabelled)}; it labels {', '.join(values)}")
+    dataset.require_labels(structures)
     split = {}
     if args.model:
         record = json.loads((resolve_model(args.model) / TRAINING_RECORD).read_text())["split"]
