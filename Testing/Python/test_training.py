@@ -18,7 +18,8 @@ from conftest import tiny_config
 from TextDiffSegLib import cli, training
 from TextDiffSegLib.datasets import PreparedCase
 from TextDiffSegLib.errors import DataError, ModelError, PromptError
-from TextDiffSegLib.modelio import read_config
+from TextDiffSegLib.families.universal import UniversalModel
+from TextDiffSegLib.modelio import read_config, save_model
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, SliceSampler, TrainSettings, train
 from TextDiffSegLib.volume import read_volume
@@ -285,6 +286,14 @@ def test_a_ct_model_continued_on_mr_scans_becomes_an_mr_model(chaos_dataset, cac
     assert read_config(tiny_model_dir).modality == "CT"
     adapted = train(settings(chaos_dataset, cache_dir, tmp_path / "mr", diffusion_steps=1, init_from=str(tiny_model_dir)))
     assert read_config(adapted).modality == "MR"
+
+
+def test_continuing_a_model_needs_labels_for_all_it_segments(chaos_dataset, cache_dir, tmp_path):
+    with_aorta = save_model(UniversalModel(tiny_config(structures=("liver", "aorta"))), tmp_path / "aorta", card="# a\n")
+    with pytest.raises(DataError, match="no labels for aorta, which .*aorta segments; training from it needs all"
+                                        " of them; it labels liver, kidney_right, kidney_left, spleen"):
+        train(settings(chaos_dataset, cache_dir, tmp_path / "run", diffusion_steps=1, init_from=str(with_aorta)))
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_rotation_and_zoom_move_image_and_mask_together():
