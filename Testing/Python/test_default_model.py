@@ -60,3 +60,27 @@ def test_the_model_card_score_of_a_validation_case_reproduces(bundled, shared_da
     measured = dice(results[structures.index("liver")].fused, read_volume(case.label).array == liver)
     assert measured == pytest.approx(recorded["dice"], abs=0.02)
     assert measured > 0.2  # far above chance: the liver is found, on the right grid
+
+
+def test_the_readme_states_the_bundled_reports_and_benchmark():
+    """The README's score table, its CHAOS sentence and its speed are those of the reports beside the models
+    and of the benchmark's figures, so that re-bundling without updating the README fails here."""
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    rows = markdown_rows(readme)
+    btcv = json.loads((resolve_model("universal-btcv") / "evaluation.json").read_text())
+    for organ, key in (("liver", "liver"), ("spleen", "spleen"), ("left kidney", "kidney_left"),
+                       ("right kidney", "kidney_right"), ("stomach", "stomach"), ("pancreas", "pancreas")):
+        scores = btcv["structures"][key]
+        assert rows[organ] == [f"{scores['dice']:.3f}", f"{scores['single_dice']:.3f}",
+                               f"{scores['oracle_dice']:.3f}", f"{scores['hd95_mm']:.1f}"], organ
+    assert rows["mean of the six"][0] == f"{btcv['mean_dice']:.3f}"
+    chaos = json.loads((resolve_model("universal-chaos-t2-lora") / "evaluation.json").read_text())
+    flat = " ".join(readme.split())
+    organs = ("liver", "right kidney", "left kidney", "spleen")
+    stated = ", ".join(f"{organ} {chaos['structures'][key]['dice']:.3f} / {chaos['structures'][key]['hd95_mm']:.1f} mm"
+                       for organ, key in zip(organs, ("liver", "kidney_right", "kidney_left", "spleen")))
+    assert f"{stated}, mean {chaos['mean_dice']:.3f}" in flat
+    benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ.json").read_text())
+    assert f"takes **{benchmark['segment_seconds']:.1f} s**" in flat
+    assert f"peak memory {benchmark['peak_rss_mb'] / 1000:.1f} GB" in flat
