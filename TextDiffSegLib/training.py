@@ -66,7 +66,6 @@ class TrainSettings:
     rotation_degrees: float = 10.0  # in-plane rotations drawn from ±this (0: none)
     scaling: float = 0.15  # in-plane zoom drawn from 1 ± this (0: none)
     gamma: float = 1.0  # intensity gamma drawn log-uniformly from 1/this to this (1: none)
-    mirror_left_right: float = 0.0  # share of samples mirrored left-right with their lateral position (needs that input)
     checkpoint_every: int = 200
     seed: int = 0
     device: str = "cpu"
@@ -133,10 +132,7 @@ class SliceSampler:
     is there (the kidney and pancreas prompts on slices past their ends, the liver prompt on the heart).
 
     Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
-    relative to its header, so the model must not rely on it. Left-right is flipped only for a share
-    ``mirror_left_right`` of the samples, and only with the lateral position channel, which is mirrored
-    with the anatomy and so still says which side of the patient each voxel is on: in those mirrored
-    abdomens the image no longer tells the side, so the model must learn it from that channel. Small
+    relative to its header, so the model must not rely on it. Left-right is never flipped. Small
     in-plane rotations and zooms stand in for the variety of patients a few cases lack; with
     ``gamma`` above 1, a random gamma curve on the intensities (as nnU-Net's augmentation) for the
     variety of scanners and contrast phases: each tissue's brightness moves, its order is kept.
@@ -149,15 +145,12 @@ class SliceSampler:
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
                  context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
                  scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8,
-                 position_spacing: float = 0.0, gamma: float = 1.0, mirror_left_right: float = 0.0):
+                 position_spacing: float = 0.0, gamma: float = 1.0):
         self.cases, self.structures, self.crop = cases, structures, crop
         self.position_spacing = position_spacing
         self.context, self.present_fraction = context, present_fraction
         self.slice_channels = 2 * context + 1  # the slice and its neighbours; the lateral position comes after them
         self.rotation_degrees, self.scaling, self.gamma = rotation_degrees, scaling, gamma
-        if mirror_left_right and not position_spacing:
-            raise ValueError("mirroring left-right needs the lateral position channel (position_spacing)")
-        self.mirror_left_right = mirror_left_right
         self.near_negative_fraction = near_negative_fraction
         self.rng = np.random.default_rng(seed)
         self.slices_with, self.slices_without, self.slices_near = {}, {}, {}
@@ -224,8 +217,6 @@ class SliceSampler:
         image, mask = self._crop(image, mask)
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
-        if self.mirror_left_right and rng.random() < self.mirror_left_right:
-            image, mask = image[:, :, ::-1], mask[:, :, ::-1]
         slices = self.slice_channels
         intensities = image[:slices]
         if self.gamma != 1:
@@ -345,8 +336,6 @@ class _Run:
             raise DataError(f"augmentation needs 0 <= scaling < 1, rotation_degrees >= 0 and gamma >= 1, not "
                             f"scaling {settings.scaling}, rotation_degrees {settings.rotation_degrees} and "
                             f"gamma {settings.gamma}")
-        if not 0 <= settings.mirror_left_right <= 1:
-            raise DataError(f"mirror_left_right is a share of samples between 0 and 1, not {settings.mirror_left_right}")
         dataset = read_dataset(settings.data)
         # Names or synonyms ("left kidney"); a misspelt one gets the nearest known names.
         structures = (tuple(dict.fromkeys(resolve_prompt(s).name for s in settings.structures))
@@ -371,10 +360,6 @@ class _Run:
         else:
             self.config = _new_config(settings, settings.name or self.output.name, dataset.modality, structures)
             self.model = FAMILIES[settings.family][1](self.config).to(self.device)
-        if settings.mirror_left_right and not self.config.lateral_position:
-            raise DataError("mirroring left-right needs a model with the lateral position input, or it could not tell "
-                            "the patient's left from right: train from one with lateral_position, e.g. made by "
-                            "scripts/widen_context.py --lateral-position")
         multiple = self.config.size_multiple
         if any(side <= 0 or side % multiple for side in settings.crop):
             raise DataError(f"training crops need sides that are positive multiples of {multiple} (the model's "
@@ -387,7 +372,7 @@ class _Run:
                                     settings.scaling, settings.near_negative_fraction,
                                     near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])),
                                     position_spacing=self.config.spacing[0] if self.config.lateral_position else 0.0,
-                                    gamma=settings.gamma, mirror_left_right=settings.mirror_left_right)
+                                    gamma=settings.gamma)
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()

@@ -203,8 +203,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
             "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
-            "--gamma", "1.5", "--crop", "64", "--workers", "1", "--model-option", "lateral_position=true",
-            "--mirror-left-right", "0.25"]
+            "--gamma", "1.5", "--crop", "64", "--workers", "1"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -219,8 +218,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
                       recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"],
-                      recorded["gamma"], recorded["mirror_left_right"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5, 0.25)
+                      recorded["gamma"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -372,50 +371,6 @@ def test_the_lateral_position_channel_is_the_position_of_the_anatomy_under_it():
     position = turned[:, 3]
     assert position.min() < -0.5 and position.max() > 0.5  # continued past the slice, not set to 0 (air) there
     assert (turned[:, :3] >= 0).all() and (turned[:, :3] <= 1).all()
-
-
-def test_mirrored_samples_keep_the_side_in_the_lateral_position_channel():
-    """A body filling a 32 x 32 slice with the structure in its patient-left columns 24-29 (x runs towards the
-    patient's left): mirrored, the structure lands in columns 2-7 and the position channel, mirrored with it,
-    still says it is on the patient's left; about half the samples of a share of 0.5 are mirrored."""
-    image = np.full((3, 32, 32), 200, dtype=np.uint8)
-    label = np.zeros(image.shape, dtype=np.uint8)
-    label[:, 8:24, 24:30] = 1
-    case = PreparedCase("side", image, label, ("liver",))
-
-    def draw(share):
-        sampler = SliceSampler([case], ("liver",), (32, 32), context=1, present_fraction=1.0, seed=0,
-                               position_spacing=2.5, mirror_left_right=share)
-        return sampler.batch(64)
-
-    mirrored_count = 0
-    for share in (0.0, 0.5, 1.0):
-        images, masks, _ = draw(share)
-        for sample, mask in zip(images, masks):
-            columns = np.flatnonzero(mask[0].numpy().max(axis=0))
-            mirrored = columns[0] == 2
-            assert mirrored or columns[0] == 24
-            assert np.array_equal(columns, np.arange(2, 8) if mirrored else np.arange(24, 30))
-            position = sample[3].numpy()
-            assert (position[mask[0].numpy() > 0] > 0.2).all()  # the patient's left, mirrored or not
-            if share == 0.5:
-                mirrored_count += mirrored
-            else:
-                assert mirrored == (share == 1.0)
-    assert 20 < mirrored_count < 44
-    with pytest.raises(ValueError, match="lateral position"):
-        SliceSampler([case], ("liver",), (32, 32), context=1, present_fraction=1.0, seed=0, mirror_left_right=0.5)
-
-
-def test_mirroring_left_right_needs_a_model_with_the_lateral_position(chaos_dataset, cache_dir, tmp_path):
-    with pytest.raises(DataError, match="mirroring left-right needs a model with the lateral position input"):
-        train(settings(chaos_dataset, cache_dir, tmp_path / "a", mirror_left_right=0.5))
-    with pytest.raises(DataError, match="mirror_left_right is a share of samples between 0 and 1, not 1.5"):
-        train(settings(chaos_dataset, cache_dir, tmp_path / "b", mirror_left_right=1.5))
-    folder = train(settings(chaos_dataset, cache_dir, tmp_path / "c", autoencoder_steps=1, diffusion_steps=1,
-                            mirror_left_right=0.5, model_options=tiny_options(lateral_position=True)))
-    assert json.loads((folder / "training.json").read_text())["settings"]["mirror_left_right"] == 0.5
-    assert not (tmp_path / "a" / LOG_NAME).exists()
 
 
 def test_negative_samples_come_from_slices_without_the_structure_most_from_just_past_its_ends():
