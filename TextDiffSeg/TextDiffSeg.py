@@ -354,7 +354,10 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 continue
             self._setRunning(False)
             if event["type"] == "result":
-                self.ui.statusLabel.text = _("Done. Select a proposal to see it; accept one or fuse several.")
+                warnings = [_("Warning: {warning}.").format(warning=item.warning)
+                            for item in event["proposals"] if item.warning]
+                self.ui.statusLabel.text = "\n".join(
+                    [_("Done. Select a proposal to see it; accept one or fuse several."), *warnings])
                 self.showResults(event["proposals"], self._volumeNode)
             elif event["type"] == "error":
                 self.ui.statusLabel.text = _("Failed.")

@@ -210,12 +210,15 @@ def _segment(args) -> int:
                 Path(path).unlink(missing_ok=True)
         raise
     summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
-                "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum())} for r in results]
+                "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum()), "warning": r.warning}
+               for r in results]
     if args.progress == "json":
         print(json.dumps({"type": "result", **written, "structures": summary}), flush=True)
     else:
         for item in summary:
             print(f"{item['structure']}: {item['fused_voxels']} voxels, agreement {', '.join(map(str, item['scores']))}")
+            if item["warning"]:
+                print(f"warning: {item['warning']}", file=sys.stderr)
         print(f"wrote {output}")
     return 0
 

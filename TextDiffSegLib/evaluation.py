@@ -61,6 +61,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
                 "iou": iou(result.fused, reference),
                 "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
                 "nsd": normalized_surface_dice(result.fused, reference, image.spacing),
+                "size_warning": result.warning is not None,
             })
     if progress is not None:
         progress(len(cases), len(cases), "")
@@ -74,6 +75,8 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
         "device": f"{segmenter.device.type} ({platform.processor() or platform.machine()})",
         "seconds_per_case": float(np.mean(seconds)), "mean_dice": _mean([s["dice"] for s in summary.values()]),
         "structures": summary, "rows": rows,
+        # where the fused volume was far outside the model's training cases' (typical_size)
+        "size_warnings": [f"{row['case']} {row['structure']}" for row in rows if row["size_warning"]],
     }
 
 

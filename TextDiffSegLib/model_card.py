@@ -8,6 +8,7 @@ from pathlib import Path
 from .config import ModelConfig
 
 TRAINING_RECORD = "training.json"
+VOLUME_RANGES = "structure_volumes_ml"  # in the training record: each structure's [smallest, largest] ml
 
 
 def copy_training_record(source: Path, target: Path, note: str) -> None:
@@ -48,10 +49,17 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         f"Reproduce: `textdiffseg train --data {settings['data']} --output {settings['output']}` with the settings above.",
         "",
         *([training["notes"], ""] if training.get("notes") else []),
+        *([_volume_ranges(training[VOLUME_RANGES]), ""] if training.get(VOLUME_RANGES) else []),
     ]
     if evaluation is not None:
         lines += _scores(evaluation)
     return "\n".join(lines)
+
+
+def _volume_ranges(ranges: dict[str, list[float]]) -> str:
+    """The sentence of the training cases' structure volumes; a result far outside them gets a warning."""
+    return ("Structure volumes in the training cases (ml; a result far outside them is flagged when segmenting): "
+            + ", ".join(f"{name} {low:.0f}-{high:.0f}" for name, (low, high) in ranges.items()) + ".")
 
 
 def _sampling(config: ModelConfig) -> list[str]:
@@ -85,8 +93,18 @@ def _scores(report: dict) -> list[str]:
         cells = [format_score(scores[m], 3) for m in ("dice", "single_dice", "oracle_dice", "randtop3_dice")]
         cells += [format_score(scores["hd95_mm"], 1), format_score(scores["nsd"], 3)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", *_per_case(report), "", f"Reproduce: `{report['command']}`", ""]
+    lines += ["", *_per_case(report), "", *_size_warnings(report), f"Reproduce: `{report['command']}`", ""]
     return lines
+
+
+def _size_warnings(report: dict) -> list[str]:
+    """Which fused masks the size check flagged (``typical_size``), with their Dice: does it catch the failures?"""
+    if "size_warnings" not in report:  # a report from before the check
+        return []
+    dice = {f"{row['case']} {row['structure']}": row["dice"] for row in report["rows"]}
+    flagged = ", ".join(f"{name} (Dice {dice[name]:.3f})" for name in report["size_warnings"]) or "none"
+    return [f"Fused masks whose volume is far outside the training cases' range, and so get a warning when "
+            f"segmenting: {flagged}.", ""]
 
 
 def _per_case(report: dict) -> list[str]:

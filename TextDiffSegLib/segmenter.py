@@ -22,6 +22,7 @@ from .registry import resolve_model
 from .sampler import make_scheduler, sample, windowed
 from .terminology import Structure, resolve_prompt, resolve_prompts
 from .text_encoders import conditioning_text, load_text_encoder
+from .typical_size import read_volume_ranges, size_warning
 from .volume import Volume
 
 ProgressCallback = Callable[[dict], None]
@@ -42,6 +43,7 @@ class ProposalSet:
     uncertainty: np.ndarray  # float32 in [0, 1]
     scores: list[float]  # agreement of each proposal with the others
     fusion: str = "mean"
+    warning: str | None = None  # the fused mask's volume is far outside the training cases' (typical_size)
 
 
 @dataclass
@@ -55,8 +57,10 @@ class _PreparedScan:
 class Segmenter:
     """A loaded model. ``Segmenter.from_pretrained(name_or_dir, device="cpu")``, then ``propose``."""
 
-    def __init__(self, model: torch.nn.Module, name: str, device: torch.device):
+    def __init__(self, model: torch.nn.Module, name: str, device: torch.device,
+                 volume_ranges: dict[str, list[float]] | None = None):
         self.model, self.name, self.device = model, name, device
+        self.volume_ranges = volume_ranges or {}  # structure -> training cases' [smallest, largest] ml
         self.config = model.config
         self._text_encoder = None
 
@@ -66,7 +70,7 @@ class Segmenter:
         directory = resolve_model(name_or_dir)
         device = torch.device(device)
         model = load_model(directory, device=device)
-        return cls(model, model.config.name or directory.name, device)
+        return cls(model, model.config.name or directory.name, device, read_volume_ranges(directory))
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -131,6 +135,9 @@ class Segmenter:
             separated = separate_overlaps([r.fused for r in results], [r.probabilities for r in results])
             for result, fused in zip(results, separated):
                 result.fused = keep_largest_component(fused) if largest_component else fused
+        voxel_ml = float(np.prod(volume.spacing)) / 1000
+        for result in results:
+            result.warning = size_warning(result.structure, float(result.fused.sum()) * voxel_ml, self.volume_ranges)
         report(_event("done", 1.0, "finished"))
         return results
 

@@ -29,12 +29,13 @@ from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError
 from .families import FAMILIES
 from .modelio import load_model, save_model
-from .model_card import TRAINING_RECORD, render_card
+from .model_card import TRAINING_RECORD, VOLUME_RANGES, render_card
 from .preprocessing import lateral_position
 from .registry import resolve_model
 from .sampler import make_scheduler
 from .terminology import get_structure, resolve_prompt
 from .text_encoders import conditioning_text, load_text_encoder
+from .typical_size import training_volume_ranges
 from .volume import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -597,7 +598,8 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     run.use_average()
     run.model.eval()
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
-    record = {"settings": dataclasses.asdict(settings), "split": split}
+    record = {"settings": dataclasses.asdict(settings), "split": split,
+              VOLUME_RANGES: training_volume_ranges(run.sampler.cases, run.sampler.structures, run.config.spacing)}
     save = save_adapter if run.config.adapter is not None else save_model
     folder = save(run.model, run.output / "model", card=render_card(run.config, record))
     (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

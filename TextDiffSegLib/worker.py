@@ -15,10 +15,12 @@ first use and stays loaded. Each stdin line is one request::
     {"id": 1, "type": "progress", "stage": "sample", "fraction": 0.4, "message": "..."}
     {"id": 1, "type": "result", "results": [{"prompt": "liver", "structure": "liver", "model": "...",
      "seeds": [0, 1], "scores": [0.9, 0.8], "proposals": ["<output_dir>/1-liver/proposal-1.nrrd", ...],
-     "fused": ".../fused.nrrd", "uncertainty": ".../uncertainty.nrrd", "thumbnails": [".../proposal-1.png", ...]}]}
+     "fused": ".../fused.nrrd", "uncertainty": ".../uncertainty.nrrd", "thumbnails": [".../proposal-1.png", ...],
+     "warning": null}]}
     {"id": 1, "type": "error", "message": "..."}
 
-Every volume file is on the input volume's grid (masks uint8, uncertainty float32). An error a user can fix
+Every volume file is on the input volume's grid (masks uint8, uncertainty float32). ``warning`` is a
+sentence where the fused mask's volume is far outside the model's training cases' (``typical_size``). An error a user can fix
 (``TextDiffSegError``) comes back with its message; anything else as a short message, with the
 traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
 stderr, so stdout carries only events.
@@ -138,6 +140,7 @@ def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tup
         "fused": str(fused),
         "uncertainty": str(uncertainty),
         "thumbnails": pictures,
+        "warning": proposals.warning,
     }
 
 

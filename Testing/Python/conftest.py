@@ -52,6 +52,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_model(UniversalModel(tiny_config()), tmp_path_factory.mktemp("models") / "tiny", card="# tiny\n")
 
 
+@pytest.fixture(scope="session")
+def size_checked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a training record saying its training livers measured 1-2 million ml: any liver it
+    finds is far smaller, so it gets a size warning; the record has no range for the other structures."""
+    import json
+    import shutil
+
+    from TextDiffSegLib.model_card import TRAINING_RECORD, VOLUME_RANGES
+
+    folder = tmp_path_factory.mktemp("models") / "size-checked"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / TRAINING_RECORD).write_text(json.dumps({VOLUME_RANGES: {"liver": [1e6, 2e6]}}))
+    return folder
+
+
 def rotation(axis: str, degrees: float) -> np.ndarray:
     """The 3x3 rotation about x, y or z (for oblique image directions)."""
     c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))

@@ -259,6 +259,20 @@ def test_progress_json(capsys, tmp_path, small_ct, tiny_model_dir):
     assert all(s["seeds"] == [0, 1] and len(s["scores"]) == 2 for s in result["structures"])
 
 
+def test_a_result_far_outside_the_training_sizes_is_flagged(capsys, tmp_path, small_ct, size_checked_model_dir):
+    """The model's record says its training livers measured over a million ml: the liver found gets a warning
+    on stderr (the kidney, without a recorded range, none), and in JSON mode a warning field."""
+    code, _, err = run(capsys, "segment", "-i", small_ct, "-p", "liver", "-p", "left kidney", "-o", tmp_path / "a.nii.gz",
+                       "--model", size_checked_model_dir, *FAST, "--progress", "none")
+    assert code == 0, err
+    assert err.count("warning:") == 1 and "warning: the liver found measures" in err
+    code, out, err = run(capsys, "segment", "-i", small_ct, "-p", "liver", "-p", "left kidney", "-o", tmp_path / "b.nii.gz",
+                         "--model", size_checked_model_dir, *FAST, "--progress", "json")
+    assert code == 0 and err == ""
+    liver, kidney = json.loads(out.splitlines()[-1])["structures"]
+    assert liver["warning"].startswith("the liver found measures") and kidney["warning"] is None
+
+
 def test_an_error_in_json_mode_is_a_json_line(capsys, tmp_path, small_ct, tiny_model_dir):
     output = tmp_path / "out.nii.gz"
     code, out, err = run(capsys, "segment", "-i", small_ct, "-p", "gallblader", "-o", output,
@@ -520,10 +534,11 @@ def btcv_dataset(shared_data, tmp_path) -> Path:
 
 
 @realdata
-def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, shared_data):
+def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, size_checked_model_dir, shared_data):
+    """The tiny model, with a training record that flags every liver it finds (``size_checked_model_dir``)."""
     report_path = tmp_path / "report.json"
     code, out, err = run(capsys, "evaluate", "--data", btcv_dataset, "--structures", "liver,spleen", "--model",
-                         tiny_model_dir, "--proposals", "2", "--steps", "2", "--report", report_path)
+                         size_checked_model_dir, "--proposals", "2", "--steps", "2", "--report", report_path)
     assert code == 0, err
     assert f"wrote {report_path}" in out and "mean dice" in out
     report = json.loads(report_path.read_text())
@@ -548,6 +563,8 @@ def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, shared_data):
         assert report["structures"][name]["dice"] == pytest.approx(np.mean(dices))
 
     assert report["separate"] is True
+    assert [row["size_warning"] for row in rows] == [row["structure"] == "liver" for row in rows]
+    assert report["size_warnings"] == ["btcv_0005 liver", "btcv_0006 liver"]
 
     # The report's Dice is that of what `segment` writes for the same case, seed, settings and prompts.
     image = shared_data / "btcv" / "imagesTr" / "btcv_0005.nii.gz"

@@ -43,6 +43,15 @@ def test_the_bundled_card_states_each_validation_cases_dice(bundled):
         assert rows[row["case"]][structures.index(row["structure"])] == f"{row['dice']:.3f}"
 
 
+def test_the_bundled_card_states_the_size_checks_flags_and_the_training_volumes(bundled):
+    folder, training, evaluation = bundled
+    card = " ".join((folder / "README.md").read_text().split())
+    flagged = [f"{row['case']} {row['structure']} (Dice {row['dice']:.3f})" for row in evaluation["rows"] if row["size_warning"]]
+    assert f"get a warning when segmenting: {', '.join(flagged) or 'none'}." in card
+    for name, (low, high) in training["structure_volumes_ml"].items():
+        assert f"{name} {low:.0f}-{high:.0f}" in card
+
+
 @pytest.mark.realdata
 def test_the_model_card_score_of_a_validation_case_reproduces(bundled, shared_data):
     """Segmenting the first validation case as the evaluation did (all its structures in one call)

@@ -85,6 +85,12 @@ def test_proposals_come_back_on_the_inputs_grid_with_progress(client, ct_file, t
         assert max(sitk.ReadImage(result.thumbnailPaths[0]).GetSize()) == 64
 
 
+def test_a_size_warning_comes_back_with_the_proposals(client, ct_file, size_checked_model_dir, tmp_path):
+    event = client.wait(client.send("segment", **_request(ct_file, size_checked_model_dir, tmp_path / "a")), timeout=600)
+    liver, kidney = proposalsFromResult(event)
+    assert liver.warning.startswith("the liver found measures") and kidney.warning is None
+
+
 def test_the_worker_stays_warm_and_a_seed_reproduces_its_proposal(client, ct_file, tiny_model_dir, tmp_path):
     first = client.wait(client.send("segment", **_request(ct_file, tiny_model_dir, tmp_path / "a", prompts=["liver"])),
                         timeout=600)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from TextDiffSegLib import cli, training
-from TextDiffSegLib.datasets import PreparedCase
+from TextDiffSegLib.datasets import PreparedCase, read_dataset
 from TextDiffSegLib.errors import DataError, ModelError, PromptError
 from TextDiffSegLib.families.universal import UniversalModel
+from TextDiffSegLib.model_card import VOLUME_RANGES
 from TextDiffSegLib.modelio import read_config, save_model
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, SliceSampler, TrainSettings, train
@@ -128,6 +129,14 @@ def test_resume_continues_the_run_and_writes_a_model_folder(chaos_dataset, cache
     assert sorted(split["training"] + split["validation"]) == sorted(CHAOS_CASES)
     assert len(split["validation"]) == 1 and not set(split["training"]) & set(split["validation"])
     assert record["settings"]["diffusion_steps"] == 5
+    # Each structure's volume range over the training cases, measured on the model grid: within a tenth of
+    # the manual labels' volumes at the scans' own resolution.
+    dataset = read_dataset(chaos_dataset)
+    for name, value in dataset.label_values().items():
+        labels = [read_volume(case.label) for case in dataset.select(split["training"])]
+        volumes = [float((label.array == value).sum() * np.prod(label.spacing)) / 1000 for label in labels]
+        np.testing.assert_allclose(record[VOLUME_RANGES][name], [min(volumes), max(volumes)], rtol=0.1)
+    assert "Structure volumes in the training cases (ml; a result far outside them is flagged" in (folder / "README.md").read_text()
     card = (folder / "README.md").read_text()
     assert card.startswith("# run\n")
     assert "2 training cases, 1 validation cases" in card

@@ -235,7 +235,8 @@ class Proposals:
     """The worker's proposals for one prompt: files on the input volume's grid, read on demand.
 
     ``structure`` is the canonical name the prompt resolved to; ``seeds[i]`` reproduces proposal
-    ``i``; ``scores[i]`` is its agreement with the others (mean Dice, 1 = all agree).
+    ``i``; ``scores[i]`` is its agreement with the others (mean Dice, 1 = all agree); ``warning`` says
+    when the fused mask's volume is far outside the sizes the model was trained on.
     """
 
     prompt: str
@@ -247,6 +248,7 @@ class Proposals:
     fusedPath: str
     uncertaintyPath: str
     thumbnailPaths: list[str]
+    warning: str | None = None
 
     def __len__(self) -> int:
         return len(self.proposalPaths)
@@ -282,6 +284,7 @@ def proposalsFromResult(event: dict) -> list[Proposals]:
                 fusedPath=str(result["fused"]),
                 uncertaintyPath=str(result["uncertainty"]),
                 thumbnailPaths=[str(path) for path in result.get("thumbnails", [])],
+                warning=str(result["warning"]) if result.get("warning") else None,
             )
             for result in event["results"]
         ]
