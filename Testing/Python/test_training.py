@@ -132,8 +132,8 @@ def test_resume_continues_the_run_and_writes_a_model_folder(chaos_dataset, cache
     # Each structure's volume range over the training cases, measured on the model grid: within a tenth of
     # the manual labels' volumes at the scans' own resolution.
     dataset = read_dataset(chaos_dataset)
+    labels = [read_volume(case.label) for case in dataset.select(split["training"])]
     for name, value in dataset.label_values().items():
-        labels = [read_volume(case.label) for case in dataset.select(split["training"])]
         volumes = [float((label.array == value).sum() * np.prod(label.spacing)) / 1000 for label in labels]
         np.testing.assert_allclose(record[VOLUME_RANGES][name], [min(volumes), max(volumes)], rtol=0.1)
     assert "Structure volumes in the training cases (ml; a result far outside them is flagged" in (folder / "README.md").read_text()
