@@ -289,6 +289,8 @@ def _evaluate(args) -> int:
         print(f"{name:28s} dice {format_score(scores['dice'], 3)}  single {format_score(scores['single_dice'], 3)}  "
               f"oracle {format_score(scores['oracle_dice'], 3)}  hd95 {format_score(scores['hd95_mm'], 1)} mm  "
               f"nsd {format_score(scores['nsd'], 3)}")
+    if report["size_warnings"]:
+        print(f"fused volume far outside the training cases' (size warning): {', '.join(report['size_warnings'])}")
     print(f"mean dice {format_score(report['mean_dice'], 3)}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
     return 0
 

@@ -541,6 +541,7 @@ def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, size_checked_m
                          size_checked_model_dir, "--proposals", "2", "--steps", "2", "--report", report_path)
     assert code == 0, err
     assert f"wrote {report_path}" in out and "mean dice" in out
+    assert "(size warning): btcv_0005 liver, btcv_0006 liver" in out
     report = json.loads(report_path.read_text())
     assert report["model"] == "tiny"
     assert report["num_cases"] == 2 and report["cases"] == ["btcv_0005", "btcv_0006"]
