@@ -20,9 +20,9 @@ first use and stays loaded. Each stdin line is one request::
     {"id": 1, "type": "error", "message": "..."}
 
 Every volume file is on the input volume's grid (masks uint8, uncertainty float32). ``warning`` is a
-sentence where the fused mask's volume is far outside the model's training cases' (``typical_size``). An error a user can fix
-(``TextDiffSegError``) comes back with its message; anything else as a short message, with the
-traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
+sentence where the fused mask's volume is far outside the model's training cases' (``typical_size``).
+An error a user can fix (``TextDiffSegError``) comes back with its message; anything else as a short
+message, with the traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
 stderr, so stdout carries only events.
 """
 

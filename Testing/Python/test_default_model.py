@@ -8,7 +8,7 @@ from conftest import markdown_rows
 
 from TextDiffSegLib.datasets import read_dataset
 from TextDiffSegLib.metrics import dice
-from TextDiffSegLib.model_card import render_card
+from TextDiffSegLib.model_card import VOLUME_RANGES, render_card
 from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.registry import list_models, resolve_model
 from TextDiffSegLib.segmenter import Segmenter
@@ -48,7 +48,7 @@ def test_the_bundled_card_states_the_size_checks_flags_and_the_training_volumes(
     card = " ".join((folder / "README.md").read_text().split())
     flagged = [f"{row['case']} {row['structure']} (Dice {row['dice']:.3f})" for row in evaluation["rows"] if row["size_warning"]]
     assert f"get a warning when segmenting: {', '.join(flagged) or 'none'}." in card
-    for name, (low, high) in training["structure_volumes_ml"].items():
+    for name, (low, high) in training[VOLUME_RANGES].items():
         assert f"{name} {low:.0f}-{high:.0f}" in card
 
 
@@ -60,7 +60,7 @@ def test_the_model_card_score_of_a_validation_case_reproduces(bundled, shared_da
     dataset = read_dataset(shared_data / Path(evaluation["data"]).parent.name / "dataset.json")
     case = next(c for c in dataset.cases if c.id == training["split"]["validation"][0])
     recorded = next(row for row in evaluation["rows"] if row["case"] == case.id and row["structure"] == "liver")
-    liver = next(value for value, name in dataset.labels.items() if name == "liver")
+    liver = dataset.label_values()["liver"]
     structures = list(evaluation["structures"])
     results = Segmenter.from_pretrained(folder).propose_many(
         read_volume(case.image), structures, num_proposals=evaluation["num_proposals"], seed=evaluation["seed"],
