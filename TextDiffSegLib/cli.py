@@ -82,9 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma", type=float, default=1.0,
                        help="augmentation: intensity gamma drawn log-uniformly from 1/this to this, e.g. 1.5 "
                             "(default 1: none)")
-    train.add_argument("--enlargement", type=float, default=1.0,
-                       help="augmentation: one organ of each sample magnified in-plane at its centre by a factor "
-                            "drawn log-uniformly from 1 to this, as an enlarged organ looks, e.g. 1.8 (default 1: none)")
     train.add_argument("--present-fraction", type=float, default=0.75,
                        help="share of training samples from slices that contain the structure")
     train.add_argument("--near-negatives", type=float, default=0.5,
@@ -309,7 +306,7 @@ def _train(args) -> int:
         split_seed=args.split_seed, batch_size=args.batch_size, crop=(args.crop, args.crop),
         autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
-        gamma=args.gamma, enlargement=args.enlargement,
+        gamma=args.gamma,
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,

@@ -67,7 +67,6 @@ class TrainSettings:
     rotation_degrees: float = 10.0  # in-plane rotations drawn from ±this (0: none)
     scaling: float = 0.15  # in-plane zoom drawn from 1 ± this (0: none)
     gamma: float = 1.0  # intensity gamma drawn log-uniformly from 1/this to this (1: none)
-    enlargement: float = 1.0  # one organ per sample magnified in-plane by up to this at its centre (1: none)
     checkpoint_every: int = 200
     seed: int = 0
     device: str = "cpu"
@@ -137,11 +136,7 @@ class SliceSampler:
     relative to its header, so the model must not rely on it. Left-right is never flipped. Small
     in-plane rotations and zooms stand in for the variety of patients a few cases lack; with
     ``gamma`` above 1, a random gamma curve on the intensities (as nnU-Net's augmentation) for the
-    variety of scanners and contrast phases: each tissue's brightness moves, its order is kept. With
-    ``enlargement`` above 1, one labelled structure of each sample's slice, drawn at random whichever
-    structure is prompted, is magnified in-plane about its centre (``enlarge_structure``), as an
-    enlarged spleen, liver or kidney would look: the prompted organ's shape and size vary beyond the
-    few cases, and the other prompts learn that an enlarged neighbour is not theirs.
+    variety of scanners and contrast phases: each tissue's brightness moves, its order is kept.
 
     With ``position_spacing`` (the model grid's x spacing in mm), each sample gets one more channel
     after its slices: the lateral position (``preprocessing.lateral_position``) of the slice as padded,
@@ -151,13 +146,12 @@ class SliceSampler:
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
                  context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
                  scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8,
-                 position_spacing: float = 0.0, gamma: float = 1.0, enlargement: float = 1.0):
+                 position_spacing: float = 0.0, gamma: float = 1.0):
         self.cases, self.structures, self.crop = cases, structures, crop
         self.position_spacing = position_spacing
         self.context, self.present_fraction = context, present_fraction
         self.slice_channels = 2 * context + 1  # the slice and its neighbours; the lateral position comes after them
         self.rotation_degrees, self.scaling, self.gamma = rotation_degrees, scaling, gamma
-        self.enlargement = enlargement
         self.near_negative_fraction = near_negative_fraction
         self.rng = np.random.default_rng(seed)
         self.slices_with, self.slices_without, self.slices_near = {}, {}, {}
@@ -218,9 +212,6 @@ class SliceSampler:
         neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)
         image = case.image[neighbours].astype(np.float32) / 255.0
         mask = case.mask(self.structures[label], z)[None].astype(np.float32)
-        if self.enlargement > 1:
-            factor = float(np.exp(rng.uniform(0, np.log(self.enlargement))))
-            image, mask = enlarge_structure(image, mask, case.label[z], factor, rng)
         image, mask = self._pad(image, mask)
         if self.position_spacing:
             image = np.concatenate([image, lateral_position(image[self.context][None], self.position_spacing)])
@@ -250,29 +241,6 @@ class SliceSampler:
         y = int(self.rng.integers(image.shape[1] - height + 1))
         x = int(self.rng.integers(image.shape[2] - width + 1))
         return image[:, y:y + height, x:x + width], mask[:, y:y + height, x:x + width]
-
-
-def enlarge_structure(image: np.ndarray, mask: np.ndarray, label: np.ndarray, factor: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` [c, y, x] and ``mask`` [1, y, x] with one structure of the slice's ``label`` map
-    (drawn at random among those present) magnified ``factor`` times at its centre.
-
-    The magnification falls smoothly to none at three times the structure's radius times ``factor``,
-    so the structure grows into its surroundings and pushes them aside; the warp is one-to-one (the
-    source radius grows with the radius), so nothing is folded or torn.
-    """
-    present = np.unique(label[label > 0])
-    if factor == 1 or not len(present):
-        return image, mask
-    where = np.argwhere(label == rng.choice(present))
-    centre = where.mean(axis=0)
-    reach = 3 * factor * math.sqrt(len(where) / math.pi)
-    grid = np.indices(label.shape, dtype=np.float32)
-    offset = grid - centre[:, None, None].astype(np.float32)
-    t = np.minimum(np.sqrt((offset ** 2).sum(axis=0)) / reach, 1)
-    source = centre[:, None, None] + offset * (1 / factor + (1 - 1 / factor) * t * t * (3 - 2 * t))
-    warped = np.stack([ndimage.map_coordinates(channel, source, order=1, cval=0.0) for channel in image])
-    return warped, ndimage.map_coordinates(mask[0], source, order=0, cval=0.0)[None]
 
 
 class WorkerBatches(torch.utils.data.IterableDataset):
@@ -365,11 +333,10 @@ class _Run:
                             f"{settings.present_fraction} and {settings.near_negative_fraction}")
         if settings.workers < 0:
             raise DataError(f"workers is a number of processes, 0 or more, not {settings.workers}")
-        if (not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0 or settings.gamma < 1
-                or settings.enlargement < 1):
-            raise DataError(f"augmentation needs 0 <= scaling < 1, rotation_degrees >= 0, gamma >= 1 and "
-                            f"enlargement >= 1, not scaling {settings.scaling}, rotation_degrees "
-                            f"{settings.rotation_degrees}, gamma {settings.gamma} and enlargement {settings.enlargement}")
+        if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0 or settings.gamma < 1:
+            raise DataError(f"augmentation needs 0 <= scaling < 1, rotation_degrees >= 0 and gamma >= 1, not "
+                            f"scaling {settings.scaling}, rotation_degrees {settings.rotation_degrees} and "
+                            f"gamma {settings.gamma}")
         dataset = read_dataset(settings.data)
         # Names or synonyms ("left kidney"); a misspelt one gets the nearest known names.
         structures = (tuple(dict.fromkeys(resolve_prompt(s).name for s in settings.structures))
@@ -406,7 +373,7 @@ class _Run:
                                     settings.scaling, settings.near_negative_fraction,
                                     near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])),
                                     position_spacing=self.config.spacing[0] if self.config.lateral_position else 0.0,
-                                    gamma=settings.gamma, enlargement=settings.enlargement)
+                                    gamma=settings.gamma)
         self.conditions = self._conditions()
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.optimizer = self._optimizer()

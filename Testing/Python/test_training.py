@@ -22,8 +22,7 @@ from TextDiffSegLib.families.universal import UniversalModel
 from TextDiffSegLib.model_card import VOLUME_RANGES
 from TextDiffSegLib.modelio import read_config, save_model
 from TextDiffSegLib.segmenter import Segmenter
-from TextDiffSegLib.training import (CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, SliceSampler, TrainSettings, enlarge_structure,
-                                     train)
+from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, SliceSampler, TrainSettings, train
 from TextDiffSegLib.volume import read_volume
 
 pytestmark = pytest.mark.realdata
@@ -213,7 +212,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
             "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
-            "--gamma", "1.5", "--enlargement", "1.5", "--crop", "64", "--workers", "1"]
+            "--gamma", "1.5", "--crop", "64", "--workers", "1"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -228,8 +227,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
                       recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"],
-                      recorded["gamma"], recorded["enlargement"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5, 1.5)
+                      recorded["gamma"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -345,56 +344,6 @@ def test_gamma_moves_each_tissues_brightness_and_keeps_their_order():
     assert dark.min() < 0.3 * 0.9 - 0.05 and dark.max() > 0.3 * 1.1 + 0.05
     assert dark.min() >= 0.3 ** 2 * 0.9 - 0.05 - 1e-3 and dark.max() <= 0.3 ** 0.5 * 1.1 + 0.05 + 1e-3
     assert (dark < bright).all()
-
-
-def two_organs_slice():
-    """A 3-slice image and label map of two discs: structure 1 (radius 8, intensity 0.4) left of structure 2
-    (radius 6, intensity 0.8), on 0.1 background."""
-    yy, xx = np.mgrid[:64, :64]
-    label = np.zeros((64, 64), dtype=np.uint8)
-    label[(yy - 32) ** 2 + (xx - 20) ** 2 <= 8 ** 2] = 1
-    label[(yy - 32) ** 2 + (xx - 46) ** 2 <= 6 ** 2] = 2
-    image = np.repeat(np.choose(label, [0.1, 0.4, 0.8])[None].astype(np.float32), 3, axis=0)
-    return image, label
-
-
-@pytest.mark.parametrize("factor", [1.3, 1.8])
-def test_enlargement_magnifies_one_structure_with_its_image_and_mask(factor):
-    """Either disc is drawn; the drawn one grows by about ``factor`` in area times ``factor`` (less, as the
-    magnification falls off away from the centre) in the image and in the mask alike and stays where it
-    was; the other disc, pushed aside, is squeezed, not lost."""
-    image, label = two_organs_slice()
-    grown = set()
-    for seed in range(8):
-        for prompted in (1, 2):
-            mask = (label == prompted)[None].astype(np.float32)
-            warped, warped_mask = enlarge_structure(image, mask, label, factor, np.random.default_rng(seed))
-            assert warped.shape == image.shape and warped_mask.shape == mask.shape
-            assert set(np.unique(warped_mask)) <= {0.0, 1.0}
-            for value, brightness in ((1, 0.4), (2, 0.8)):
-                area_before = (label == value).sum()
-                area_after = (np.abs(warped[1] - brightness) < 0.05).sum()
-                if area_after > 1.15 * area_before:
-                    grown.add(value)
-                    assert area_after < factor ** 2 * area_before
-                    centre = np.argwhere(label == value).mean(axis=0)
-                    assert np.allclose(np.argwhere(np.abs(warped[1] - brightness) < 0.05).mean(axis=0), centre, atol=1)
-                else:  # squeezed where the magnification falls off, not lost
-                    assert 0.6 * area_before < area_after <= 1.15 * area_before
-            # The prompted structure's mask follows its image: it holds every voxel of the structure's
-            # intensity and none of the background's (the interpolated rim between them may go either way).
-            in_mask = warped_mask[0].astype(bool)
-            assert in_mask[np.abs(warped[1] - (0.4 if prompted == 1 else 0.8)) < 1e-3].all()
-            assert not in_mask[np.abs(warped[1] - 0.1) < 1e-3].any()
-    assert grown == {1, 2}
-
-
-def test_without_enlargement_or_structures_the_slice_is_unchanged():
-    image, label = two_organs_slice()
-    mask = (label == 1)[None].astype(np.float32)
-    for factor, labels in ((1.0, label), (1.8, np.zeros_like(label))):
-        warped, warped_mask = enlarge_structure(image, mask, labels, factor, np.random.default_rng(0))
-        assert warped is image and warped_mask is mask
 
 
 def test_slices_smaller_than_the_crop_land_anywhere_in_it():
@@ -516,11 +465,9 @@ def test_the_moving_average_decay_is_checked_before_training(chaos_dataset, cach
     assert not (tmp_path / LOG_NAME).exists()
 
 
-@pytest.mark.parametrize("augmentation", [{"scaling": 1.0}, {"scaling": -0.1}, {"rotation_degrees": -5}, {"gamma": 0.8},
-                                          {"enlargement": 0.9}])
+@pytest.mark.parametrize("augmentation", [{"scaling": 1.0}, {"scaling": -0.1}, {"rotation_degrees": -5}, {"gamma": 0.8}])
 def test_augmentation_ranges_are_checked_before_training(chaos_dataset, cache_dir, tmp_path, augmentation):
-    with pytest.raises(DataError, match="augmentation needs 0 <= scaling < 1, rotation_degrees >= 0, gamma >= 1 and "
-                                        "enlargement >= 1"):
+    with pytest.raises(DataError, match="augmentation needs 0 <= scaling < 1, rotation_degrees >= 0 and gamma >= 1"):
         train(settings(chaos_dataset, cache_dir, tmp_path, **augmentation))
     assert not (tmp_path / LOG_NAME).exists()
 
