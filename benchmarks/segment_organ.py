@@ -9,7 +9,6 @@ pays per organ). Target on a 2-core CPU: at most 60 s per organ with 5 proposals
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.volume import read_volume
+
+from machine import device_name
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "btcv"
 
@@ -46,7 +47,7 @@ def main() -> None:
     figures = {
         "case": args.case, "prompt": args.prompt, "model": segmenter.name, "proposals": args.proposals,
         "steps": args.steps or segmenter.config.default_steps, "device": args.device,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "cpu": device_name("cpu"), "threads": torch.get_num_threads(),
         "volume_shape": list(volume.array.shape), "load_seconds": round(load_seconds, 2),
         "segment_seconds": round(seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if args.device.startswith("cuda") else None,

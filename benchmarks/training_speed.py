@@ -11,7 +11,6 @@ training.json: 160 x 160 crops) into a temporary folder; the figure is the media
 import argparse
 import csv
 import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 from TextDiffSegLib.model_card import TRAINING_RECORD
 from TextDiffSegLib.registry import resolve_model
 from TextDiffSegLib.training import TrainSettings, train
+
+from machine import device_name
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "btcv" / "dataset.json"
 MODEL = "universal-btcv"
@@ -54,8 +55,7 @@ def main() -> None:
     parser.add_argument("--output")
     args = parser.parse_args()
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    figures = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "results": []}
+    figures = {"device": device_name(args.device), "threads": torch.get_num_threads(), "steps": args.steps, "results": []}
     for batch_size, workers in map(setting, args.settings.split(",")):
         figures["results"].append(measure(batch_size, workers, args))
         print(figures["results"][-1], flush=True)

@@ -272,6 +272,22 @@ def test_mask_projection_runs_after_every_step_but_the_last(small_ct, monkeypatc
     assert projected_at.count(max(timesteps)) == timesteps.count(max(timesteps))
 
 
+def test_the_model_runs_channels_last_with_the_default_layouts_results():
+    """The segmenter keeps its convolution weights channels-last (faster on a CPU) and samples what the
+    default layout samples."""
+    rng = np.random.default_rng(2)
+    scan = Volume(rng.integers(-200, 300, (4, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    torch.manual_seed(0)
+    segmenter = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
+    convolutions = [m.weight for m in segmenter.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                for w in convolutions if w.shape[1] > 1 and w.shape[-1] > 1)  # else both layouts agree
+    channels_last = segmenter.propose(scan, "liver", num_proposals=1, steps=2).probabilities[0]
+    segmenter.model.to(memory_format=torch.contiguous_format)
+    default = segmenter.propose(scan, "liver", num_proposals=1, steps=2).probabilities[0]
+    np.testing.assert_allclose(channels_last, default, atol=1e-5)
+
+
 def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back():
     # A grid the model takes without padding (32 = 2 x its size multiple), so mirroring the scan
     # before sampling and the result after it must give exactly the proposal of the mirrored scan.
