@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import platform
 import time
 from typing import Callable
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from .datasets import read_dataset
 from .errors import DataError
+from .machine import device_name
 from .metrics import dice, hd95_mm, iou, normalized_surface_dice, oracle_dice, randtop3_dice
 from .segmenter import Segmenter
 from .terminology import resolve_prompt
@@ -72,7 +72,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
         "num_cases": len(cases), "num_proposals": num_proposals, "steps": steps or segmenter.config.default_steps,
         "fusion": fusion, "largest_component": largest_component,
         "separate": separate, "seed": seed,
-        "device": f"{segmenter.device.type} ({platform.processor() or platform.machine()})",
+        "device": f"{segmenter.device.type} ({device_name(str(segmenter.device))})",
         "seconds_per_case": float(np.mean(seconds)), "mean_dice": _mean([s["dice"] for s in summary.values()]),
         "structures": summary, "rows": rows,
         # where the fused volume was far outside the model's training cases' (typical_size)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from TextDiffSegLib.machine import device_name
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.volume import read_volume
 
-from machine import device_name
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "btcv"
 

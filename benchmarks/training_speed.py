@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from TextDiffSegLib.machine import device_name
 from TextDiffSegLib.model_card import TRAINING_RECORD
 from TextDiffSegLib.registry import resolve_model
 from TextDiffSegLib.training import TrainSettings, train
 
-from machine import device_name
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "btcv" / "dataset.json"
 MODEL = "universal-btcv"

@@ -24,6 +24,7 @@ import slicerio
 import slicerio.segmentation
 
 from TextDiffSegLib import cli, terminology
+from TextDiffSegLib.machine import device_name
 from TextDiffSegLib.registry import default_model_name
 from TextDiffSegLib.volume import Volume, read_volume
 
@@ -547,6 +548,7 @@ def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, size_checked_m
     assert report["num_cases"] == 2 and report["cases"] == ["btcv_0005", "btcv_0006"]
     assert report["num_proposals"] == 2 and report["steps"] == 2
     assert report["seconds_per_case"] > 0
+    assert report["device"] == f"cpu ({device_name('cpu')})"  # the CPU's model name, as the benchmarks record it
     assert list(report["structures"]) == ["liver", "spleen"]
     for name, scores in report["structures"].items():
         for metric in ("dice", "single_dice", "oracle_dice", "randtop3_dice", "nsd"):

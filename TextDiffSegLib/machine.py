@@ -1,4 +1,4 @@
-"""The machine a benchmark ran on, named so that figures from two machines are not mistaken for one."""
+"""The machine a benchmark or evaluation ran on, named so that figures from two machines are not mistaken for one."""
 
 import platform
 from pathlib import Path
