@@ -34,14 +34,14 @@ def smooth_across_slices(probability: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter1d(probability, sigma, axis=0, mode="nearest")  # keeps the dtype
 
 
-def separate_overlaps(masks: list[np.ndarray], probabilities: list[list[np.ndarray]]) -> list[np.ndarray]:
+def separate_overlaps(masks: list[np.ndarray], mean_probabilities: list[np.ndarray]) -> list[np.ndarray]:
     """Masks of different structures made disjoint: a voxel that several masks claim stays only in
     the mask whose structure has the highest mean probability there (the earlier one on a tie).
 
-    ``probabilities[i]`` are the proposals' probability maps of structure ``i``; their mean is taken
-    on the contested voxels only. Organs do not overlap, so where two fused masks meet, the more
-    probable structure is kept; a mask that runs into a neighbour is cut off there, and
-    ``keep_largest_component`` afterwards drops what lay beyond the cut.
+    ``mean_probabilities[i]`` is the mean of structure ``i``'s proposals' probability maps. Organs
+    do not overlap, so where two fused masks meet, the more probable structure is kept; a mask that
+    runs into a neighbour is cut off there, and ``keep_largest_component`` afterwards drops what lay
+    beyond the cut.
     """
     claims = np.zeros(masks[0].shape, dtype=np.uint8)
     for mask in masks:
@@ -49,8 +49,8 @@ def separate_overlaps(masks: list[np.ndarray], probabilities: list[list[np.ndarr
     contested = claims > 1
     if not contested.any():
         return masks
-    scores = np.stack([np.where(mask[contested].astype(bool), np.mean([p[contested] for p in maps], axis=0), -1.0)
-                       for mask, maps in zip(masks, probabilities)])
+    scores = np.stack([np.where(mask[contested].astype(bool), probability[contested], -1.0)
+                       for mask, probability in zip(masks, mean_probabilities)])
     winner = scores.argmax(axis=0)
     separated = []
     for index, mask in enumerate(masks):

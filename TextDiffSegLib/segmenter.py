@@ -37,8 +37,8 @@ class ProposalSet:
     prompt: str
     model: str
     seeds: list[int]
-    probabilities: list[np.ndarray]  # float32 [z, y, x] per proposal
-    proposals: list[np.ndarray]  # uint8 masks per proposal
+    proposals: list[np.ndarray]  # uint8 masks [z, y, x] per proposal
+    mean_probability: np.ndarray  # float32 in [0, 1]: the proposals' mean probability
     fused: np.ndarray  # uint8
     uncertainty: np.ndarray  # float32 in [0, 1]
     scores: list[float]  # agreement of each proposal with the others
@@ -133,7 +133,7 @@ class Segmenter:
             results.append(self._propose_structure(volume, scan, prompt, structure, num_proposals, seed, steps,
                                                    scheduler, fusion, largest_component, on_proposal))
         if separate and len(results) > 1:
-            separated = separate_overlaps([r.fused for r in results], [r.probabilities for r in results])
+            separated = separate_overlaps([r.fused for r in results], [r.mean_probability for r in results])
             for result, fused in zip(results, separated):
                 result.fused = keep_largest_component(fused) if largest_component else fused
         voxel_ml = float(np.prod(volume.spacing)) / 1000
@@ -189,7 +189,7 @@ class Segmenter:
         window = tuple(w // config.downsampling for w in config.window)
         latent_channels = config.latent_channels
         seeds = [seed + k for k in range(num_proposals)]
-        probabilities = []
+        on_model_grid = []  # each proposal's probabilities, smoothed and cleaned, on the (small) model grid
         for k, proposal_seed in enumerate(seeds):
             mirrored = scan.mirrored_features is not None and proposal_seed % 2 == 1
             scan_features = scan.mirrored_features if mirrored else scan.features
@@ -214,18 +214,18 @@ class Segmenter:
             if mirrored:
                 probability = probability.flip(-2)
             depth, height, width = scan.shape
-            on_model_grid = smooth_across_slices(probability[:, :height, :width].float().cpu().numpy(),
-                                                 config.slice_smoothing)
-            if largest_component:
-                on_model_grid = keep_largest_component(on_model_grid)
-            probabilities.append(from_model_grid(on_model_grid, scan.grid, volume).clip(0, 1).astype(np.float32))
-        proposals = [(p >= 0.5).astype(np.uint8) for p in probabilities]
-        fused = fuse(probabilities, fusion)
+            smoothed = smooth_across_slices(probability[:, :height, :width].float().cpu().numpy(), config.slice_smoothing)
+            on_model_grid.append(keep_largest_component(smoothed) if largest_component else smoothed)
+        # Only masks and two float maps come to the input's grid, which can be 50 times the model grid's
+        # size (a thin-slice CT): resampling is linear, so the mean's resampling is the resampled mean.
+        proposals = [(from_model_grid(p, scan.grid, volume) >= 0.5).astype(np.uint8) for p in on_model_grid]
+        mean_probability = from_model_grid(np.mean(on_model_grid, axis=0), scan.grid, volume)
+        np.clip(mean_probability, 0, 1, out=mean_probability)  # interpolation can round past 1
+        fused = fuse([mean_probability] if fusion == "mean" else proposals, fusion)  # the others read masks
         return ProposalSet(
-            structure=structure, prompt=prompt, model=self.name, seeds=seeds, probabilities=probabilities,
-            proposals=proposals, fused=keep_largest_component(fused) if largest_component else fused,
-            uncertainty=uncertainty_map(probabilities),
-            scores=agreement_scores(proposals), fusion=fusion,
+            structure=structure, prompt=prompt, model=self.name, seeds=seeds, proposals=proposals,
+            mean_probability=mean_probability, fused=keep_largest_component(fused) if largest_component else fused,
+            uncertainty=uncertainty_map([mean_probability]), scores=agreement_scores(proposals), fusion=fusion,
         )
 
 

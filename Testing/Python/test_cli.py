@@ -100,7 +100,7 @@ def balanced_model_dir(tiny_model_dir, small_ct, tmp_path_factory) -> Path:
     from TextDiffSegLib.segmenter import Segmenter
 
     volume = read_volume(small_ct)
-    probability = float(np.median(Segmenter.from_pretrained(tiny_model_dir).propose(volume, "liver", 1, 0, 2).probabilities[0]))
+    probability = float(np.median(Segmenter.from_pretrained(tiny_model_dir).propose(volume, "liver", 1, 0, 2).mean_probability))
     model = load_model(tiny_model_dir)
     with torch.no_grad():
         model.mask_autoencoder.decoder[-1].bias -= math.log(probability / (1 - probability))

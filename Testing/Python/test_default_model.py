@@ -93,3 +93,7 @@ def test_the_readme_states_the_bundled_reports_and_benchmark():
     benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ.json").read_text())
     assert f"takes **{benchmark['segment_seconds']:.1f} s**" in flat
     assert f"peak memory {benchmark['peak_rss_mb'] / 1000:.1f} GB" in flat
+    results = root / "benchmarks" / "results"
+    one, four = (json.loads((results / f"segment_{name}-thin_slice.json").read_text()) for name in ("organ", "four_organs"))
+    assert f"one organ {one['segment_seconds']:.1f} s and {one['peak_rss_mb'] / 1000:.1f} GB" in flat
+    assert f"{four['prompt']}\"`) {four['segment_seconds']:.0f} s and {four['peak_rss_mb'] / 1000:.1f} GB" in flat

@@ -214,11 +214,11 @@ def test_propose_returns_proposals_on_the_input_grid(tiny_segmenter, small_ct):
                                     callback=events.append)
     assert result.structure.name == "kidney_left"
     assert result.seeds == [7, 8, 9]
-    assert len(result.proposals) == len(result.probabilities) == len(result.scores) == 3
-    for array in (*result.proposals, *result.probabilities, result.fused, result.uncertainty):
+    assert len(result.proposals) == len(result.scores) == 3
+    for array in (*result.proposals, result.mean_probability, result.fused, result.uncertainty):
         assert array.shape == small_ct.array.shape
-    assert all(0 <= p.min() and p.max() <= 1 for p in result.probabilities)
-    assert 0 <= result.uncertainty.min() and result.uncertainty.max() <= 1
+    for array in (result.mean_probability, result.uncertainty):
+        assert array.dtype == np.float32 and 0 <= array.min() and array.max() <= 1
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions) and events[-1]["stage"] == "done"
 
@@ -226,9 +226,12 @@ def test_propose_returns_proposals_on_the_input_grid(tiny_segmenter, small_ct):
 @pytest.mark.realdata
 def test_each_proposal_is_reproducible_from_its_seed(tiny_segmenter, small_ct):
     three = tiny_segmenter.propose(small_ct, "liver", num_proposals=3, seed=0)
-    alone = tiny_segmenter.propose(small_ct, "liver", num_proposals=1, seed=2)
-    np.testing.assert_array_equal(three.probabilities[2], alone.probabilities[0])
-    assert not np.array_equal(three.probabilities[0], three.probabilities[1])
+    alone = [tiny_segmenter.propose(small_ct, "liver", num_proposals=1, seed=seed) for seed in (0, 1, 2)]
+    for proposal, single in zip(three.proposals, alone):
+        np.testing.assert_array_equal(proposal, single.proposals[0])
+    mean = np.mean([single.mean_probability for single in alone], axis=0)
+    np.testing.assert_allclose(three.mean_probability, mean, atol=1e-6)
+    assert not np.allclose(alone[0].mean_probability, alone[1].mean_probability, atol=1e-4)
 
 
 @pytest.mark.realdata
@@ -282,9 +285,9 @@ def test_the_model_runs_channels_last_with_the_default_layouts_results():
     convolutions = [m.weight for m in segmenter.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
                                 for w in convolutions if w.shape[1] > 1 and w.shape[-1] > 1)  # else both layouts agree
-    channels_last = segmenter.propose(scan, "liver", num_proposals=1, steps=2).probabilities[0]
+    channels_last = segmenter.propose(scan, "liver", num_proposals=1, steps=2).mean_probability
     segmenter.model.to(memory_format=torch.contiguous_format)
-    default = segmenter.propose(scan, "liver", num_proposals=1, steps=2).probabilities[0]
+    default = segmenter.propose(scan, "liver", num_proposals=1, steps=2).mean_probability
     np.testing.assert_allclose(channels_last, default, atol=1e-5)
 
 
@@ -299,13 +302,13 @@ def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back():
     with_mirror = Segmenter(model, "tiny", torch.device("cpu"))
     without_mirror = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
     without_mirror.model.load_state_dict(model.state_dict())
-    even_seed, odd_seed = with_mirror.propose(scan, "liver", num_proposals=2, seed=0).probabilities
-    np.testing.assert_array_equal(even_seed, without_mirror.propose(scan, "liver", num_proposals=1, seed=0).probabilities[0])
-    of_mirrored_scan = without_mirror.propose(mirrored_scan, "liver", num_proposals=1, seed=1).probabilities[0]
+    even_seed, odd_seed = (with_mirror.propose(scan, "liver", num_proposals=1, seed=seed).mean_probability for seed in (0, 1))
+    np.testing.assert_array_equal(even_seed, without_mirror.propose(scan, "liver", num_proposals=1, seed=0).mean_probability)
+    of_mirrored_scan = without_mirror.propose(mirrored_scan, "liver", num_proposals=1, seed=1).mean_probability
     np.testing.assert_allclose(odd_seed, of_mirrored_scan[:, ::-1], atol=1e-6)
     assert not np.allclose(odd_seed, of_mirrored_scan, atol=1e-3)
-    alone = with_mirror.propose(scan, "liver", num_proposals=1, seed=1).probabilities[0]
-    np.testing.assert_array_equal(alone, odd_seed)  # still reproducible from its seed alone
+    both = with_mirror.propose(scan, "liver", num_proposals=2, seed=0).mean_probability
+    np.testing.assert_allclose(both, (even_seed + odd_seed) / 2, atol=1e-6)  # each still reproducible from its seed
 
 
 def test_slice_smoothing_smooths_each_proposal_along_z_only():
@@ -318,8 +321,8 @@ def test_slice_smoothing_smooths_each_proposal_along_z_only():
     plain = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
     smoothing = Segmenter(UniversalModel(tiny_config(slice_smoothing=1.0)).eval(), "tiny", torch.device("cpu"))
     smoothing.model.load_state_dict(plain.model.state_dict())
-    sampled = plain.propose(scan, "liver", num_proposals=1, largest_component=False).probabilities[0]
-    smoothed = smoothing.propose(scan, "liver", num_proposals=1, largest_component=False).probabilities[0]
+    sampled = plain.propose(scan, "liver", num_proposals=1, largest_component=False).mean_probability
+    smoothed = smoothing.propose(scan, "liver", num_proposals=1, largest_component=False).mean_probability
     expected = ndimage.gaussian_filter1d(sampled, 1.0, axis=0, mode="nearest")
     np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-6)
     assert np.abs(smoothed - sampled).max() > 2e-5

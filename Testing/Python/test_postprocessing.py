@@ -40,9 +40,9 @@ def test_smoothing_across_slices_spreads_a_slice_to_its_neighbours_only_along_z(
 def test_a_voxel_two_masks_claim_goes_to_the_structure_more_probable_there():
     liver, spleen = np.zeros((1, 1, 4), np.uint8), np.zeros((1, 1, 4), np.uint8)
     liver[..., :3], spleen[..., 1:] = 1, 1  # they both claim voxels 1 and 2
-    liver_proposals = [np.array([[[0.9, 0.8, 0.4, 0.0]]]), np.array([[[0.9, 0.6, 0.6, 0.0]]])]  # means 0.7, 0.5
-    spleen_proposals = [np.array([[[0.0, 0.5, 0.9, 0.9]]]), np.array([[[0.0, 0.7, 0.9, 0.9]]])]  # means 0.6, 0.9
-    separated_liver, separated_spleen = separate_overlaps([liver, spleen], [liver_proposals, spleen_proposals])
+    liver_probability = np.array([[[0.9, 0.7, 0.5, 0.0]]])
+    spleen_probability = np.array([[[0.0, 0.6, 0.9, 0.9]]])
+    separated_liver, separated_spleen = separate_overlaps([liver, spleen], [liver_probability, spleen_probability])
     np.testing.assert_array_equal(separated_liver, [[[1, 1, 0, 0]]])
     np.testing.assert_array_equal(separated_spleen, [[[0, 0, 1, 1]]])
     assert separated_liver.dtype == np.uint8
@@ -52,7 +52,7 @@ def test_a_voxel_two_masks_claim_goes_to_the_structure_more_probable_there():
 def test_masks_that_do_not_overlap_are_unchanged_and_a_tie_goes_to_the_first():
     first, second = np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)
     first[..., 0], second[..., 2] = 1, 1
-    same = [np.full((1, 1, 3), 0.8)]
+    same = np.full((1, 1, 3), 0.8)
     kept = separate_overlaps([first, second], [same, same])
     np.testing.assert_array_equal(kept[0], first)
     np.testing.assert_array_equal(kept[1], second)
