@@ -216,8 +216,8 @@ class Segmenter:
             depth, height, width = scan.shape
             smoothed = smooth_across_slices(probability[:, :height, :width].float().cpu().numpy(), config.slice_smoothing)
             on_model_grid.append(keep_largest_component(smoothed) if largest_component else smoothed)
-        # Only masks and two float maps come to the input's grid, which can be 50 times the model grid's
-        # size (a thin-slice CT): resampling is linear, so the mean's resampling is the resampled mean.
+        # Only the masks and the mean probability are resampled to the input's grid, which can be 50 times
+        # the model grid's size (a thin-slice CT); resampling is linear, so that is the resampled maps' mean.
         proposals = [(from_model_grid(p, scan.grid, volume) >= 0.5).astype(np.uint8) for p in on_model_grid]
         mean_probability = from_model_grid(np.mean(on_model_grid, axis=0), scan.grid, volume)
         np.clip(mean_probability, 0, 1, out=mean_probability)  # interpolation can round past 1
