@@ -40,10 +40,15 @@ class ProposalSet:
     proposals: list[np.ndarray]  # uint8 masks [z, y, x] per proposal
     mean_probability: np.ndarray  # float32 in [0, 1]: the proposals' mean probability
     fused: np.ndarray  # uint8
-    uncertainty: np.ndarray  # float32 in [0, 1]
     scores: list[float]  # agreement of each proposal with the others
     fusion: str = "mean"
     warning: str | None = None  # the fused mask's volume is far outside the training cases' (typical_size)
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """Voxel-wise uncertainty in [0, 1] (float32), computed when read: the binary entropy of
+        ``mean_probability`` (``fusion.uncertainty_map``)."""
+        return uncertainty_map([self.mean_probability])
 
 
 @dataclass
@@ -225,7 +230,7 @@ class Segmenter:
         return ProposalSet(
             structure=structure, prompt=prompt, model=self.name, seeds=seeds, proposals=proposals,
             mean_probability=mean_probability, fused=keep_largest_component(fused) if largest_component else fused,
-            uncertainty=uncertainty_map([mean_probability]), scores=agreement_scores(proposals), fusion=fusion,
+            scores=agreement_scores(proposals), fusion=fusion,
         )
 
 
