@@ -80,7 +80,9 @@ def main() -> None:
 
 
 def resampled(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
-    """``volume`` resampled linearly to ``spacing`` over its whole extent (axis-aligned)."""
+    """``volume`` resampled linearly to ``spacing`` over its whole extent (axis-aligned), in its own pixel
+    type, as a scanner would write a thin-slice series (``preprocessing.to_model_grid`` gives float32, the
+    model's input, which would double the benchmark's input in memory)."""
     image = to_sitk(volume)
     return from_sitk(sitk.Resample(image, model_grid(volume, spacing), sitk.Transform(), sitk.sitkLinear,
                                    float(volume.array.min()), image.GetPixelID()))
