@@ -120,6 +120,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-overlap", action="store_true",
                         help="let the fused masks of several prompts overlap (default: a voxel two of them claim "
                              "goes to the structure more probable there)")
+    parser.add_argument("--no-second-look", action="store_true",
+                        help="keep the first sampling of a structure found far larger than the model's training cases "
+                             "(default: sample it again on a coarser grid and keep whichever finds more of it)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
@@ -193,7 +196,8 @@ def _segment(args) -> int:
     with _progress(args.progress) as report:
         results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
                                          fusion=args.fusion, largest_component=not args.all_components,
-                                         separate=not args.allow_overlap, callback=report)
+                                         separate=not args.allow_overlap, second_look=not args.no_second_look,
+                                         callback=report)
     written = {"output": None, "uncertainty": [], "proposals": []}
     try:  # a run that fails half way removes what it wrote (each file itself is written atomically)
         segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
@@ -210,7 +214,8 @@ def _segment(args) -> int:
                 Path(path).unlink(missing_ok=True)
         raise
     summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
-                "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum()), "warning": r.warning}
+                "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum()), "warning": r.warning,
+                "sampling_scale": round(r.sampling_scale, 3)}
                for r in results]
     if args.progress == "json":
         print(json.dumps({"type": "result", **written, "structures": summary}), flush=True)
@@ -227,7 +232,7 @@ def _tags(result, args, proposal: str, seed: int | None = None) -> dict[str, str
     return {"TextDiffSeg.prompt": result.prompt, "TextDiffSeg.model": result.model,
             "TextDiffSeg.seed": str(result.seeds[0] if seed is None else seed),
             "TextDiffSeg.proposal": proposal, "TextDiffSeg.proposals": str(len(result.proposals)),
-            "TextDiffSeg.fusion": result.fusion}
+            "TextDiffSeg.fusion": result.fusion, "TextDiffSeg.samplingScale": f"{result.sampling_scale:.3g}"}
 
 
 def _per_structure_paths(path: str, structures) -> list[Path]:
@@ -282,7 +287,7 @@ def _evaluate(args) -> int:
 
         report = evaluate(segmenter, args.data, args.split, _list(args.cases), _list(args.structures),
                           args.proposals, args.seed, args.steps, args.fusion, not args.all_components,
-                          not args.allow_overlap, progress)
+                          not args.allow_overlap, not args.no_second_look, progress)
     report["command"] = "textdiffseg " + shlex.join(args.argv)
     write_atomically(report_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), args.overwrite)
     for name, scores in report["structures"].items():
@@ -291,6 +296,10 @@ def _evaluate(args) -> int:
               f"nsd {format_score(scores['nsd'], 3)}")
     if report["size_warnings"]:
         print(f"fused volume far outside the training cases' (size warning): {', '.join(report['size_warnings'])}")
+    looked_again = [f"{row['case']} {row['structure']} ({row['sampling_scale']:.2f}x)"
+                    for row in report["rows"] if row["sampling_scale"] > 1]
+    if looked_again:
+        print(f"sampled again on a coarser grid (enlarged): {', '.join(looked_again)}")
     print(f"mean dice {format_score(report['mean_dice'], 3)}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
     return 0
 

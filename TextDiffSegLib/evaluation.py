@@ -21,7 +21,7 @@ METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_m
 
 def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids: list[str] | None = None,
              structures: list[str] | None = None, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
-             fusion: str = "mean", largest_component: bool = True, separate: bool = True,
+             fusion: str = "mean", largest_component: bool = True, separate: bool = True, second_look: bool = True,
              progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Segment every case and structure and score it against the manual labels.
 
@@ -48,7 +48,8 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
         image, label = read_volume(case.image), read_volume(case.label)
         started = time.perf_counter()
         results = segmenter.propose_many(image, structures, num_proposals, seed, steps, fusion=fusion,
-                                         largest_component=largest_component, separate=separate)
+                                         largest_component=largest_component, separate=separate,
+                                         second_look=second_look)
         seconds.append(time.perf_counter() - started)
         for result in results:
             reference = label.array == label_values[result.structure.name]
@@ -62,6 +63,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
                 "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
                 "nsd": normalized_surface_dice(result.fused, reference, image.spacing),
                 "size_warning": result.warning is not None,
+                "sampling_scale": result.sampling_scale,
             })
     if progress is not None:
         progress(len(cases), len(cases), "")
@@ -71,7 +73,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
         "model": segmenter.name, "data": str(data), "split": split, "cases": [case.id for case in cases],
         "num_cases": len(cases), "num_proposals": num_proposals, "steps": steps or segmenter.config.default_steps,
         "fusion": fusion, "largest_component": largest_component,
-        "separate": separate, "seed": seed,
+        "separate": separate, "second_look": second_look, "seed": seed,
         "device": f"{segmenter.device.type} ({device_name(str(segmenter.device))})",
         "seconds_per_case": float(np.mean(seconds)), "mean_dice": _mean([s["dice"] for s in summary.values()]),
         "structures": summary, "rows": rows,

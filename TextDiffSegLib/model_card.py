@@ -98,13 +98,20 @@ def _scores(report: dict) -> list[str]:
 
 
 def _size_warnings(report: dict) -> list[str]:
-    """Which fused masks the size check flagged (``typical_size``), with their Dice: does it catch the failures?"""
+    """Which fused masks the size check flagged (``typical_size``), with their Dice: does it catch the failures?
+    And which of them a second look on a coarser grid replaced."""
     if "size_warnings" not in report:  # a report from before the check
         return []
     dice = {f"{row['case']} {row['structure']}": row["dice"] for row in report["rows"]}
     flagged = ", ".join(f"{name} (Dice {dice[name]:.3f})" for name in report["size_warnings"]) or "none"
-    return [f"Fused masks whose volume is far outside the training cases' range, and so get a warning when "
-            f"segmenting: {flagged}.", ""]
+    lines = [f"Fused masks whose volume is far outside the training cases' range, and so get a warning when "
+             f"segmenting: {flagged}.", ""]
+    if report.get("second_look"):
+        looked = ", ".join(f"{row['case']} {row['structure']} ({row['sampling_scale']:.2f} times coarser, Dice "
+                           f"{row['dice']:.3f})" for row in report["rows"] if row["sampling_scale"] > 1) or "none"
+        lines += [f"Structures found far larger than the training cases' and sampled again on a coarser grid, the "
+                  f"second look kept because it found more (`second_look`): {looked}.", ""]
+    return lines
 
 
 def _per_case(report: dict) -> list[str]:

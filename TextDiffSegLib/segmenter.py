@@ -22,7 +22,7 @@ from .registry import resolve_model
 from .sampler import make_scheduler, sample, windowed
 from .terminology import Structure, resolve_prompt, resolve_prompts
 from .text_encoders import conditioning_text, load_text_encoder
-from .typical_size import read_volume_ranges, size_warning
+from .typical_size import enlargement, read_volume_ranges, size_warning
 from .volume import Volume
 
 ProgressCallback = Callable[[dict], None]
@@ -43,6 +43,7 @@ class ProposalSet:
     scores: list[float]  # agreement of each proposal with the others
     fusion: str = "mean"
     warning: str | None = None  # the fused mask's volume is far outside the training cases' (typical_size)
+    sampling_scale: float = 1.0  # > 1: sampled again on a grid this much coarser in-plane (an enlarged structure)
 
     @property
     def uncertainty(self) -> np.ndarray:
@@ -96,20 +97,20 @@ class Segmenter:
 
     def propose(self, volume: Volume, prompt: str, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
                 scheduler: str = "ddim", fusion: str = "mean", largest_component: bool = True,
-                callback: ProgressCallback | None = None) -> ProposalSet:
+                second_look: bool = True, callback: ProgressCallback | None = None) -> ProposalSet:
         """Sample ``num_proposals`` segmentations of the structure ``prompt`` names.
 
         Proposal k is sampled from seed ``seed + k`` (on the mirrored scan where the model's
         ``mirror_proposals`` says so and the seed is odd); ``largest_component`` keeps only the largest
         connected region of each proposal and of the fused mask; ``fusion`` is ``mean``, ``majority``
-        or ``staple``.
+        or ``staple``; ``second_look`` is explained in ``propose_many``.
         """
         return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion,
-                                 largest_component, callback=callback)[0]
+                                 largest_component, second_look=second_look, callback=callback)[0]
 
     def propose_many(self, volume: Volume, prompts: list[str], num_proposals: int = 5, seed: int = 0,
                      steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
-                     largest_component: bool = True, separate: bool = True,
+                     largest_component: bool = True, separate: bool = True, second_look: bool = True,
                      callback: ProgressCallback | None = None) -> list[ProposalSet]:
         """``propose`` for several prompts, encoding the scan once.
 
@@ -117,6 +118,12 @@ class Segmenter:
         claim goes to the structure with the higher mean probability there (``separate_overlaps``),
         and with ``largest_component`` each fused mask then keeps its largest region again. The
         proposals themselves are left as sampled.
+
+        With ``second_look``, a structure found far larger than any of the model's training cases
+        (``typical_size.enlargement``) is sampled again on a model grid coarser in-plane by that
+        factor, where it looks the size the model knows; the second look replaces the first where it
+        finds more of the structure (``ProposalSet.sampling_scale`` says so), and otherwise the first
+        stands, as it does when the excess was other tissue taken for the structure.
         """
         if not prompts:
             raise PromptError("no prompt given: name at least one structure, e.g. 'liver'")
@@ -128,41 +135,78 @@ class Segmenter:
         report = callback or (lambda event: None)
         report(_event("preprocess", 0.0, "resampling the scan to the model grid"))
         any_odd_seed = num_proposals > 1 or seed % 2 == 1  # only odd seeds sample the mirrored scan
-        scan = self._prepare(volume, mirror=self.config.mirror_proposals and any_odd_seed)
+        mirror = self.config.mirror_proposals and any_odd_seed
+        scan = self._prepare(volume, mirror)
+        sampling = (num_proposals, seed, steps, scheduler, fusion, largest_component)
         results = []
         for index, (prompt, structure) in enumerate(zip(prompts, structures)):
             def on_proposal(k: int, step: int, fraction_base=index / len(prompts)):
                 done = (k + step / steps) / num_proposals
                 report(_event("sample", fraction_base + done / len(prompts),
                               f"{structure.display_name}: proposal {k + 1}/{num_proposals}, step {step}/{steps}"))
-            results.append(self._propose_structure(volume, scan, prompt, structure, num_proposals, seed, steps,
-                                                   scheduler, fusion, largest_component, on_proposal))
-        if separate and len(results) > 1:
-            separated = separate_overlaps([r.fused for r in results], [r.mean_probability for r in results])
-            for result, fused in zip(results, separated):
-                result.fused = keep_largest_component(fused) if largest_component else fused
+            results.append(self._propose_structure(volume, scan, prompt, structure, *sampling, on_proposal))
+        unseparated = [result.fused for result in results]
+        separate = separate and len(results) > 1
+        if separate:
+            self._separate(results, unseparated, largest_component)
         voxel_ml = float(np.prod(volume.spacing)) / 1000
+        if second_look:
+            replaced = self._look_again_at_enlarged(volume, results, unseparated, mirror, sampling, voxel_ml, report)
+            if replaced and separate:
+                self._separate(results, unseparated, largest_component)
         for result in results:
-            result.warning = size_warning(result.structure, float(result.fused.sum()) * voxel_ml, self.volume_ranges)
+            result.warning = size_warning(result.structure, float(result.fused.sum()) * voxel_ml, self.volume_ranges,
+                                          result.sampling_scale)
         report(_event("done", 1.0, "finished"))
         return results
 
+    def _look_again_at_enlarged(self, volume: Volume, results: list[ProposalSet], unseparated: list[np.ndarray],
+                                mirror: bool, sampling: tuple, voxel_ml: float, report: ProgressCallback) -> bool:
+        """``propose_many``'s second look: each result whose structure is far larger than the training
+        cases' is replaced, with its ``unseparated`` mask, by one sampled on a coarser grid where that
+        finds more of it. Whether any was replaced."""
+        replaced = False
+        for index, result in enumerate(results):
+            factor = enlargement(result.structure, float(result.fused.sum()) * voxel_ml, self.volume_ranges)
+            if factor == 1.0:
+                continue
+            report(_event("sample", 1.0, f"{result.structure.display_name}: larger than any the model was trained "
+                                         f"on; sampling it again on a grid {factor:.2f} times coarser"))
+            coarse = self._prepare(volume, mirror, scale=factor)
+            again = self._propose_structure(volume, coarse, result.prompt, result.structure, *sampling,
+                                            lambda k, step: None)
+            if again.fused.sum() > unseparated[index].sum():
+                again.sampling_scale = factor
+                results[index], unseparated[index] = again, again.fused
+                replaced = True
+        return replaced
+
+    @staticmethod
+    def _separate(results: list[ProposalSet], unseparated: list[np.ndarray], largest_component: bool) -> None:
+        """Each result's fused mask set to its ``unseparated`` mask less the voxels a more probable structure claims."""
+        separated = separate_overlaps(unseparated, [result.mean_probability for result in results])
+        for result, fused in zip(results, separated):
+            result.fused = keep_largest_component(fused) if largest_component else fused
+
     @torch.no_grad()
-    def _prepare(self, volume: Volume, mirror: bool) -> _PreparedScan:
-        """The scan on the model grid and its features; with ``mirror`` also those of the scan mirrored front to back."""
+    def _prepare(self, volume: Volume, mirror: bool, scale: float = 1.0) -> _PreparedScan:
+        """The scan on the model grid (its in-plane spacing times ``scale``) and its features; with
+        ``mirror`` also those of the scan mirrored front to back."""
         config = self.config
-        grid = model_grid(volume, config.spacing)
+        grid = model_grid(volume, (config.spacing[0] * scale, config.spacing[1] * scale, config.spacing[2]))
         normalized = volume.with_array(normalize_intensity(volume.array, config.modality))
         image = torch.from_numpy(to_model_grid(normalized, grid))
         shape = tuple(image.shape)
         multiple = config.size_multiple  # scans narrower than the window go through the U-Net whole
         pad_y, pad_x = (-shape[1]) % multiple, (-shape[2]) % multiple
         image = torch.nn.functional.pad(image, (0, pad_x, 0, pad_y))
-        mirrored = self._encode(image.flip(-2)) if mirror else None
-        return _PreparedScan(grid=grid, features=self._encode(image), mirrored_features=mirrored, shape=shape)
+        spacing_x = grid.GetSpacing()[0]
+        mirrored = self._encode(image.flip(-2), spacing_x) if mirror else None
+        return _PreparedScan(grid=grid, features=self._encode(image, spacing_x), mirrored_features=mirrored, shape=shape)
 
-    def _encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image features of every slice [z, y, x] of ``image``, each with its neighbours (and lateral position) as context."""
+    def _encode(self, image: torch.Tensor, spacing_x: float) -> torch.Tensor:
+        """Image features of every slice [z, y, x] of ``image`` (``spacing_x`` mm between columns), each with
+        its neighbours (and lateral position) as context."""
         depth, context = image.shape[0], self.config.context_slices
         features = []
         for start in range(0, depth, SLICE_BATCH):
@@ -170,7 +214,7 @@ class Segmenter:
             offsets = torch.arange(-context, context + 1)
             slices = image[(centres[:, None] + offsets[None]).clamp(0, depth - 1)]
             if self.config.lateral_position:
-                position = lateral_position(image[centres, None].numpy(), self.config.spacing[0])
+                position = lateral_position(image[centres, None].numpy(), spacing_x)
                 slices = torch.cat([slices, torch.from_numpy(position)], dim=1)
             features.append(self.model.image_encoder(slices.to(self.device)))
         return torch.cat(features)

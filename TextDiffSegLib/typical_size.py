@@ -40,8 +40,24 @@ def read_volume_ranges(model_dir: Path) -> dict[str, list[float]]:
     return json.loads(record.read_text()).get(VOLUME_RANGES, {}) if record.is_file() else {}
 
 
-def size_warning(structure: Structure, volume_ml: float, ranges: dict[str, list[float]]) -> str | None:
-    """A sentence for a fused volume far outside the training cases' range of ``structure``; else ``None``."""
+def enlargement(structure: Structure, volume_ml: float, ranges: dict[str, list[float]]) -> float:
+    """How many times the training cases' largest ``structure`` a fused volume of ``volume_ml`` measures
+    in length, ``(volume / largest) ** (1/3)``, where it lies beyond the warning's margin; else 1.0.
+
+    A model trained on organs of the usual size finds only the part of an enlarged one (a spleen of
+    3 litres) that looks like them; on a grid coarser by this factor the organ looks their size.
+    """
+    if structure.name not in ranges or volume_ml <= ranges[structure.name][1] * MARGIN:
+        return 1.0
+    return (volume_ml / ranges[structure.name][1]) ** (1 / 3)
+
+
+def size_warning(structure: Structure, volume_ml: float, ranges: dict[str, list[float]],
+                 sampling_scale: float = 1.0) -> str | None:
+    """A sentence for a fused volume far outside the training cases' range of ``structure``; else ``None``.
+
+    ``sampling_scale`` > 1: the volume was found on a grid that much coarser (``enlargement``), which it names.
+    """
     if structure.name not in ranges:
         return None
     low, high = ranges[structure.name]
@@ -51,5 +67,7 @@ def size_warning(structure: Structure, volume_ml: float, ranges: dict[str, list[
         why = "the structure may be larger than any the model was trained on, or other tissue was taken for it"
     else:
         why = "the scan may show only part of it, or the model missed part of it"
+    if sampling_scale > 1:
+        why += f" (it was sampled a second time, on a grid {sampling_scale:.2f} times coarser, where it looks their size)"
     return (f"the {structure.display_name} found measures {volume_ml:.0f} ml, far outside the {low:.0f}-{high:.0f} ml "
             f"of the model's training cases: {why}; check it slice by slice")

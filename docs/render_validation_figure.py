@@ -92,7 +92,8 @@ def main() -> None:
         image, labels = read_volume(case.image), read_volume(case.label)
         results = segmenter.propose_many(image, structures, num_proposals=report["num_proposals"],
                                          seed=report["seed"], steps=report["steps"], fusion=report["fusion"],
-                                         largest_component=report["largest_component"], separate=report["separate"])
+                                         largest_component=report["largest_component"], separate=report["separate"],
+                                         second_look=report["second_look"])
         view = model_grid(image, VIEW_SPACING)
         scan = to_model_grid(image, view)
         display = CT_DISPLAY if is_ct else np.percentile(scan, MR_DISPLAY_PERCENTILES)

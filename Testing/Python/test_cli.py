@@ -25,6 +25,7 @@ import slicerio.segmentation
 
 from TextDiffSegLib import cli, terminology
 from TextDiffSegLib.machine import device_name
+from TextDiffSegLib.model_card import TRAINING_RECORD, VOLUME_RANGES
 from TextDiffSegLib.registry import default_model_name
 from TextDiffSegLib.volume import Volume, read_volume
 
@@ -145,6 +146,7 @@ def test_segment_writes_a_slicer_segmentation(capsys, tmp_path, ct, balanced_mod
         assert read["tags"]["TextDiffSeg.proposal"] == "fused"
         assert read["tags"]["TextDiffSeg.proposals"] == "2"
         assert read["tags"]["TextDiffSeg.fusion"] == "mean"
+        assert read["tags"]["TextDiffSeg.samplingScale"] == "1"  # no second look: the model has no training record
     assert segments[1]["terminology"]["typeModifier"] == list(structures[1].type_modifier)
     masks = [slicerio.segment_mask(segmentation, s["id"]).T for s in segments]  # back to [z, y, x]
     assert all(0 < m.sum() < m.size for m in masks)  # the balanced model gives partial masks
@@ -272,6 +274,29 @@ def test_a_result_far_outside_the_training_sizes_is_flagged(capsys, tmp_path, sm
     assert code == 0 and err == ""
     liver, kidney = json.loads(out.splitlines()[-1])["structures"]
     assert liver["warning"].startswith("the liver found measures") and kidney["warning"] is None
+
+
+def test_an_organ_far_larger_than_the_training_cases_is_looked_at_again_unless_told_not_to(
+        capsys, tmp_path, small_ct, balanced_model_dir):
+    """The record says the training livers measured at most 0.001 ml, so the liver the balanced model
+    finds is far larger: it is sampled again on a coarser grid (the progress says so), unless
+    ``--no-second-look``; the result states the grid scale that was kept."""
+    model = _copy_model(tmp_path, balanced_model_dir, "tiny-livers")
+    (model / TRAINING_RECORD).write_text(json.dumps({VOLUME_RANGES: {"liver": [0.0001, 0.001]}}))
+
+    def liver_run(output: str, *extra) -> tuple[list[dict], dict]:
+        code, out, err = run(capsys, "segment", "-i", small_ct, "-p", "liver", "-o", tmp_path / output, "--model", model,
+                             *FAST, "--progress", "json", *extra)
+        assert code == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        return [line["message"] for line in lines if line["type"] == "progress"], lines[-1]["structures"][0]
+
+    messages, liver = liver_run("a.nii.gz")
+    assert liver["fused_voxels"] > 0 and any("liver: larger than any the model was trained on; sampling it again on a "
+                                             "grid" in message for message in messages)
+    assert liver["sampling_scale"] >= 1 and liver["warning"].startswith("the liver found measures")
+    messages, liver = liver_run("b.nii.gz", "--no-second-look")
+    assert not any("sampling it again" in message for message in messages) and liver["sampling_scale"] == 1
 
 
 def test_an_error_in_json_mode_is_a_json_line(capsys, tmp_path, small_ct, tiny_model_dir):
@@ -565,7 +590,8 @@ def test_evaluate(capsys, tmp_path, btcv_dataset, tiny_model_dir, size_checked_m
         dices = [r["dice"] for r in rows if r["structure"] == name]
         assert report["structures"][name]["dice"] == pytest.approx(np.mean(dices))
 
-    assert report["separate"] is True
+    assert report["separate"] is True and report["second_look"] is True
+    assert all(row["sampling_scale"] == 1.0 for row in rows)  # the livers found are far smaller than the record's
     assert [row["size_warning"] for row in rows] == [row["structure"] == "liver" for row in rows]
     assert report["size_warnings"] == ["btcv_0005 liver", "btcv_0006 liver"]
 

@@ -43,11 +43,14 @@ def test_the_bundled_card_states_each_validation_cases_dice(bundled):
         assert rows[row["case"]][structures.index(row["structure"])] == f"{row['dice']:.3f}"
 
 
-def test_the_bundled_card_states_the_size_checks_flags_and_the_training_volumes(bundled):
+def test_the_bundled_card_states_the_size_checks_flags_second_looks_and_the_training_volumes(bundled):
     folder, training, evaluation = bundled
     card = " ".join((folder / "README.md").read_text().split())
     flagged = [f"{row['case']} {row['structure']} (Dice {row['dice']:.3f})" for row in evaluation["rows"] if row["size_warning"]]
     assert f"get a warning when segmenting: {', '.join(flagged) or 'none'}." in card
+    looked = [f"{row['case']} {row['structure']} ({row['sampling_scale']:.2f} times coarser, Dice {row['dice']:.3f})"
+              for row in evaluation["rows"] if row["sampling_scale"] > 1]
+    assert f"the second look kept because it found more (`second_look`): {', '.join(looked) or 'none'}." in card
     for name, (low, high) in training[VOLUME_RANGES].items():
         assert f"{name} {low:.0f}-{high:.0f}" in card
 
@@ -65,7 +68,7 @@ def test_the_model_card_score_of_a_validation_case_reproduces(bundled, shared_da
     results = Segmenter.from_pretrained(folder).propose_many(
         read_volume(case.image), structures, num_proposals=evaluation["num_proposals"], seed=evaluation["seed"],
         steps=evaluation["steps"], fusion=evaluation["fusion"], largest_component=evaluation["largest_component"],
-        separate=evaluation["separate"])
+        separate=evaluation["separate"], second_look=evaluation["second_look"])
     measured = dice(results[structures.index("liver")].fused, read_volume(case.label).array == liver)
     assert measured == pytest.approx(recorded["dice"], abs=0.02)
     assert measured > 0.2  # far above chance: the liver is found, on the right grid
