@@ -1,10 +1,10 @@
 """Low-rank adaptation (LoRA) of a trained model to a new modality, from a few labelled cases.
 
 As ProGiDiff adapts its ControlNet from CT to MR (papers/000, section 3.3): low-rank adapters go
-into the denoiser's linear and convolution layers, while the image encoder and every
-normalisation layer are retrained in full; the rest (the mask autoencoder, the structure
-embedding, the denoiser's weights) stays as the base model has it. Adapters are injected with
-peft's public functions on the plain model.
+into the layers the family's ``lora_targets`` name (for the universal family, the denoiser's
+linear and convolution layers), the parameters its ``retrained`` names (the image encoder and
+every normalisation layer) are retrained in full, and the rest stays as the base model has it.
+Adapters are injected with peft's public functions on the plain model.
 
 An adapter folder holds ``config.json`` (the adapted model's config, whose ``adapter`` field names
 the base model, the sha256 of its weights and the LoRA settings) and ``adapter.safetensors`` (the
@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ModelError
+from .families import FAMILIES
 from .modelio import CONFIG_NAME, WEIGHTS_NAME, load_model, write_folder
 from .registry import resolve_model
 
@@ -41,20 +42,6 @@ def weights_sha256(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
-def lora_targets(model: nn.Module) -> list[str]:
-    """The denoiser's linear and convolution layers, where the low-rank adapters go."""
-    return [name for name, module in model.named_modules()
-            if name.startswith(model.denoiser_prefix) and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d))]
-
-
-def retrained_parameters(model: nn.Module) -> list[str]:
-    """Parameters retrained in full: the image encoder's, and those of every normalisation layer."""
-    norms = {f"{name}." for name, module in model.named_modules()
-             if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.BatchNorm3d))}
-    return [name for name, _ in model.named_parameters()
-            if name.startswith(model.image_encoder_prefix) or any(name.startswith(n) for n in norms)]
-
-
 def add_adapter(model: nn.Module, base: str, base_sha256: str, rank: int, alpha: float) -> nn.Module:
     """Inject LoRA into ``model`` (in place) and leave trainable only what adaptation trains.
 
@@ -62,8 +49,9 @@ def add_adapter(model: nn.Module, base: str, base_sha256: str, rank: int, alpha:
     """
     if rank < 1:
         raise ValueError(f"the LoRA rank must be at least 1, not {rank}")
-    targets = lora_targets(model)
-    retrained = retrained_parameters(model)  # named before injection renames the targets' weights
+    family = FAMILIES[model.config.family]
+    targets = family.lora_targets(model)
+    retrained = family.retrained(model)  # named before injection renames the targets' weights
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model)
     model.requires_grad_(False)
     parameters = dict(model.named_parameters())
@@ -80,7 +68,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter folder stores: the low-rank weights and the retrained parameters."""
     tensors = {LORA_PREFIX + k: v for k, v in get_peft_model_state_dict(model).items()}
     parameters = dict(model.named_parameters())
-    tensors.update({name: parameters[name].detach() for name in retrained_parameters(model)})
+    tensors.update({name: parameters[name].detach() for name in FAMILIES[model.config.family].retrained(model)})
     return tensors
 
 

@@ -21,7 +21,7 @@ class ModelConfig:
     modality: str = "CT"
     structures: tuple[str, ...] = ()
     spacing: tuple[float, float, float] = (2.5, 2.5, 5.0)  # (x, y, z) mm of the model grid
-    window: tuple[int, int] = (192, 192)  # in-plane sliding-window size, voxels of the model grid
+    window: tuple[int, ...] = (192, 192)  # sliding-window size, voxels of the model grid: (y, x) in-plane, or (z, y, x)
     num_train_timesteps: int = 1000
     prediction_type: str = "sample"  # what the denoiser predicts: epsilon, sample or v_prediction
     default_steps: int = 4
@@ -47,8 +47,8 @@ class ModelConfig:
             found.append("structures must name at least one structure")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             found.append(f"spacing must be three positive numbers, not {self.spacing}")
-        if len(self.window) != 2 or min(self.window) < 8:
-            found.append(f"window must be two sizes of at least 8 voxels, not {self.window}")
+        if len(self.window) not in (2, 3) or min(self.window) < 8:
+            found.append(f"window must be two (y, x) or three (z, y, x) sizes of at least 8 voxels, not {self.window}")
         if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
             found.append(f"prediction_type must be epsilon, sample or v_prediction, not {self.prediction_type!r}")
         if self.conditioning not in ("text", "learned"):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .config import ModelConfig
+from .families import FAMILIES
 
 TRAINING_RECORD = "training.json"
 VOLUME_RANGES = "structure_volumes_ml"  # in the training record: each structure's [smallest, largest] ml
@@ -27,7 +28,7 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         f"Family: `{config.family}`. Modality: {config.modality}. Model grid spacing (x, y, z): {config.spacing} mm.",
         f"Conditioning: {config.conditioning} (text encoder `{config.text_encoder}`)."
         if config.conditioning == "text" else "Conditioning: a learnt embedding per structure.",
-        "Sampling: " + "; ".join(_sampling(config)) + ".",
+        "Sampling: " + "; ".join(FAMILIES[config.family].card_text(config)) + ".",
         "",
         "Structures: " + ", ".join(f"`{s}`" for s in config.structures) + ".",
         "",
@@ -60,20 +61,6 @@ def _volume_ranges(ranges: dict[str, list[float]]) -> str:
     """The sentence of the training cases' structure volumes; a result far outside them gets a warning."""
     return ("Structure volumes in the training cases (ml; a result far outside them is flagged when segmenting): "
             + ", ".join(f"{name} {low:.0f}-{high:.0f}" for name, (low, high) in ranges.items()) + ".")
-
-
-def _sampling(config: ModelConfig) -> list[str]:
-    """How the model samples; the options are those of a universal-family config (read with getattr for others)."""
-    parts = [f"{config.default_steps} DDIM steps by default"]
-    if getattr(config, "project_to_masks", False):
-        parts.append("between steps each clean-mask estimate goes through the mask autoencoder (`project_to_masks`)")
-    if getattr(config, "mirror_proposals", False):
-        parts.append("proposals of odd seeds are sampled on the scan mirrored front to back and mirrored back "
-                     "(`mirror_proposals`)")
-    if getattr(config, "slice_smoothing", 0):
-        parts.append(f"each proposal is smoothed along z with a Gaussian of sigma {config.slice_smoothing:g} "
-                     "(in slices of the model grid; `slice_smoothing`)")
-    return parts
 
 
 def _scores(report: dict) -> list[str]:

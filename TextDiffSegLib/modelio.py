@@ -36,7 +36,7 @@ def read_config(directory: str | Path) -> ModelConfig:
     family = values.get("family") if isinstance(values, dict) else None
     if family not in FAMILIES:
         raise ModelError(f"{path}: unknown model family {family!r}; known families are {', '.join(FAMILIES)}")
-    return FAMILIES[family][0].from_dict(values)
+    return FAMILIES[family].config.from_dict(values)
 
 
 def save_model(model: torch.nn.Module, directory: str | Path, card: str | None = None, half: bool = True) -> Path:
@@ -79,7 +79,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tor
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise ModelError(f"cannot read {weights_path}: {error}; the file is corrupt, download or copy it again") from None
-    model = FAMILIES[config.family][1](config)
+    model = FAMILIES[config.family].model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

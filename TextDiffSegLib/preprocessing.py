@@ -51,6 +51,27 @@ def lateral_position(slices: np.ndarray, spacing_x: float) -> np.ndarray:
     return np.broadcast_to(position[..., None, :], slices.shape).astype(np.float32)
 
 
+def slice_stacks(image: np.ndarray, centres, context: int, position_spacing: float = 0.0,
+                 padding: tuple[tuple[int, int], tuple[int, int]] | None = None) -> np.ndarray:
+    """The input of a 2.5D model, the same in training and sampling: for each centre slice of ``image``
+    ([z, y, x] on the model grid, in [0, 1], or uint8 x 255 as training caches it), that slice with
+    ``context`` neighbours each side (the end slices repeated past the scan's ends), float32
+    ``[centres, 2 * context + 1 (+ 1), y, x]``. ``padding`` ((top, bottom), (left, right)) pads them
+    with air; with ``position_spacing`` (the grid's x spacing in mm) the centre slice's
+    ``lateral_position`` follows as one more channel, measured after padding.
+    """
+    centres = np.asarray(centres)
+    neighbours = np.clip(centres[:, None] + np.arange(-context, context + 1), 0, image.shape[0] - 1)
+    slices = image[neighbours].astype(np.float32)
+    if image.dtype == np.uint8:
+        slices /= 255.0
+    if padding is not None:
+        slices = np.pad(slices, ((0, 0), (0, 0), *padding))
+    if position_spacing:
+        slices = np.concatenate([slices, lateral_position(slices[:, context:context + 1], position_spacing)], axis=1)
+    return slices
+
+
 def model_grid(volume: Volume, spacing: tuple[float, float, float]) -> sitk.Image:
     """An empty axis-aligned LPS image at ``spacing`` covering the whole physical extent of ``volume``."""
     image = to_sitk(volume)

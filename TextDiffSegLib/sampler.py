@@ -54,14 +54,15 @@ def sample(denoise: Denoiser, scheduler, shape: tuple[int, ...], steps: int, gen
     return x
 
 
-def windowed(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, window: tuple[int, int],
+def windowed(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, window: tuple[int, ...],
              overlap: float = 0.25, batch_size: int = 64) -> torch.Tensor:
-    """``predict`` over 2D sliding windows of ``inputs`` [B, C, H, W], blended with Gaussian weights.
+    """``predict`` over sliding windows of ``inputs`` [B, C, *spatial] (2D windows (h, w) or 3D (d, h, w)),
+    blended with Gaussian weights (MONAI's ``sliding_window_inference``).
 
     Inputs no larger than ``window`` go through in one piece.
     """
-    height, width = inputs.shape[-2:]
-    if height <= window[0] and width <= window[1]:
+    spatial = inputs.shape[-len(window):]
+    if all(size <= side for size, side in zip(spatial, window)):
         return predict(inputs)
-    roi = (min(window[0], height), min(window[1], width))
+    roi = tuple(min(side, size) for side, size in zip(window, spatial))
     return sliding_window_inference(inputs, roi, batch_size, predict, overlap=overlap, mode="gaussian")

@@ -1,7 +1,9 @@
 """``Segmenter``: load a model once, then sample proposals for any scan and prompt.
 
 Only plain data crosses this boundary: a ``Volume`` and prompt text in; masks, probabilities,
-an uncertainty map and scores out, all on the input's exact grid.
+an uncertainty map and scores out, all on the input's exact grid. What is particular to a model
+family (how the scan is cut and encoded, the condition, the denoiser) is its predictor's
+(``families.base.Predictor``); the segmenter does the rest for every family.
 """
 
 from __future__ import annotations
@@ -14,19 +16,18 @@ import numpy as np
 import torch
 
 from .errors import InputImageError, PromptError
+from .families import FAMILIES
 from .fusion import agreement_scores, fuse, uncertainty_map
 from .modelio import load_model
-from .postprocessing import keep_largest_component, separate_overlaps, smooth_across_slices
-from .preprocessing import from_model_grid, lateral_position, model_grid, normalize_intensity, to_model_grid
+from .postprocessing import keep_largest_component, separate_overlaps
+from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
 from .registry import resolve_model
-from .sampler import make_scheduler, sample, windowed
 from .terminology import Structure, resolve_prompt, resolve_prompts
-from .text_encoders import conditioning_text, load_text_encoder
+from .text_encoders import TextEmbedding, conditioning_text, load_text_encoder
 from .typical_size import enlargement, read_volume_ranges, size_warning
 from .volume import Volume
 
 ProgressCallback = Callable[[dict], None]
-SLICE_BATCH = 32
 
 
 @dataclass
@@ -55,8 +56,8 @@ class ProposalSet:
 @dataclass
 class _PreparedScan:
     grid: object  # SimpleITK image of the model grid
-    features: torch.Tensor  # [slices, channels, h, w] image features on the latent grid
-    mirrored_features: torch.Tensor | None  # the same for the scan mirrored front to back (mirror_proposals)
+    prepared: object  # what the family's predictor prepared of the scan
+    mirrored: object | None  # the same for the scan mirrored front to back (where the family mirrors)
     shape: tuple[int, int, int]  # model-grid shape before padding
 
 
@@ -65,10 +66,10 @@ class Segmenter:
 
     def __init__(self, model: torch.nn.Module, name: str, device: torch.device,
                  volume_ranges: dict[str, list[float]] | None = None):
-        # Channels-last convolutions: on a CPU, 1.5-1.6 times as fast as the default layout (oneDNN).
-        self.model, self.name, self.device = model.to(memory_format=torch.channels_last), name, device
+        self.model, self.name, self.device = model, name, device
         self.volume_ranges = volume_ranges or {}  # structure -> training cases' [smallest, largest] ml
         self.config = model.config
+        self.predictor = FAMILIES[self.config.family].predictor(model, device)
         self._text_encoder = None
 
     @classmethod
@@ -100,8 +101,8 @@ class Segmenter:
                 second_look: bool = True, callback: ProgressCallback | None = None) -> ProposalSet:
         """Sample ``num_proposals`` segmentations of the structure ``prompt`` names.
 
-        Proposal k is sampled from seed ``seed + k`` (on the mirrored scan where the model's
-        ``mirror_proposals`` says so and the seed is odd); ``largest_component`` keeps only the largest
+        Proposal k is sampled from seed ``seed + k`` (on the mirrored scan where the model's family
+        mirrors, as the universal family's ``mirror_proposals`` says, and the seed is odd); ``largest_component`` keeps only the largest
         connected region of each proposal and of the fused mask; ``fusion`` is ``mean``, ``majority``
         or ``staple``; ``second_look`` is explained in ``propose_many``.
         """
@@ -135,15 +136,15 @@ class Segmenter:
         report = callback or (lambda event: None)
         report(_event("preprocess", 0.0, "resampling the scan to the model grid"))
         any_odd_seed = num_proposals > 1 or seed % 2 == 1  # only odd seeds sample the mirrored scan
-        mirror = self.config.mirror_proposals and any_odd_seed
+        mirror = self.predictor.mirrors and any_odd_seed
         scan = self._prepare(volume, mirror)
         sampling = (num_proposals, seed, steps, scheduler, fusion, largest_component)
         results = []
         for index, (prompt, structure) in enumerate(zip(prompts, structures)):
-            def on_proposal(k: int, step: int, fraction_base=index / len(prompts)):
-                done = (k + step / steps) / num_proposals
+            def on_proposal(k: int, step: int, total: int, fraction_base=index / len(prompts)):
+                done = (k + step / total) / num_proposals
                 report(_event("sample", fraction_base + done / len(prompts),
-                              f"{structure.display_name}: proposal {k + 1}/{num_proposals}, step {step}/{steps}"))
+                              f"{structure.display_name}: proposal {k + 1}/{num_proposals}, step {step}/{total}"))
             results.append(self._propose_structure(volume, scan, prompt, structure, *sampling, on_proposal))
         unseparated = [result.fused for result in results]
         separate = separate and len(results) > 1
@@ -174,7 +175,7 @@ class Segmenter:
                                          f"on; sampling it again on a grid {factor:.2f} times coarser"))
             coarse = self._prepare(volume, mirror, scale=factor)
             again = self._propose_structure(volume, coarse, result.prompt, result.structure, *sampling,
-                                            lambda k, step: None)
+                                            lambda k, step, total: None)
             if again.fused.sum() > unseparated[index].sum():
                 again.sampling_scale = factor
                 results[index], unseparated[index] = again, again.fused
@@ -190,81 +191,43 @@ class Segmenter:
 
     @torch.no_grad()
     def _prepare(self, volume: Volume, mirror: bool, scale: float = 1.0) -> _PreparedScan:
-        """The scan on the model grid (its in-plane spacing times ``scale``) and its features; with
-        ``mirror`` also those of the scan mirrored front to back."""
+        """The scan on the model grid (its in-plane spacing times ``scale``), normalised, padded at the end of
+        each axis to the predictor's multiples, and what the predictor prepares of it; with ``mirror`` also
+        of the scan mirrored front to back."""
         config = self.config
-        grid = model_grid(volume, (config.spacing[0] * scale, config.spacing[1] * scale, config.spacing[2]))
+        spacing = (config.spacing[0] * scale, config.spacing[1] * scale, config.spacing[2])
+        grid = model_grid(volume, spacing)
         normalized = volume.with_array(normalize_intensity(volume.array, config.modality))
-        image = torch.from_numpy(to_model_grid(normalized, grid))
-        shape = tuple(image.shape)
-        multiple = config.size_multiple  # scans narrower than the window go through the U-Net whole
-        pad_y, pad_x = (-shape[1]) % multiple, (-shape[2]) % multiple
-        image = torch.nn.functional.pad(image, (0, pad_x, 0, pad_y))
-        spacing_x = grid.GetSpacing()[0]
-        mirrored = self._encode(image.flip(-2), spacing_x) if mirror else None
-        return _PreparedScan(grid=grid, features=self._encode(image, spacing_x), mirrored_features=mirrored, shape=shape)
+        image = to_model_grid(normalized, grid)
+        shape = image.shape
+        # Scans narrower than a window go through the model whole, padded to sizes it accepts.
+        image = np.pad(image, [(0, -size % multiple) for size, multiple in zip(shape, self.predictor.size_multiple)])
+        mirrored = self.predictor.prepare(np.ascontiguousarray(image[:, ::-1]), spacing) if mirror else None
+        return _PreparedScan(grid=grid, prepared=self.predictor.prepare(image, spacing), mirrored=mirrored, shape=shape)
 
-    def _encode(self, image: torch.Tensor, spacing_x: float) -> torch.Tensor:
-        """Image features of every slice [z, y, x] of ``image`` (``spacing_x`` mm between columns), each with
-        its neighbours (and lateral position) as context."""
-        depth, context = image.shape[0], self.config.context_slices
-        features = []
-        for start in range(0, depth, SLICE_BATCH):
-            centres = torch.arange(start, min(start + SLICE_BATCH, depth))
-            offsets = torch.arange(-context, context + 1)
-            slices = image[(centres[:, None] + offsets[None]).clamp(0, depth - 1)]
-            if self.config.lateral_position:
-                position = lateral_position(image[centres, None].numpy(), spacing_x)
-                slices = torch.cat([slices, torch.from_numpy(position)], dim=1)
-            features.append(self.model.image_encoder(slices.to(self.device)))
-        return torch.cat(features)
-
-    def _condition(self, structure: Structure) -> torch.Tensor:
+    def _text(self, structure: Structure) -> TextEmbedding | None:
+        """The embedding of the structure's prompt, for a model conditioned on text."""
         config = self.config
         if config.conditioning == "learned":
-            condition = torch.tensor([config.structures.index(structure.name)], device=self.device)
-        else:
-            if self._text_encoder is None:
-                self._text_encoder = load_text_encoder(config.text_encoder, device=self.device)
-            condition = self._text_encoder.encode([conditioning_text(structure, config.modality)]).pooled
-        return self.model.embed_structure(condition)
+            return None
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(config.text_encoder, device=self.device)
+        return self._text_encoder.encode([conditioning_text(structure, config.modality)])
 
     @torch.no_grad()
     def _propose_structure(self, volume, scan: _PreparedScan, prompt, structure, num_proposals, seed, steps,
-                           scheduler_kind, fusion, largest_component, on_proposal) -> ProposalSet:
-        config = self.config
-        embedding = self._condition(structure)
-        scheduler = make_scheduler(scheduler_kind, config.num_train_timesteps, config.prediction_type)
-        window = tuple(w // config.downsampling for w in config.window)
-        latent_channels = config.latent_channels
+                           scheduler, fusion, largest_component, on_proposal) -> ProposalSet:
+        condition = self.predictor.condition(self._text(structure), self.config.structures.index(structure.name))
         seeds = [seed + k for k in range(num_proposals)]
-        on_model_grid = []  # each proposal's probabilities, smoothed and cleaned, on the (small) model grid
+        on_model_grid = []  # each proposal's probabilities, cleaned, on the (small) model grid
         for k, proposal_seed in enumerate(seeds):
-            mirrored = scan.mirrored_features is not None and proposal_seed % 2 == 1
-            scan_features = scan.mirrored_features if mirrored else scan.features
-            latents = []
-            for start in range(0, scan_features.shape[0], SLICE_BATCH):
-                features = scan_features[start:start + SLICE_BATCH]
-
-                def denoise(noisy, t, features=features):
-                    project = config.project_to_masks and t != scheduler.timesteps[-1]  # the last estimate is decoded as it is
-
-                    def predict(x):
-                        clean = self.model.denoise(x[:, :latent_channels], t, x[:, latent_channels:], embedding)
-                        return self.model.project_to_mask(clean) if project else clean
-
-                    return windowed(predict, torch.cat([noisy, features], dim=1), window)
-
-                generator = torch.Generator().manual_seed(proposal_seed * 100003 + start)
-                shape = (features.shape[0], latent_channels, *features.shape[-2:])
-                latents.append(sample(denoise, scheduler, shape, steps, generator, self.device))
-            on_proposal(k, steps)
-            probability = torch.sigmoid(self.model.decode_mask(torch.cat(latents)))[:, 0]
+            mirrored = scan.mirrored is not None and proposal_seed % 2 == 1
+            probability = self.predictor.sample(scan.mirrored if mirrored else scan.prepared, condition, proposal_seed,
+                                                steps, scheduler, lambda step, total, k=k: on_proposal(k, step, total))
             if mirrored:
-                probability = probability.flip(-2)
-            depth, height, width = scan.shape
-            smoothed = smooth_across_slices(probability[:, :height, :width].float().cpu().numpy(), config.slice_smoothing)
-            on_model_grid.append(keep_largest_component(smoothed) if largest_component else smoothed)
+                probability = probability[:, ::-1]
+            probability = np.ascontiguousarray(probability[tuple(slice(0, size) for size in scan.shape)])
+            on_model_grid.append(keep_largest_component(probability) if largest_component else probability)
         # Only the masks and the mean probability are resampled to the input's grid, which can be 50 times
         # the model grid's size (a thin-slice CT); resampling is linear, so that is the resampled maps' mean.
         proposals = [(from_model_grid(p, scan.grid, volume) >= 0.5).astype(np.uint8) for p in on_model_grid]

@@ -1,11 +1,11 @@
-"""Training a model family on a Decathlon-style dataset, resumable from checkpoints.
+"""Training any model family on a Decathlon-style dataset, resumable from checkpoints.
 
-Two stages, as in the universal-model paper: the mask autoencoder first (BCE + Dice, weight
-decay), then, with it frozen, the image encoder, structure embedding and denoiser (MSE on the
-predicted clean latent, plus BCE + Dice of its decoded mask). The saved model holds an exponential
-moving average of the second stage's weights, as diffusion models usually do (steadier than the
-last step's weights). A checkpoint is written every few hundred steps; running the same command
-again resumes from it. Every step's loss goes to ``loss_log.csv``.
+The family's recipe (``families.base.Recipe``) gives the stages, their losses and the batches; this
+trainer runs them: AdamW with a cosine schedule, bfloat16 autocast where the device computes it
+natively, batches drawn by worker processes, and for an averaged stage an exponential moving average
+of the trained weights, which is what is saved (steadier than the last step's weights, as diffusion
+models usually do). A checkpoint is written every few hundred steps; running the same command again
+resumes from it. Every step's loss goes to ``loss_log.csv``.
 """
 
 from __future__ import annotations
@@ -21,26 +21,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
 from .adaptation import add_adapter, save_adapter, weights_sha256
-from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
+from .datasets import prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError
 from .families import FAMILIES
+from .families.base import BatchSource, Stage
 from .modelio import load_model, save_model
 from .model_card import TRAINING_RECORD, VOLUME_RANGES, render_card
-from .preprocessing import lateral_position
 from .registry import resolve_model
-from .sampler import make_scheduler
 from .terminology import get_structure, resolve_prompt
-from .text_encoders import conditioning_text, load_text_encoder
+from .text_encoders import TextEmbedding, conditioning_text, load_text_encoder
 from .typical_size import training_volume_ranges
 from .volume import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "loss_log.csv"
-NEAR_NEGATIVE_MM = 40.0  # how far past a structure's ends the near negative slices reach
 # Config fields that are not model options: the dataset, the run's settings and training set them.
 NOT_OPTIONS = ("family", "name", "modality", "structures", "adapter", "latent_scale")
 
@@ -55,7 +51,7 @@ class TrainSettings:
     validation_fraction: float = 0.2
     split_seed: int = 0
     batch_size: int = 16
-    crop: tuple[int, int] = (128, 128)  # training crop, voxels of the model grid (slices smaller than it are padded)
+    crop: tuple[int, ...] = (128, 128)  # training crop, voxels of the model grid: (y, x) slices or (z, y, x) patches
     autoencoder_steps: int = 600
     diffusion_steps: int = 6000
     autoencoder_lr: float = 1e-3
@@ -81,177 +77,15 @@ class TrainSettings:
     workers: int = 0  # processes drawing batches ahead of the training step (0: drawn in the training process)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - Dice of each sample; ``eps`` keeps empty masks well defined."""
-    probabilities = torch.sigmoid(logits).flatten(1)
-    target = target.flatten(1)
-    intersection = (probabilities * target).sum(1)
-    return 1 - (2 * intersection + eps) / (probabilities.sum(1) + target.sum(1) + eps)
-
-
-def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE + Dice of each sample (the mask autoencoder's loss in papers/002)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
-    return bce + soft_dice_loss(logits, target)
-
-
-class ImportanceTimesteps:
-    """Timesteps drawn in proportion to the loss they recently gave (papers/002, after Nichol & Dhariwal).
-
-    The range is cut into buckets; each bucket keeps its last few losses, and a bucket is drawn with
-    probability proportional to the root mean square of those, mixed with a little of the uniform
-    distribution. Until every bucket has a history, timesteps are uniform. Without this, x0-prediction
-    learns to copy the lightly noised mask and stays weak at the high timesteps sampling starts from.
-    """
-
-    def __init__(self, num_timesteps: int, buckets: int = 20, history: int = 10, uniform: float = 0.1):
-        self.num_timesteps, self.uniform = num_timesteps, uniform
-        self.edges = torch.linspace(0, num_timesteps, buckets + 1).long()
-        self.losses = torch.full((buckets, history), float("nan"))
-
-    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        if torch.isnan(self.losses).any():
-            return torch.randint(0, self.num_timesteps, (count,), generator=generator)
-        weights = self.losses.pow(2).mean(1).sqrt()
-        weights = (1 - self.uniform) * weights / weights.sum() + self.uniform / len(weights)
-        buckets = torch.multinomial(weights, count, replacement=True, generator=generator)
-        low, high = self.edges[buckets], self.edges[buckets + 1]
-        return low + (torch.rand(count, generator=generator) * (high - low)).long()
-
-    def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
-        buckets = torch.bucketize(timesteps.cpu(), self.edges[1:-1], right=True)
-        for bucket, loss in zip(buckets.tolist(), losses.detach().cpu().tolist()):
-            self.losses[bucket] = torch.cat([self.losses[bucket, 1:], torch.tensor([loss])])
-
-
-class SliceSampler:
-    """Random 2.5D crops with the mask of one structure, from cases on the model grid.
-
-    A share ``present_fraction`` of the samples comes from slices that contain the structure; the
-    rest from slices that do not, and of those a share ``near_negative_fraction`` from the
-    ``near_slices`` just past its ends, where a slice-wise model is least sure whether the structure
-    is there (the kidney and pancreas prompts on slices past their ends, the liver prompt on the heart).
-
-    Anterior-posterior flips are an augmentation: BTCV as redistributed stores that axis flipped
-    relative to its header, so the model must not rely on it. Left-right is never flipped. Small
-    in-plane rotations and zooms stand in for the variety of patients a few cases lack; with
-    ``gamma`` above 1, a random gamma curve on the intensities (as nnU-Net's augmentation) for the
-    variety of scanners and contrast phases: each tissue's brightness moves, its order is kept.
-
-    With ``position_spacing`` (the model grid's x spacing in mm), each sample gets one more channel
-    after its slices: the lateral position (``preprocessing.lateral_position``) of the slice as padded,
-    cropped, turned and zoomed with it, so that it stays the position of the anatomy under it.
-    """
-
-    def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int],
-                 context: int, present_fraction: float, seed: int, rotation_degrees: float = 0.0,
-                 scaling: float = 0.0, near_negative_fraction: float = 0.0, near_slices: int = 8,
-                 position_spacing: float = 0.0, gamma: float = 1.0):
-        self.cases, self.structures, self.crop = cases, structures, crop
-        self.position_spacing = position_spacing
-        self.context, self.present_fraction = context, present_fraction
-        self.slice_channels = 2 * context + 1  # the slice and its neighbours; the lateral position comes after them
-        self.rotation_degrees, self.scaling, self.gamma = rotation_degrees, scaling, gamma
-        self.near_negative_fraction = near_negative_fraction
-        self.rng = np.random.default_rng(seed)
-        self.slices_with, self.slices_without, self.slices_near = {}, {}, {}
-        for i, case in enumerate(cases):
-            for s in structures:
-                present = case.mask(s).any(axis=(1, 2))
-                near = ndimage.binary_dilation(present, iterations=near_slices) & ~present
-                self.slices_with[(i, s)] = np.flatnonzero(present)
-                self.slices_without[(i, s)] = np.flatnonzero(~present)
-                self.slices_near[(i, s)] = np.flatnonzero(near)
-
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, masks, labels = [], [], []
-        for _ in range(size):
-            image, mask, label = self._item()
-            images.append(image)
-            masks.append(mask)
-            labels.append(label)
-        images, masks = self._rotate_and_zoom(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
-        return images, masks, torch.tensor(labels)
-
-    def _rotate_and_zoom(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample turned and zoomed about its centre; what comes in from outside is air (0)."""
-        if not (self.rotation_degrees or self.scaling):
-            return images, masks
-        count = images.shape[0]
-        angles = np.deg2rad(self.rng.uniform(-self.rotation_degrees, self.rotation_degrees, count))
-        zooms = self.rng.uniform(1 - self.scaling, 1 + self.scaling, count)
-        height, width = images.shape[-2:]
-        cos, sin = np.cos(angles) / zooms, np.sin(angles) / zooms
-        # A rotation in voxels, written in grid_sample's coordinates (-1..1 along each side).
-        theta = np.stack([np.stack([cos, -sin * height / width, np.zeros(count)], 1),
-                          np.stack([sin * width / height, cos, np.zeros(count)], 1)], 1)
-        grid = F.affine_grid(torch.from_numpy(theta).float(), list(images.shape), align_corners=False)
-        slices = self.slice_channels
-        turned = F.grid_sample(images[:, :slices], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if images.shape[1] > slices:  # the lateral position: held at its edge value outside, not 0
-            position = F.grid_sample(images[:, slices:], grid, mode="bilinear", padding_mode="border", align_corners=False)
-            turned = torch.cat([turned, position], dim=1)
-        images = turned
-        masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return images, masks
-
-    def _item(self):
-        rng = self.rng
-        label = int(rng.integers(len(self.structures)))
-        case_index = int(rng.integers(len(self.cases)))
-        case = self.cases[case_index]
-        key = (case_index, self.structures[label])
-        if rng.random() < self.present_fraction:
-            choices = self.slices_with[key]
-        elif rng.random() < self.near_negative_fraction:
-            choices = self.slices_near[key]
-        else:
-            choices = self.slices_without[key]
-        depth = case.image.shape[0]
-        z = int(rng.choice(choices)) if len(choices) else int(rng.integers(depth))
-        neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)
-        image = case.image[neighbours].astype(np.float32) / 255.0
-        mask = case.mask(self.structures[label], z)[None].astype(np.float32)
-        image, mask = self._pad(image, mask)
-        if self.position_spacing:
-            image = np.concatenate([image, lateral_position(image[self.context][None], self.position_spacing)])
-        image, mask = self._crop(image, mask)
-        if rng.random() < 0.5:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-        slices = self.slice_channels
-        intensities = image[:slices]
-        if self.gamma != 1:
-            intensities = intensities ** np.float32(np.exp(rng.uniform(-np.log(self.gamma), np.log(self.gamma))))
-        scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
-        image = np.concatenate([np.clip(intensities * scale + shift, 0, 1), image[slices:]])
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask), label
-
-    def _pad(self, image: np.ndarray, mask: np.ndarray):
-        """A slice smaller than the crop, padded with air to the crop's size; it lands anywhere in it."""
-        height, width = self.crop
-        pad_y, pad_x = max(0, height - image.shape[1]), max(0, width - image.shape[2])
-        if not (pad_y or pad_x):
-            return image, mask
-        top, left = int(self.rng.integers(pad_y + 1)), int(self.rng.integers(pad_x + 1))
-        pads = ((0, 0), (top, pad_y - top), (left, pad_x - left))
-        return np.pad(image, pads), np.pad(mask, pads)
-
-    def _crop(self, image: np.ndarray, mask: np.ndarray):
-        height, width = self.crop
-        y = int(self.rng.integers(image.shape[1] - height + 1))
-        x = int(self.rng.integers(image.shape[2] - width + 1))
-        return image[:, y:y + height, x:x + width], mask[:, y:y + height, x:x + width]
-
-
 class WorkerBatches(torch.utils.data.IterableDataset):
-    """Endless batches of a ``SliceSampler`` for a ``DataLoader`` with worker processes.
+    """Endless batches of a family's batch source for a ``DataLoader`` with worker processes.
 
     Each worker draws from its own random stream, seeded by ``seed`` (the run's seed and position)
     and the worker's number: forked with one copy of the sampler, they would otherwise all send
     the same batches.
     """
 
-    def __init__(self, sampler: SliceSampler, batch_size: int, seed: list[int]):
+    def __init__(self, sampler: BatchSource, batch_size: int, seed: list[int]):
         self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
 
     def __iter__(self):
@@ -266,7 +100,7 @@ def _new_config(settings: TrainSettings, name: str, modality: str, structures: t
     """The config of a model trained from scratch: its family's defaults, with ``settings.model_options``."""
     if settings.family not in FAMILIES:
         raise DataError(f"unknown model family {settings.family!r}; known families are {', '.join(FAMILIES)}")
-    config_class = FAMILIES[settings.family][0]
+    config_class = FAMILIES[settings.family].config
     options = settings.model_options
     known = sorted({f.name for f in dataclasses.fields(config_class)} - set(NOT_OPTIONS))
     misplaced = sorted(set(options) & set(NOT_OPTIONS))
@@ -316,7 +150,7 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
 
 
 class _Run:
-    """State of one training run: model, optimiser, step counters, log."""
+    """State of one training run: the model, its family's recipe, optimiser, stage and step, log."""
 
     def __init__(self, settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None):
         self.settings, self.progress = settings, progress
@@ -343,7 +177,6 @@ class _Run:
                       or tuple(dataset.labels[v] for v in sorted(dataset.labels)))
         dataset.require_labels(structures)
         self.training_cases, self.validation_cases = split_cases(dataset.cases, settings.validation_fraction, settings.split_seed)
-        self.stage, self.step = "autoencoder", 0
         if settings.lora_rank and not settings.init_from:
             raise DataError("LoRA adapts a trained model: name it with init_from (--init-from)")
         if settings.init_from:
@@ -357,29 +190,25 @@ class _Run:
             _check_options_kept(self.config, settings.model_options, settings.init_from)
             structures = self.config.structures
             dataset.require_labels(structures, f", which {settings.init_from} segments; training from it needs all of them")
-            self.stage = "diffusion"
         else:
             self.config = _new_config(settings, settings.name or self.output.name, dataset.modality, structures)
-            self.model = FAMILIES[settings.family][1](self.config).to(self.device)
-        multiple = self.config.size_multiple
-        if any(side <= 0 or side % multiple for side in settings.crop):
-            raise DataError(f"training crops need sides that are positive multiples of {multiple} (the model's "
-                            f"downsampling), not {tuple(settings.crop)}")
-        self.model.to(memory_format=torch.channels_last)
+            self.model = FAMILIES[settings.family].model(self.config).to(self.device)
+        self.recipe = FAMILIES[self.config.family].recipe(self.model, settings, self)
+        # A model trained on from another skips the stages that make a new one (its autoencoder, say).
+        self.stages = [stage for stage in self.recipe.stages() if not (settings.init_from and stage.new_models_only)]
+        self.stage, self.step = self.stages[0].name, 0
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
-        self.sampler = SliceSampler(prepared, structures, tuple(settings.crop), self.config.context_slices,
-                                    settings.present_fraction, settings.seed, settings.rotation_degrees,
-                                    settings.scaling, settings.near_negative_fraction,
-                                    near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])),
-                                    position_spacing=self.config.spacing[0] if self.config.lateral_position else 0.0,
-                                    gamma=settings.gamma)
-        self.conditions = self._conditions()
-        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
+        self.sampler = self.recipe.batch_source(prepared, structures, self._text(structures))
+        self.cases, self.structures = prepared, structures
         self.optimizer = self._optimizer()
-        self.average: dict[str, torch.Tensor] | None = None  # the moving average, once the diffusion stage runs
+        self.average: dict[str, torch.Tensor] | None = None  # the moving average, once an averaged stage runs
         self._resume()
         self.worker_batches = None  # started at the first batch, after resuming has set the run's position
+
+    @property
+    def current(self) -> Stage:
+        return next(stage for stage in self.stages if stage.name == self.stage)
 
     def position_seed(self) -> list[int]:
         """The seed of the batches drawn from the run's current position (so that a resumed run draws new ones)."""
@@ -414,36 +243,29 @@ class _Run:
         add_adapter(self.model, reference, weights_sha256(base), self.settings.lora_rank,
                     self.settings.lora_alpha or self.settings.lora_rank)
 
-    def _conditions(self) -> torch.Tensor:
-        """Per structure: pooled text embeddings of its canonical prompt, or its index (learned option)."""
+    def _text(self, structures: tuple[str, ...]) -> TextEmbedding | None:
+        """The embeddings of the structures' canonical prompts, one row each (None for a learned embedding)."""
         if self.config.conditioning == "learned":
-            return torch.arange(len(self.config.structures), device=self.device)
+            return None
         encoder = load_text_encoder(self.config.text_encoder, device=self.device)
-        texts = [conditioning_text(get_structure(s), self.config.modality) for s in self.config.structures]
-        return encoder.encode(texts).pooled
+        return encoder.encode([conditioning_text(get_structure(s), self.config.modality) for s in structures])
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        if self.stage == "autoencoder":
-            parameters, lr = self.model.mask_autoencoder.parameters(), self.settings.autoencoder_lr
-        else:
-            self.model.mask_autoencoder.requires_grad_(False)
-            parameters = [p for p in self.model.parameters() if p.requires_grad]
-            lr = self.settings.lr
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=self.settings.weight_decay)
+        stage = self.current
+        return torch.optim.AdamW(stage.parameters(), lr=stage.lr, weight_decay=self.settings.weight_decay)
 
     def _resume(self) -> None:
         path = self.output / CHECKPOINT_NAME
         if path.is_file():
             try:
                 state = torch.load(path, map_location=self.device, weights_only=True)
-                self.config.latent_scale = state["latent_scale"]
+                self.recipe.load_state(state)
                 self.model.load_state_dict(state["model"])
                 self.stage, self.step = state["stage"], state["step"]
                 self.optimizer = self._optimizer()
                 self.optimizer.load_state_dict(state["optimizer"])
-                self.timesteps.losses = state["timestep_losses"]
                 self.average = state.get("average")
-            except (RuntimeError, ValueError, KeyError, EOFError, OSError) as error:
+            except (RuntimeError, ValueError, KeyError, EOFError, OSError, StopIteration) as error:
                 lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().endswith(":")]
                 first_line = lines[0][:200] if lines else type(error).__name__
                 raise ModelError(
@@ -461,7 +283,7 @@ class _Run:
             return
         with path.open(newline="") as handle:
             rows = list(csv.reader(handle))
-        stages = ("autoencoder", "diffusion")
+        stages = [stage.name for stage in self.stages]
 
         def done(row: list[str]) -> bool:
             try:
@@ -477,9 +299,8 @@ class _Run:
             write_atomically(path, lambda p: p.write_text(text.getvalue()), overwrite=True)
 
     def checkpoint(self) -> None:
-        state = {"stage": self.stage, "step": self.step, "latent_scale": self.config.latent_scale,
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "timestep_losses": self.timesteps.losses, "average": self.average}
+        state = {**self.recipe.state(), "stage": self.stage, "step": self.step, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "average": self.average}
         write_atomically(self.output / CHECKPOINT_NAME, lambda p: torch.save(state, p), overwrite=True)
 
     def log(self, loss: float, seconds: float) -> None:
@@ -491,71 +312,28 @@ class _Run:
                 writer.writerow(["stage", "step", "loss", "lr", "seconds"])
             writer.writerow([self.stage, self.step, f"{loss:.6f}", f"{self.optimizer.param_groups[0]['lr']:.3g}", f"{seconds:.3f}"])
 
-    def run_stage(self, total: int, train_step: Callable[[], float], base_lr: float) -> None:
-        while self.step < total:
+    def run_stage(self) -> None:
+        """The current stage's remaining steps."""
+        stage = self.current
+        while self.step < stage.steps:
             started = time.perf_counter()
             for group in self.optimizer.param_groups:
-                group["lr"] = _cosine_lr(self.step, total, base_lr)
-            loss = train_step()
+                group["lr"] = _cosine_lr(self.step, stage.steps, stage.lr)
+            loss = stage.loss(self.batch())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if stage.averaged:
+                self.update_average()
             self.step += 1
-            self.log(loss, time.perf_counter() - started)
+            self.log(loss.item(), time.perf_counter() - started)
             if self.progress is not None:
-                self.progress(self.stage, self.step, total, loss)
-            if self.step % self.settings.checkpoint_every == 0 or self.step == total:
+                self.progress(self.stage, self.step, stage.steps, loss.item())
+            if self.step % self.settings.checkpoint_every == 0 or self.step == stage.steps:
                 self.checkpoint()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """On the training device, laid out channels-last (faster convolutions)."""
-        return tensor.to(self.device, memory_format=torch.channels_last)
-
-    def autoencoder_step(self) -> float:
-        _, masks, _ = self.batch()
-        masks = self._to_device(masks)
-        autoencoder = self.model.mask_autoencoder
-        with self.autocast():
-            logits = autoencoder.decode(autoencoder.encode(masks))
-        loss = mask_loss(logits.float(), masks).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def measure_latent_scale(self, batches: int = 20) -> float:
-        latents = [self.model.mask_autoencoder.encode(self.batch()[1].to(self.device))
-                   for _ in range(batches)]
-        return float(1.0 / torch.cat(latents).std().clamp(min=1e-6))
-
-    def diffusion_step(self, scheduler) -> float:
-        images, masks, labels = self.batch()
-        images, masks, labels = self._to_device(images), self._to_device(masks), labels.to(self.device)
-        model = self.model
-        with torch.no_grad():
-            clean = model.encode_mask(masks)
-        noise = torch.randn_like(clean)
-        timesteps = self.timesteps.sample(clean.shape[0]).to(self.device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        decoded = self.config.prediction_type == "sample" and self.settings.decoded_mask_weight > 0
-        with self.autocast():
-            prediction = model.denoise(noisy, timesteps, model.image_encoder(images),
-                                       model.embed_structure(self.conditions[labels]))
-            logits = model.decode_mask(prediction) if decoded else None
-        target = {"sample": clean, "epsilon": noise}.get(self.config.prediction_type)
-        if target is None:
-            target = scheduler.get_velocity(clean, noise, timesteps)
-        losses = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
-        if decoded:
-            losses = losses + self.settings.decoded_mask_weight * mask_loss(logits.float(), masks)
-        self.timesteps.update(timesteps, losses)
-        loss = losses.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.update_average()
-        return loss.item()
 
     def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
@@ -587,19 +365,20 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     torch.manual_seed(settings.seed)
     run = _Run(settings, progress)
     run.model.train()
-    if run.stage == "autoencoder":
-        run.run_stage(settings.autoencoder_steps, run.autoencoder_step, settings.autoencoder_lr)
-        run.config.latent_scale = run.measure_latent_scale()
-        run.stage, run.step = "diffusion", 0
-        run.optimizer = run._optimizer()
-        run.checkpoint()
-    scheduler = make_scheduler("ddpm", run.config.num_train_timesteps, run.config.prediction_type)
-    run.run_stage(settings.diffusion_steps, lambda: run.diffusion_step(scheduler), settings.lr)
+    names = [stage.name for stage in run.stages]
+    for stage in run.stages[names.index(run.stage):]:
+        if stage.name != run.stage:  # the next stage starts
+            run.stage, run.step = stage.name, 0
+            run.optimizer = run._optimizer()
+            run.checkpoint()
+        run.run_stage()
+        if stage.finish is not None:
+            stage.finish()
     run.use_average()
     run.model.eval()
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
     record = {"settings": dataclasses.asdict(settings), "split": split,
-              VOLUME_RANGES: training_volume_ranges(run.sampler.cases, run.sampler.structures, run.config.spacing)}
+              VOLUME_RANGES: training_volume_ranges(run.cases, run.structures, run.config.spacing)}
     save = save_adapter if run.config.adapter is not None else save_model
     folder = save(run.model, run.output / "model", card=render_card(run.config, record))
     (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -52,6 +52,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_model(UniversalModel(tiny_config()), tmp_path_factory.mktemp("models") / "tiny", card="# tiny\n")
 
 
+def balanced_copy(model_dir: Path, volume, folder: Path) -> Path:
+    """A copy of the tiny universal model with its mask decoder's last bias shifted so that its probabilities on
+    ``volume`` straddle 0.5 (the random model's sit near 0.5155 everywhere, so its masks are full)."""
+    import math
+
+    import torch
+
+    from TextDiffSegLib.modelio import load_model, save_model
+    from TextDiffSegLib.segmenter import Segmenter
+
+    probability = float(np.median(Segmenter.from_pretrained(model_dir).propose(volume, "liver", 1, 0, 2).mean_probability))
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.mask_autoencoder.decoder[-1].bias -= math.log(probability / (1 - probability))
+    return save_model(model, folder, card="# balanced\n", half=False)
+
+
 @pytest.fixture(scope="session")
 def size_checked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with a training record saying its training livers measured 1-2 million ml: any liver it

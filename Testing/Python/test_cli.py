@@ -3,14 +3,13 @@ through the installed console script.
 
 Most runs use the tiny random model of ``conftest`` (``--steps 2 --proposals 2``) so that each takes
 about a second. Its probabilities sit near 0.5155 everywhere, so every thresholded mask is full and
-every seed gives the same masks; ``balanced_model_dir`` shifts its last bias so the probabilities
-straddle 0.5, which makes the masks depend on the seed (what the seed tests need).
+every seed gives the same masks; ``balanced_model_dir`` shifts them so that they straddle 0.5, which
+makes the masks depend on the seed (what the seed tests need).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 import slicerio.segmentation
+from conftest import balanced_copy
 
 from TextDiffSegLib import cli, terminology
 from TextDiffSegLib.machine import device_name
@@ -95,18 +95,8 @@ def small_ct(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def balanced_model_dir(tiny_model_dir, small_ct, tmp_path_factory) -> Path:
-    """The tiny model with its mask decoder's last bias shifted so its probabilities straddle 0.5."""
-    import torch
-
-    from TextDiffSegLib.modelio import load_model, save_model
-    from TextDiffSegLib.segmenter import Segmenter
-
-    volume = read_volume(small_ct)
-    probability = float(np.median(Segmenter.from_pretrained(tiny_model_dir).propose(volume, "liver", 1, 0, 2).mean_probability))
-    model = load_model(tiny_model_dir)
-    with torch.no_grad():
-        model.mask_autoencoder.decoder[-1].bias -= math.log(probability / (1 - probability))
-    return save_model(model, tmp_path_factory.mktemp("models") / "balanced", card="# balanced\n", half=False)
+    """The tiny model with its probabilities shifted to straddle 0.5 (``conftest.balanced_copy``)."""
+    return balanced_copy(tiny_model_dir, read_volume(small_ct), tmp_path_factory.mktemp("models") / "balanced")
 
 
 @pytest.fixture
@@ -400,7 +390,7 @@ def _corrupt_config(tmp_path, model):
 def _mismatched_config(tmp_path, model):
     copy = _copy_model(tmp_path, model, "mismatched")
     config = json.loads((copy / "config.json").read_text())
-    config["unet_channels"] = [16, 16, 32]
+    config["text_embed_dim"] *= 2
     (copy / "config.json").write_text(json.dumps(config))
     return copy
 

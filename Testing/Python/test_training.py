@@ -22,7 +22,8 @@ from TextDiffSegLib.families.universal import UniversalModel
 from TextDiffSegLib.model_card import VOLUME_RANGES
 from TextDiffSegLib.modelio import read_config, save_model
 from TextDiffSegLib.segmenter import Segmenter
-from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, SliceSampler, TrainSettings, train
+from TextDiffSegLib.families.universal_training import SliceSampler
+from TextDiffSegLib.training import CHECKPOINT_NAME, LOG_NAME, NOT_OPTIONS, TrainSettings, train
 from TextDiffSegLib.volume import read_volume
 
 pytestmark = pytest.mark.realdata

@@ -4,9 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from conftest import tiny_config
 
 from TextDiffSegLib.datasets import PreparedCase
-from TextDiffSegLib.segmenter import ProposalSet, Segmenter
+from TextDiffSegLib.families.base import Predictor
+from TextDiffSegLib.families.universal import UniversalModel
+from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.terminology import get_structure
 from TextDiffSegLib.typical_size import MARGIN, enlargement, read_volume_ranges, size_warning, training_volume_ranges
 from TextDiffSegLib.volume import Volume
@@ -71,63 +75,75 @@ def test_enlargement_is_the_length_ratio_beyond_the_warning_margin():
 SCAN = Volume(np.zeros((10, 20, 20), np.int16), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))  # 0.001 ml a voxel
 
 
-def _looks(monkeypatch, segmenter, found: dict[tuple[str, float], tuple[int, float]]) -> list[tuple[str, float]]:
-    """Replace the segmenter's sampling of one structure by masks of ``found[(structure, in-plane spacing of the
-    model grid)]`` = (the first that many voxels, their mean probability); the looks it was asked for."""
-    looks = []
+class SlicesFound(Predictor):
+    """A family's predictor that finds ``found[(structure, in-plane spacing of the model grid)]`` = (the first so
+    many whole z-slices, at this probability), and records the looks it was asked for."""
 
-    def sample_structure(volume, scan, prompt, structure, *sampling_and_callback):
-        spacing = round(scan.grid.GetSpacing()[0], 3)
-        looks.append((structure.name, spacing))
-        voxels, probability = found[(structure.name, spacing)]
-        fused = np.zeros(volume.array.shape, np.uint8)
-        fused.flat[:voxels] = 1
-        return ProposalSet(structure=structure, prompt=prompt, model="tiny", seeds=[0], proposals=[fused],
-                           mean_probability=fused * np.float32(probability), fused=fused, scores=[1.0])
+    def __init__(self, model, device, found: dict[tuple[str, float], tuple[int, float]]):
+        super().__init__(model, device)
+        self.found, self.looks = found, []
 
-    monkeypatch.setattr(segmenter, "_propose_structure", sample_structure)
-    return looks
+    def prepare(self, image, spacing):
+        return round(spacing[0], 3), image.shape
+
+    def condition(self, text, index):
+        return self.config.structures[index]
+
+    def sample(self, prepared, condition, seed, steps, scheduler, on_step):
+        spacing, shape = prepared
+        self.looks.append((condition, spacing))
+        slices, probability = self.found[(condition, spacing)]
+        found = np.zeros(shape, np.float32)
+        found[:slices] = probability
+        return found
 
 
-@pytest.mark.parametrize("second_look_voxels, kept_scale", [(3000, 2.0), (1000, 1.0)])
+def _segmenter(found) -> Segmenter:
+    """A segmenter whose model grid is the scan's grid (1 mm), sampling what ``found`` says."""
+    segmenter = Segmenter(UniversalModel(tiny_config(spacing=(1.0, 1.0, 1.0))), "tiny", torch.device("cpu"))
+    segmenter.predictor = SlicesFound(segmenter.model, segmenter.device, found)
+    return segmenter
+
+
+@pytest.mark.parametrize("second_look_slices, kept_scale", [(7, 2.0), (3, 1.0)])
 def test_a_structure_far_larger_than_the_training_cases_is_sampled_again_on_a_coarser_grid(
-        monkeypatch, tiny_model_dir, second_look_voxels, kept_scale):
-    """The tiny model's grid is 6 mm in-plane. The liver found first measures 1600 voxels, 1.6 ml: beyond
-    the 0.1-0.2 ml of its training record times the margin, and 2 times the largest in length, so it is
-    sampled again on a 12 mm grid; the second look is kept only where it finds more. The spleen, within
-    its range, and the kidney, with none, are sampled once."""
-    segmenter = Segmenter.from_pretrained(tiny_model_dir)
+        second_look_slices, kept_scale):
+    """The liver found first measures 4 slices of 400 voxels, 1.6 ml: beyond the 0.1-0.2 ml of its training
+    record times the margin, and 2 times the largest in length, so it is sampled again on a grid of 2 mm in-plane;
+    the second look is kept only where it finds more. The spleen, within its range, and the kidney, with
+    none, are sampled once."""
+    segmenter = _segmenter({("liver", 1.0): (4, 0.9), ("liver", 2.0): (second_look_slices, 0.9),
+                            ("spleen", 1.0): (1, 0.6), ("kidney_left", 1.0): (1, 0.6)})
     segmenter.volume_ranges = {"liver": [0.1, 0.2], "spleen": [0.1, 1.0]}
-    looks = _looks(monkeypatch, segmenter, {("liver", 6.0): (1600, 0.9), ("liver", 12.0): (second_look_voxels, 0.9),
-                                            ("spleen", 6.0): (200, 0.6), ("kidney_left", 6.0): (100, 0.6)})
-    liver, spleen, kidney = segmenter.propose_many(SCAN, ["liver", "spleen", "left kidney"], separate=False)
-    assert looks == [("liver", 6.0), ("spleen", 6.0), ("kidney_left", 6.0), ("liver", 12.0)]
-    assert liver.sampling_scale == kept_scale and liver.fused.sum() == max(1600, second_look_voxels)
+    looks = segmenter.predictor.looks
+    liver, spleen, kidney = segmenter.propose_many(SCAN, ["liver", "spleen", "left kidney"], num_proposals=1,
+                                                   separate=False)
+    assert looks == [("liver", 1.0), ("spleen", 1.0), ("kidney_left", 1.0), ("liver", 2.0)]
+    assert liver.sampling_scale == kept_scale and liver.fused.sum() == 400 * max(4, second_look_slices)
     assert ("sampled a second time, on a grid 2.00 times coarser" in liver.warning) == (kept_scale > 1)
     assert spleen.sampling_scale == kidney.sampling_scale == 1.0 and spleen.warning is None
 
     looks.clear()
-    segmenter.propose_many(SCAN, ["liver", "spleen", "left kidney"], separate=False, second_look=False)
-    assert looks == [("liver", 6.0), ("spleen", 6.0), ("kidney_left", 6.0)]
+    segmenter.propose_many(SCAN, ["liver", "spleen", "left kidney"], num_proposals=1, separate=False, second_look=False)
+    assert looks == [("liver", 1.0), ("spleen", 1.0), ("kidney_left", 1.0)]
 
 
-def test_the_second_look_is_measured_after_and_separated_like_the_first(monkeypatch, tiny_model_dir):
-    """The liver's first look (1600 voxels) overlaps the more probable spleen's (the first 1000), which
-    leaves it 600 voxels, 0.6 ml. Against a largest training liver of 0.5 ml that is within the margin,
-    no second look; against 0.3 ml it is twice the volume, so it is looked at again on a grid 2 ** (1/3)
-    times coarser. That look (every voxel, less probable than the spleen) is separated from the spleen too."""
-    segmenter = Segmenter.from_pretrained(tiny_model_dir)
-    coarser = round(6.0 * 2 ** (1 / 3), 3)
-    looks = _looks(monkeypatch, segmenter, {("liver", 6.0): (1600, 0.5), ("spleen", 6.0): (1000, 0.9),
-                                            ("liver", coarser): (SCAN.array.size, 0.5)})
-    segmenter.volume_ranges = {"liver": [0.1, 0.5]}
-    liver, spleen = segmenter.propose_many(SCAN, ["liver", "spleen"])
-    assert looks == [("liver", 6.0), ("spleen", 6.0)] and liver.fused.sum() == 600 and liver.sampling_scale == 1.0
+def test_the_second_look_is_measured_after_and_separated_like_the_first():
+    """The liver's first look (its first 4 slices, 1600 voxels) overlaps the more probable spleen's (the first 2),
+    which leaves it 800 voxels, 0.8 ml. Against a largest training liver of 0.6 ml that is within the margin,
+    no second look; against 0.4 ml it is twice the volume, so it is looked at again on a grid 2 ** (1/3)
+    times coarser in-plane. That look (every slice, less probable than the spleen) is separated from the spleen too."""
+    coarser = round(2 ** (1 / 3), 3)
+    segmenter = _segmenter({("liver", 1.0): (4, 0.6), ("spleen", 1.0): (2, 0.9), ("liver", coarser): (10, 0.6)})
+    looks = segmenter.predictor.looks
+    segmenter.volume_ranges = {"liver": [0.1, 0.6]}
+    liver, spleen = segmenter.propose_many(SCAN, ["liver", "spleen"], num_proposals=1)
+    assert looks == [("liver", 1.0), ("spleen", 1.0)] and liver.fused.sum() == 800 and liver.sampling_scale == 1.0
 
     looks.clear()
-    segmenter.volume_ranges = {"liver": [0.1, 0.3]}
-    liver, spleen = segmenter.propose_many(SCAN, ["liver", "spleen"])
-    assert looks == [("liver", 6.0), ("spleen", 6.0), ("liver", coarser)]
+    segmenter.volume_ranges = {"liver": [0.1, 0.4]}
+    liver, spleen = segmenter.propose_many(SCAN, ["liver", "spleen"], num_proposals=1)
+    assert looks == [("liver", 1.0), ("spleen", 1.0), ("liver", coarser)]
     assert liver.sampling_scale == pytest.approx(2 ** (1 / 3))
-    assert liver.fused.sum() == SCAN.array.size - 1000 and spleen.fused.sum() == 1000
+    assert liver.fused.sum() == SCAN.array.size - 800 and spleen.fused.sum() == 800
     assert not (liver.fused & spleen.fused).any()

@@ -1,0 +1,132 @@
+"""What a model family gives the engine (diffusers' split of models, schedulers and pipelines).
+
+A family is a ``Family`` in ``FAMILIES``: its config class and model class, a ``Predictor`` that
+samples the model on the model grid, a ``Recipe`` that trains it, its adapter rules and its card
+text. ``Segmenter`` (prompts, seeds, fusion, grids) and ``training.train`` (loop, checkpoints, EMA)
+work through these alone; see docs/adding-a-family.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..text_encoders import TextEmbedding
+
+StepCallback = Callable[[int, int], None]  # (denoising steps done, of how many) while a proposal is sampled
+
+
+class Predictor:
+    """Samples one loaded model: built once per ``Segmenter``, used for every scan and prompt.
+
+    The segmenter hands it the scan on the model grid: normalised to [0, 1], ``[z, y, x]``, padded at
+    the end of each axis to a multiple of ``size_multiple`` (and mirrored front to back for odd seeds
+    where ``mirrors``). How the scan is cut (2D slice stacks, 3D windows) is the family's business.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model, self.device, self.config = model, device, model.config
+
+    @property
+    def size_multiple(self) -> tuple[int, int, int]:
+        """Per axis (z, y, x), what the padded model grid's sizes must be multiples of."""
+        return (1, 1, 1)
+
+    @property
+    def mirrors(self) -> bool:
+        """Whether proposals of odd seeds are sampled on the scan mirrored front to back (y)."""
+        return False
+
+    def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> Any:
+        """What sampling needs of the scan ``image`` (model-grid ``spacing``, x y z in mm): computed once
+        per scan, shared by every structure and proposal."""
+        raise NotImplementedError
+
+    def condition(self, text: TextEmbedding | None, index: int) -> Any:
+        """The model's condition for one structure: ``text`` is its prompt's embedding (tokens, mask and
+        pooled; ``None`` for a model with a learned embedding per structure), ``index`` its position in
+        ``config.structures``."""
+        raise NotImplementedError
+
+    def sample(self, prepared: Any, condition: Any, seed: int, steps: int, scheduler: str,
+               on_step: StepCallback) -> np.ndarray:
+        """One proposal's probabilities (float32 [z, y, x] in [0, 1], the padded grid's shape), sampled
+        with ``steps`` steps of ``scheduler`` (``sampler.SCHEDULERS``) from the seed alone, through
+        ``sampler.sample`` with a ``denoise(x_t, t)`` the family builds."""
+        raise NotImplementedError
+
+
+class BatchSource(Protocol):
+    """Training samples of a family: ``batch(size)`` gives (images, masks, structure indices); ``rng``
+    (a ``numpy.random.Generator``) is what the trainer reseeds on resuming and in worker processes."""
+
+    rng: np.random.Generator
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of a training recipe. The trainer builds an AdamW optimiser over ``parameters()`` at
+    ``lr`` with a cosine schedule, and runs ``steps`` steps of ``loss(batch)`` (backward, optimiser step,
+    log, checkpoint); with ``averaged``, the trained parameters' moving average is what is saved."""
+
+    name: str
+    steps: int
+    lr: float
+    parameters: Callable[[], list[nn.Parameter]]  # called when the stage starts (it may freeze others first)
+    loss: Callable[[tuple], torch.Tensor]  # a batch -> the scalar loss to minimise
+    averaged: bool = False
+    new_models_only: bool = False  # skipped when training goes on from a trained model (init_from)
+    finish: Callable[[], None] | None = None  # after the stage's last step (say, measuring a latent scale)
+
+
+class Recipe:
+    """How a family trains: built by the trainer with the model, the run's settings (``TrainSettings``)
+    and ``trainer``, which gives ``device``, ``autocast()`` (bfloat16 where the run uses it; losses are
+    computed in fp32 outside it) and ``batch()`` (the next batch, as the stages' losses get them). The
+    constructor checks the settings it uses (raising ``errors.DataError``) and lays out the model in
+    memory as the family likes it."""
+
+    def __init__(self, model: nn.Module, settings, trainer):
+        self.model, self.config, self.settings, self.trainer = model, model.config, settings, trainer
+
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def batch_source(self, cases: list, structures: tuple[str, ...], text: TextEmbedding | None) -> BatchSource:
+        """Where batches come from: ``cases`` are ``datasets.PreparedCase`` on the model grid; ``text`` holds
+        the embeddings of ``structures``' prompts, one row each (``None`` for a learned embedding)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """Anything besides the model and optimiser that a checkpoint must keep (tensors and plain values)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family, as ``FAMILIES`` holds it."""
+
+    config: type[ModelConfig]
+    model: type[nn.Module]
+    predictor: type[Predictor]
+    recipe: type[Recipe]
+    lora_targets: Callable[[nn.Module], list[str]]  # module names that get low-rank adapters
+    retrained: Callable[[nn.Module], list[str]]  # parameter names retrained in full when adapting
+    card_text: Callable[[ModelConfig], list[str]]  # how the model samples, for its card
+
+
+def normalisation_parameters(model: nn.Module) -> list[str]:
+    """The parameters of every normalisation layer (retrained in full when adapting, as in ProGiDiff)."""
+    norms = {f"{name}." for name, module in model.named_modules()
+             if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.BatchNorm3d))}
+    return [name for name, _ in model.named_parameters() if any(name.startswith(n) for n in norms)]

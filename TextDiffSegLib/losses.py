@@ -1,0 +1,20 @@
+"""Losses of segmentation masks, for any family's training recipe."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice of each sample; ``eps`` keeps empty masks well defined."""
+    probabilities = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    intersection = (probabilities * target).sum(1)
+    return 1 - (2 * intersection + eps) / (probabilities.sum(1) + target.sum(1) + eps)
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + Dice of each sample (the mask autoencoder's loss in papers/002)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    return bce + soft_dice_loss(logits, target)
