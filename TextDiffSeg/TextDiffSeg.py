@@ -97,7 +97,7 @@ class TextDiffSegParameterNode:
     numProposals: Annotated[int, WithinRange(1, 16)] = 5
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
-    device: Annotated[str, Choice(["auto", "GPU", "CPU"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cuda", "cpu", "mps"])] = "auto"  # the engine's machine.DEVICES
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -529,7 +529,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
 
         :param prompts: ``"liver; spleen"`` or a list of prompts.
         :param model: a registered model name or a model folder; None for the default model.
-        :param device: ``"auto"``, ``"GPU"`` or ``"CPU"``.
+        :param device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (or ``"mps"`` on a Mac), as the command line's ``--device``.
         :param segmentationNode: if given, each prompt's fusion of all proposals is added to it.
         :param steps: denoising steps per proposal; None for the model's default.
         :param progressCallback: called with each progress event (``stage``, ``fraction``, ``message``).
@@ -813,14 +813,14 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         parameters.prompt = "liver; spleen"
         parameters.numProposals = 7
         parameters.seed = 42
-        parameters.device = "CPU"
+        parameters.device = "cpu"
         sceneFile = os.path.join(tempfile.mkdtemp(dir=slicer.app.temporaryPath), "scene.mrb")
         self.assertTrue(slicer.util.saveScene(sceneFile))
         slicer.mrmlScene.Clear()
         slicer.util.loadScene(sceneFile)
         reloaded = TextDiffSegLogic().getParameterNode()
         self.assertEqual(reloaded.prompt, "liver; spleen")
-        self.assertEqual((reloaded.numProposals, reloaded.seed, reloaded.device), (7, 42, "CPU"))
+        self.assertEqual((reloaded.numProposals, reloaded.seed, reloaded.device), (7, 42, "cpu"))
         self.assertEqual(reloaded.inputVolume.GetName(), "phantom")
 
     def test_AcceptAndFuseKeepExistingSegments(self):
@@ -865,7 +865,7 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         progress = []
         try:
-            proposals = logic.segment(volumeNode, "liver", numProposals=2, steps=2, device="CPU",
+            proposals = logic.segment(volumeNode, "liver", numProposals=2, steps=2, device="cpu",
                                       segmentationNode=segmentationNode, progressCallback=progress.append)
             self.assertEqual(len(proposals), 1)
             self.assertEqual((proposals[0].structure, len(proposals[0])), ("liver", 2))
@@ -892,7 +892,7 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         parameters.prompt = "liver"
         parameters.numProposals = 2
         parameters.steps = 2
-        parameters.device = "CPU"
+        parameters.device = "cpu"
 
         widget.ui.generateButton.click()
         self.assertEqual(widget.ui.generateButton.text, "Cancel")

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="save the moving average of the denoiser's weights with this decay (0: the last weights)")
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda (or mps, where torch has it)")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="bf16: forward passes in bfloat16 (weights stay fp32); auto: bf16 where the hardware "
                             "computes it natively (default)")
@@ -123,7 +123,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-second-look", action="store_true",
                         help="keep the first sampling of a structure found far larger than the model's training cases "
                              "(default: sample it again on a coarser grid and keep whichever finds more of it)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (or mps, where torch has it)")
 
 
 def _positive_int(text: str) -> int:
@@ -152,20 +152,9 @@ def _option_value(text: str) -> object:
         return [_option_value(part.strip()) for part in parts] if len(parts) > 1 else text
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TextDiffSegError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise TextDiffSegError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return name
-
-
 def _segment(args) -> int:
     from .errors import PromptError
+    from .machine import resolve_device
     from .outputs import SegmentOutput, check_scalar_path, check_segmentation_path, write_scalar, write_segmentation
     from .segmenter import Segmenter
     from .terminology import resolve_prompts, split_prompts
@@ -271,6 +260,7 @@ class _progress:
 
 def _evaluate(args) -> int:
     from .evaluation import evaluate
+    from .machine import resolve_device
     from .model_card import format_score
     from .segmenter import Segmenter
     from .volume import check_output_path, write_atomically
@@ -307,6 +297,7 @@ def _evaluate(args) -> int:
 def _train(args) -> int:
     from tqdm import tqdm
 
+    from .machine import resolve_device
     from .training import TrainSettings, train
 
     settings = TrainSettings(

@@ -9,8 +9,8 @@ first use and stays loaded. Each stdin line is one request::
     {"command": "shutdown"}
 
 ``model`` is a registered name or a model folder (``null``: the default model); ``device`` is
-``"auto"``, ``"gpu"`` or ``"cpu"``; ``thumbnails`` (optional; ``window`` is centre and width, or
-``null`` for automatic) asks for a PNG per proposal. Each stdout line is one event of a request::
+``"auto"``, ``"cpu"`` or ``"cuda"`` (or ``"mps"``, where torch has it: ``machine.resolve_device``);
+``thumbnails`` (optional; ``window`` is centre and width, or ``null`` for automatic) asks for a PNG per proposal. Each stdout line is one event of a request::
 
     {"id": 1, "type": "progress", "stage": "sample", "fraction": 0.4, "message": "..."}
     {"id": 1, "type": "result", "results": [{"prompt": "liver", "structure": "liver", "model": "...",
@@ -36,16 +36,12 @@ import traceback
 from pathlib import Path
 from typing import Callable, TextIO
 
-import torch
-
 from .errors import InputImageError, OutputError, TextDiffSegError
+from .machine import resolve_device
 from .registry import resolve_model
 from .segmenter import ProposalSet, Segmenter
 from .thumbnails import thumbnail, write_png
 from .volume import Volume, read_volume, write_volume
-
-DEVICES = ("auto", "gpu", "cpu")
-
 
 class Worker:
     """Serves requests, keeping each loaded model (by folder and device) for the next request."""
@@ -97,7 +93,7 @@ class Worker:
                     "message": f"downloading the model: {done / 1e6:.0f} of {total / 1e6:.0f} MB"})
 
         folder = resolve_model(model, progress=downloading).resolve()
-        key = (str(folder), _torch_device(device))
+        key = (str(folder), resolve_device(device))
         if key not in self._segmenters:
             report({"type": "progress", "stage": "load", "fraction": 0.0, "message": f"loading the model {folder.name}"})
             self._segmenters[key] = Segmenter.from_pretrained(folder, device=key[1])
@@ -151,23 +147,6 @@ def _integer(request: dict, key: str, default, minimum: int, maximum: int) -> in
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise TextDiffSegError(f"{key} must be a whole number from {minimum} to {maximum}, not {value!r}")
     return value
-
-
-def _torch_device(device: str) -> str:
-    """The torch device for ``"auto"``, ``"gpu"`` or ``"cpu"``: the automatic choice happens here, at the edge."""
-    device = device.lower()
-    if device not in DEVICES:
-        raise TextDiffSegError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "gpu":
-        raise TextDiffSegError(
-            "no CUDA GPU is available to PyTorch; choose the CPU (or auto), or install a CUDA build of PyTorch "
-            "(in Slicer: the PyTorch Utils module)"
-        )
-    return "cpu"
 
 
 def _protocol_stream() -> TextIO:

@@ -10,8 +10,9 @@ import torch
 from scipy import ndimage
 from conftest import rotation, tiny_config
 
-from TextDiffSegLib.errors import InputImageError, ModelError, PromptError
+from TextDiffSegLib.errors import InputImageError, ModelError, PromptError, TextDiffSegError
 from TextDiffSegLib.families.universal import UniversalConfig
+from TextDiffSegLib.machine import resolve_device
 from TextDiffSegLib.metrics import dice
 from TextDiffSegLib.modelio import load_model, read_config
 from TextDiffSegLib.preprocessing import from_model_grid, lateral_position, model_grid, normalize_intensity, to_model_grid
@@ -127,6 +128,19 @@ def test_sliding_window_passes_small_inputs_whole():
     calls = []
     windowed(lambda x: calls.append(x.shape) or x, torch.zeros(2, 1, 10, 12), window=(16, 16))
     assert calls == [torch.Size([2, 1, 10, 12])]
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+def test_one_device_vocabulary_is_resolved_at_the_edge():
+    assert resolve_device("CPU") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TextDiffSegError, match="unknown device 'gpu'; use auto, cpu, cuda, mps"):
+        resolve_device("gpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(TextDiffSegError, match="mps"):
+            resolve_device("mps")
 
 
 # --- geometry --------------------------------------------------------------------------------------

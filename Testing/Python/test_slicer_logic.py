@@ -97,7 +97,7 @@ def console_run(env):
     """``segment`` as typed in Slicer's Python console, with a segmentation to add the fusions to."""
     segmentationNode = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "console")
     progress = []
-    proposals = env.logic.segment(env.volumeNode, "liver; left kidney", numProposals=2, model=env.model, device="CPU",
+    proposals = env.logic.segment(env.volumeNode, "liver; left kidney", numProposals=2, model=env.model, device="cpu",
                                   segmentationNode=segmentationNode, progressCallback=progress.append)
     return proposals, segmentationNode, progress
 

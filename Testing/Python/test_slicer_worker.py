@@ -115,7 +115,7 @@ def test_user_errors_come_back_as_messages_and_the_worker_keeps_serving(client, 
         (dict(num_proposals=0), "num_proposals"),
     ]
     if not torch.cuda.is_available():
-        cases.append((dict(device="gpu"), "no CUDA GPU"))
+        cases.append((dict(device="cuda"), "no CUDA GPU"))
     client.start()
     pid = client._process.pid
     for overrides, message in cases:
