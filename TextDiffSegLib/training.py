@@ -81,19 +81,19 @@ class WorkerBatches(torch.utils.data.IterableDataset):
     """Endless batches of a family's batch source for a ``DataLoader`` with worker processes.
 
     Each worker draws from its own random stream, seeded by ``seed`` (the run's seed and position)
-    and the worker's number: forked with one copy of the sampler, they would otherwise all send
+    and the worker's number: forked with one copy of the source, they would otherwise all send
     the same batches.
     """
 
-    def __init__(self, sampler: BatchSource, batch_size: int, seed: list[int]):
-        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+    def __init__(self, source: BatchSource, batch_size: int, seed: list[int]):
+        self.source, self.batch_size, self.seed = source, batch_size, seed
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         if worker is not None:
-            self.sampler.rng = np.random.default_rng([*self.seed, worker.id])
+            self.source.rng = np.random.default_rng([*self.seed, worker.id])
         while True:
-            yield self.sampler.batch(self.batch_size)
+            yield self.source.batch(self.batch_size)
 
 
 def _new_config(settings: TrainSettings, name: str, modality: str, structures: tuple[str, ...]):
@@ -199,7 +199,7 @@ class _Run:
         self.stage, self.step = self.stages[0].name, 0
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
-        self.sampler = self.recipe.batch_source(prepared, structures, self._text(structures))
+        self.source = self.recipe.batch_source(prepared, structures, self._text(structures))
         self.cases, self.structures = prepared, structures
         self.optimizer = self._optimizer()
         self.average: dict[str, torch.Tensor] | None = None  # the moving average, once an averaged stage runs
@@ -217,9 +217,9 @@ class _Run:
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next batch of images, masks and structure indices, drawn here or by the worker processes."""
         if not self.settings.workers:
-            return self.sampler.batch(self.settings.batch_size)
+            return self.source.batch(self.settings.batch_size)
         if self.worker_batches is None:
-            batches = WorkerBatches(self.sampler, self.settings.batch_size, self.position_seed())
+            batches = WorkerBatches(self.source, self.settings.batch_size, self.position_seed())
             self.worker_batches = iter(torch.utils.data.DataLoader(
                 batches, batch_size=None, num_workers=self.settings.workers, prefetch_factor=4,
                 pin_memory=self.device.type == "cuda"))
@@ -273,7 +273,7 @@ class _Run:
                     "Resume with the settings of that run, or choose a new output folder (or delete the checkpoint) "
                     "to start over."
                 ) from None
-            self.sampler.rng = np.random.default_rng(self.position_seed())
+            self.source.rng = np.random.default_rng(self.position_seed())
         self._trim_log()
 
     def _trim_log(self) -> None:

@@ -1,6 +1,8 @@
 """LoRA adaptation of a CT model to MR: what is trained, what is saved, and what loading refuses.
 
-A tiny random CT model (``conftest``) is adapted on three CHAOS T2 cases for a few steps.
+A tiny random CT model of the universal family (``conftest``) is adapted on three CHAOS T2 cases for a few
+steps, so the weights named here are that family's (its adapter rules: LoRA in the U-Net, the image encoder
+and normalisation layers retrained).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Training: the loss falls, runs resume from their checkpoint, the model folder is complete, and the
-``textdiffseg train`` command works end to end. Three CHAOS T2 cases, the tiny model of ``conftest``."""
+``textdiffseg train`` command works end to end. Three CHAOS T2 cases, the tiny model of ``conftest``: these
+are the universal family's training tests (its recipe's stages, weights and slice sampler); what every family's
+training must do is in test_family_conformance.py."""
 
 from __future__ import annotations
 
