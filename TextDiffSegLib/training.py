@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .adaptation import add_adapter, save_adapter, weights_sha256
 from .datasets import PreparedCase, prepare_case, read_dataset, split_cases
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, SettingsError
 from .families import FAMILIES
 from .modelio import load_model, save_model
 from .model_card import TRAINING_RECORD, VOLUME_RANGES, render_card
@@ -315,11 +315,24 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _check_steps(settings: TrainSettings) -> None:
+    """Raise ``SettingsError`` for counts that are not whole numbers of at least 1: step counts that would
+    leave a model untrained (no model is written that was not trained), a batch or checkpoint interval of 0."""
+    counts = {"diffusion_steps (--steps)": settings.diffusion_steps, "batch_size (--batch-size)": settings.batch_size,
+              "checkpoint_every (--checkpoint-every)": settings.checkpoint_every}
+    if not settings.init_from:  # a model trained on from another keeps that model's mask autoencoder
+        counts["autoencoder_steps (--autoencoder-steps) of a new model"] = settings.autoencoder_steps
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SettingsError(f"{name} must be a whole number of at least 1, not {value!r}")
+
+
 class _Run:
     """State of one training run: model, optimiser, step counters, log."""
 
     def __init__(self, settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None):
         self.settings, self.progress = settings, progress
+        _check_steps(settings)
         self.output = Path(settings.output)
         self.output.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(settings.device)
