@@ -149,10 +149,12 @@ def check_outputs_apart(inputs: list[str | os.PathLike], outputs: list[str | os.
             inside = source.is_dir() and resolved.is_relative_to(source)
             if resolved == source or inside or _same_file(resolved, source):
                 where = f"inside the input folder {source}" if inside else f"the input {source}"
-                raise OutputError(f"{output} is {where}; writing there would destroy the scan. "
+                raise OutputError(f"{output} is {where}; writing there would destroy that input. "
                                   "Choose an output path outside the input")
         if resolved in seen:
-            raise OutputError(f"{seen[resolved]} and {output} are the same file; give each output its own path")
+            same = f"{output} is named for two outputs" if seen[resolved] == output else \
+                f"{seen[resolved]} and {output} are the same file"
+            raise OutputError(f"{same}; give each output its own path")
         seen[resolved] = output
 
 

@@ -56,11 +56,11 @@ def modality_warning(volume: Volume, modality: str, model: str, alternatives: li
     looks_like_ct = low <= CT_LOWEST_HU
     if modality == "CT" and not looks_like_ct:
         return (f"the scan does not look like a CT in Hounsfield units, but model '{model}' is for CT: its lowest "
-                f"values ({LOW_PERCENTILE:g}st percentile {low:g}) are above {CT_LOWEST_HU:g}, where a CT shows fat "
+                f"values (percentile {LOW_PERCENTILE:g}: {low:g}) are above {CT_LOWEST_HU:g}, where a CT shows fat "
                 f"and air. If it is an MR scan, {_use(alternatives, 'MR')}; if it is a CT stored without its "
                 "rescale slope and intercept, convert it to Hounsfield units")
     if modality == "MR" and looks_like_ct:
-        return (f"the scan looks like a CT in Hounsfield units ({LOW_PERCENTILE:g}st percentile {low:g}, below "
+        return (f"the scan looks like a CT in Hounsfield units (percentile {LOW_PERCENTILE:g}: {low:g}, below "
                 f"{CT_LOWEST_HU:g} as fat and air are), but model '{model}' is for MR; {_use(alternatives, 'CT')}")
     return None
 

@@ -209,7 +209,8 @@ def _sitk_reason(exc: Exception) -> str:
 def _check_nifti_header(path: Path) -> None:
     """Raise ``InputImageError`` where ITK's NIfTI reader would silently read something else: a file
     holding fewer voxel bytes than its header promises (ITK fills the rest with zeros), or a voxel
-    spacing (``pixdim``) of zero (ITK takes 1 mm, so the scan would be segmented at a wrong size).
+    spacing (``pixdim``) that is not positive (ITK takes 0 as 1 mm, so the scan would be segmented at a
+    wrong size, and a negative one as a mirrored axis, which swaps left and right).
 
     For ``.nii.gz`` the gzip trailer (uncompressed size modulo 2**32) is checked first; only if it
     disagrees is the stream decompressed to count. A header this cannot parse is left to ITK.
@@ -223,10 +224,11 @@ def _check_nifti_header(path: Path) -> None:
         if parsed is None:
             return
         expected, spacing = parsed
-        if not all(np.isfinite(spacing)) or 0 in spacing:
+        if not all(np.isfinite(spacing) & (np.asarray(spacing) > 0)):
             raise InputImageError(
-                f"cannot read {path}: its header gives a voxel spacing (pixdim) of {spacing} mm, so the scan's real "
-                "size is unknown; fix the header's pixdim (the voxel size) and try again"
+                f"cannot read {path}: its header gives a voxel spacing (pixdim) of {spacing} mm, which NIfTI requires to "
+                "be positive (ITK would read 0 as 1 mm, and a negative spacing as an axis mirrored against the header's "
+                "own orientation); fix the header's pixdim (the voxel size) and try again"
             )
         if not compressed:
             complete = path.stat().st_size >= expected

@@ -87,7 +87,7 @@ def test_an_output_never_replaces_the_input(case, capsys, ct, tmp_path, tiny_mod
     code, out, err = run(capsys, "segment", "-i", ct, "-p", "liver", "--model", tiny_model_dir, *FAST, "--overwrite",
                          *_same_as_input(ct, tmp_path)[case])
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "would destroy the scan" in err and str(ct.name) in err
+    assert "would destroy that input" in err and str(ct.name) in err
     assert digest(ct) == before
     assert not (tmp_path / "out.seg.nrrd").exists()
 
@@ -108,12 +108,12 @@ def test_two_outputs_are_never_one_file(overwrite, capsys, ct, tmp_path, tiny_mo
     output = tmp_path / "out.nii.gz"
     code, _, err = run(capsys, "segment", "-i", ct, "-p", "liver", "--model", tiny_model_dir, *FAST, "-o", output,
                        "--uncertainty", output, *overwrite)
-    assert code == 2 and "are the same file" in err and "exists" not in err
+    assert code == 2 and "is named for two outputs" in err and "exists" not in err
     assert not output.exists()
     # A label map's sidecar of names is an output too: it may not be the uncertainty map either.
     code, _, err = run(capsys, "segment", "-i", ct, "-p", "liver", "--model", tiny_model_dir, *FAST, "-o", output,
-                       "--proposals-dir", tmp_path, "--uncertainty", tmp_path / "liver_proposal1.nii.gz", *overwrite)
-    assert code == 2 and "are the same file" in err
+                       "--uncertainty", tmp_path / "scan" / ".." / "out.json", *overwrite)
+    assert code == 2 and "out.json are the same file" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
 
 
@@ -292,15 +292,17 @@ def _with_pixdim(ct: Path, tmp_path: Path, value: float) -> Path:
     return path
 
 
-def test_a_zero_voxel_spacing_is_refused(capsys, ct, tmp_path, tiny_model_dir):
-    path = _with_pixdim(ct, tmp_path, 0.0)
-    assert sitk.ReadImage(str(path)).GetSpacing()[0] == 1.0  # what ITK would have assumed, silently
+@pytest.mark.parametrize("pixdim", [0.0, -3.0])
+def test_a_voxel_spacing_that_is_not_positive_is_refused(pixdim, capsys, ct, tmp_path, tiny_model_dir):
+    path = _with_pixdim(ct, tmp_path, pixdim)
+    read_by_itk, original = sitk.ReadImage(str(path)), sitk.ReadImage(str(ct))
+    if pixdim == 0:  # what ITK would have assumed, silently: 1 mm
+        assert read_by_itk.GetSpacing()[0] == 1.0
+    else:  # the x axis mirrored against the header's own orientation: left and right swapped
+        assert read_by_itk.GetDirection()[0] == -original.GetDirection()[0]
     code, _, err = run(capsys, "segment", "-i", path, "-p", "liver", "--model", tiny_model_dir, *FAST,
                        "-o", tmp_path / "out.seg.nrrd")
-    assert code == 2 and "voxel spacing (pixdim) of (0.0, 3.0, 3.0) mm" in err and "fix the header" in err
-    # A negative spacing is read as the positive one along a flipped axis: the same voxels in the same places.
-    flipped, original = read_volume(_with_pixdim(ct, tmp_path, -3.0)), read_volume(ct)
-    assert flipped.spacing == original.spacing
+    assert code == 2 and f"voxel spacing (pixdim) of ({pixdim}, 3.0, 3.0) mm" in err and "fix the header" in err
 
 
 # --- 12-17: clear where it was unclear --------------------------------------------------------
@@ -372,3 +374,14 @@ def test_scan_warnings_reach_python_users_as_warnings(shared_data, tiny_model_di
     scan_warnings = [w for w in caught if issubclass(w.category, ScanWarning)]
     assert len(scan_warnings) == 1 and "does not look like a CT" in str(scan_warnings[0].message)
     assert os.path.basename(scan_warnings[0].filename) == "test_bad_input.py"  # it points at the caller's line
+
+
+def test_the_robustness_table_is_complete_and_nothing_was_lost():
+    """docs/robustness.md, written by docs/robustness.py: every case kept every file, and the README counts them."""
+    from conftest import REPO, markdown_rows
+
+    rows = markdown_rows((REPO / "docs" / "robustness.md").read_text())
+    assert len(rows) >= 78 and all(cells[-1] == "yes" for cells in rows.values())
+    numbered = {cells[1]: cells[2] for cells in rows.values()}  # input -> exit status
+    assert numbered["-o is the input, --overwrite"] == "2" and numbered["Ctrl-C (SIGINT) while sampling, --progress json"] == "130"
+    assert f"lists {len(rows)} bad inputs" in " ".join((REPO / "README.md").read_text().split())
