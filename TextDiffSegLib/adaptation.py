@@ -26,7 +26,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ModelError
 from .families import FAMILIES
-from .modelio import CONFIG_NAME, WEIGHTS_NAME, load_model, write_folder
+from .modelio import CONFIG_NAME, WEIGHTS_NAME, check_finite, load_model, write_folder
 from .registry import resolve_model
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -98,6 +98,7 @@ def load_adapted(directory: Path, config: ModelConfig, device: str | torch.devic
         weights = load_file(str(directory / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as error:
         raise ModelError(f"cannot read {directory / ADAPTER_WEIGHTS}: {error}; copy the adapter folder again") from None
+    check_finite(weights, directory / ADAPTER_WEIGHTS)
     expected = adapter_tensors(model)
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
         raise ModelError(f"{directory / ADAPTER_WEIGHTS} does not fit {base_directory} with rank {spec['rank']}; "

@@ -7,27 +7,75 @@ import dataclasses
 import json
 import shlex
 import sys
+import tempfile
+import time
+import traceback
+import warnings
 from pathlib import Path
 
-from .errors import OutputError, TextDiffSegError
+from .errors import OutputError, ScanWarning, TextDiffSegError
 from .fusion import FUSION_METHODS
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped with Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's error, an interrupt and an unexpected failure each end with one line (a JSON
+    object under ``--progress json``) and exit status 2, 130 and 1; a ``ScanWarning`` is one line too."""
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    json_progress = getattr(args, "progress", None) == "json"
-    try:
-        return args.run(args) or 0
-    except TextDiffSegError as error:
-        if json_progress:
-            print(json.dumps({"type": "error", "message": str(error)}), flush=True)
+    say = _Say(getattr(args, "progress", None) == "json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ScanWarning)
+        warnings.showwarning = say.warning
+        try:
+            return args.run(args) or 0
+        except TextDiffSegError as error:
+            say.error(str(error))
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            kept = ("the checkpoint in the run folder is kept: run the same command again to resume"
+                    if args.command == "train" else "nothing was written")
+            say.error(f"interrupted; {kept}")
+            return EXIT_INTERRUPTED
+        except Exception as error:  # noqa: BLE001 - the last resort: one line and the trace in a file
+            say.error(f"unexpected {type(error).__name__}: {' '.join(str(error).split())[:300]}. This is a bug in "
+                      f"TextDiffSeg; the full trace is in {_write_trace()}: please report it with that file")
+            return EXIT_BUG
+
+
+class _Say:
+    """One line per error or warning: on stderr, or as a JSON object on stdout (``--progress json``)."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self._showwarning = warnings.showwarning
+
+    def error(self, message: str) -> None:
+        self._line("error", message)
+
+    def warning(self, message, category, *rest) -> None:
+        if issubclass(category, ScanWarning):
+            self._line("warning", str(message))
         else:
-            print(f"textdiffseg: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+            self._showwarning(message, category, *rest)
+
+    def _line(self, kind: str, message: str) -> None:
+        if self.as_json:
+            print(json.dumps({"type": kind, "message": message}), flush=True)
+        else:
+            print(f"textdiffseg: {kind}: {message}", file=sys.stderr, flush=True)
+
+
+def _write_trace() -> str:
+    """The current exception's traceback, written to a new file in the temporary folder; the file's path."""
+    handle, path = tempfile.mkstemp(prefix=f"textdiffseg-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+    with open(handle, "w") as file:
+        file.write(traceback.format_exc())
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,9 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registered model name or model folder (default: the bundled model)")
-    parser.add_argument("--proposals", type=_positive_int, default=5, help="proposals sampled per structure (default: 5)")
+    parser.add_argument("--proposals", type=int, default=5, help="proposals sampled per structure (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
-    parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--fusion", choices=FUSION_METHODS, default="mean", help="how proposals are fused")
     parser.add_argument("--all-components", action="store_true",
                         help="keep every connected region of each proposal and fused mask (default: only the largest)")
@@ -124,16 +172,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the first sampling of a structure found far larger than the model's training cases "
                              "(default: sample it again on a coarser grid and keep whichever finds more of it)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (or mps, where torch has it)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
-    return value
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -155,42 +193,45 @@ def _option_value(text: str) -> object:
 def _segment(args) -> int:
     from .errors import PromptError
     from .machine import resolve_device
-    from .outputs import SegmentOutput, check_scalar_path, check_segmentation_path, write_scalar, write_segmentation
-    from .segmenter import Segmenter
+    from .outputs import (SegmentOutput, check_outputs_apart, check_scalar_path, check_segmentation_path,
+                          labelmap_sidecar, write_scalar, write_segmentation)
+    from .segmenter import Segmenter, check_sampling_settings
     from .terminology import resolve_prompts, split_prompts
     from .volume import read_volume
 
-    # Everything that can be checked without the model is checked first: bad prompts and outputs
+    # Everything that can be checked without the model is checked first: bad prompts, settings and outputs
     # fail before anything slow, and before anything is written.
     prompts = [p for text in args.prompt for p in split_prompts(text)]
     if not prompts:
         raise PromptError("empty prompt: type the structure to segment, such as 'liver' or 'left kidney'.")
     structures = resolve_prompts(prompts)
-    output = check_segmentation_path(args.output, args.overwrite)
+    check_sampling_settings(args.proposals, args.seed, args.steps)
+    output = Path(args.output)
     suffix = ".seg.nrrd" if output.name.lower().endswith(".seg.nrrd") else ".nii.gz"
     uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
+    proposals_dir = Path(args.proposals_dir) if args.proposals_dir else None
+    proposal_paths = [[proposals_dir / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
+                      for s in structures] if proposals_dir is not None else []
+    check_outputs_apart([args.input], [output, *uncertainty_paths, *(p for paths in proposal_paths for p in paths)])
+    check_segmentation_path(output, args.overwrite)
     for path in uncertainty_paths:
         check_scalar_path(path, args.overwrite)
-    proposals_dir = Path(args.proposals_dir) if args.proposals_dir else None
-    proposal_paths = []
-    if proposals_dir is not None:
-        if not proposals_dir.is_dir():
-            raise OutputError(f"proposals folder {proposals_dir} does not exist; create it first")
-        proposal_paths = [[proposals_dir / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
-                          for s in structures]
+    created = _make_folder(proposals_dir) if proposals_dir is not None else []
+    written = {"output": None, "label_names": None, "uncertainty": [], "proposals": []}
+    try:  # a run that fails or is stopped half way removes what it wrote (each file itself is written atomically)
         for path in (p for paths in proposal_paths for p in paths):
             check_segmentation_path(path, args.overwrite)
-    volume = read_volume(args.input)
-    segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
-    with _progress(args.progress) as report:
-        results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
-                                         fusion=args.fusion, largest_component=not args.all_components,
-                                         separate=not args.allow_overlap, second_look=not args.no_second_look,
-                                         callback=report)
-    written = {"output": None, "uncertainty": [], "proposals": []}
-    try:  # a run that fails half way removes what it wrote (each file itself is written atomically)
+        volume = read_volume(args.input)
+        segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
+        with _progress(args.progress) as report:
+            results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
+                                             fusion=args.fusion, largest_component=not args.all_components,
+                                             separate=not args.allow_overlap, second_look=not args.no_second_look,
+                                             callback=report)
         segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
         written["output"] = str(write_segmentation(output, volume, segments, overwrite=args.overwrite))
+        if suffix != ".seg.nrrd":
+            written["label_names"] = str(labelmap_sidecar(output))
         for path, result in zip(uncertainty_paths, results):
             written["uncertainty"].append(str(write_scalar(path, volume.with_array(result.uncertainty), args.overwrite)))
         for paths, result in zip(proposal_paths, results):
@@ -198,9 +239,15 @@ def _segment(args) -> int:
                 segment = SegmentOutput(result.structure, mask, _tags(result, args, str(k + 1), seed))
                 written["proposals"].append(str(write_segmentation(path, volume, [segment], overwrite=args.overwrite)))
     except BaseException:
-        for path in [written["output"], *written["uncertainty"], *written["proposals"]]:
+        for path in [written["output"], written["label_names"], *written["uncertainty"], *written["proposals"]]:
             if path is not None:
                 Path(path).unlink(missing_ok=True)
+        for path in written["proposals"]:
+            if not path.lower().endswith(".seg.nrrd"):
+                labelmap_sidecar(path).unlink(missing_ok=True)
+        for folder in created:  # the deepest first; only if nothing else was put there
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
                 "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum()), "warning": r.warning,
@@ -213,8 +260,21 @@ def _segment(args) -> int:
             print(f"{item['structure']}: {item['fused_voxels']} voxels, agreement {', '.join(map(str, item['scores']))}")
             if item["warning"]:
                 print(f"warning: {item['warning']}", file=sys.stderr)
-        print(f"wrote {output}")
+        print(f"wrote {output}" + (f" (label names in {written['label_names']})" if written["label_names"] else ""))
     return 0
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` (and missing parents) after checking that the nearest existing one takes files; the
+    folders created, the deepest first (a failed run removes them again where they stayed empty)."""
+    from .volume import check_folder
+
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the proposals folder {folder} is a file, not a folder")
+    check_folder(missing[-1].parent if missing else folder, f"cannot create the proposals folder {folder}: ")
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _tags(result, args, proposal: str, seed: int | None = None) -> dict[str, str]:
@@ -259,12 +319,16 @@ class _progress:
 
 
 def _evaluate(args) -> int:
+    from .datasets import read_dataset
     from .evaluation import evaluate
     from .machine import resolve_device
+    from .outputs import check_outputs_apart
     from .model_card import format_score
     from .segmenter import Segmenter
     from .volume import check_output_path, write_atomically
 
+    dataset = read_dataset(args.data, args.split)
+    check_outputs_apart([args.data, *(path for case in dataset.cases for path in (case.image, case.label))], [args.report])
     report_path = check_output_path(args.report, args.overwrite)
     segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
     from tqdm import tqdm

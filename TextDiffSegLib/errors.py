@@ -27,3 +27,14 @@ class OutputError(TextDiffSegError):
 
 class DataError(TextDiffSegError):
     """A training or evaluation dataset is missing, malformed, or lacks a requested structure."""
+
+
+class SettingsError(TextDiffSegError, ValueError, TypeError):
+    """A setting (number of proposals, seed, steps, training steps) is of the wrong type or out of range.
+
+    It is a ``ValueError`` and a ``TypeError`` too, as Python code that passes a bad argument expects.
+    """
+
+
+class ScanWarning(UserWarning):
+    """The scan was read and will be segmented, but something about it is doubtful (``scan_checks``)."""

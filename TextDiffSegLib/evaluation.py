@@ -39,13 +39,17 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     if missing:
         raise DataError(f"cannot evaluate {', '.join(missing)}: the dataset does not label it or the model "
                         f"does not know it; both have {', '.join(sorted(available))}")
+    absent = [f"{case.id}'s {what} {path}" for case in cases
+              for what, path in (("image", case.image), ("label map", case.label)) if not path.is_file()]
+    if absent:  # found before hours of work, not after
+        raise DataError(f"{data} lists files that do not exist: {'; '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
     label_values = dataset.label_values()
     rng = np.random.default_rng(seed)
     rows, seconds = [], []
     for index, case in enumerate(cases):
         if progress is not None:
             progress(index, len(cases), case.id)
-        image, label = read_volume(case.image), read_volume(case.label)
+        image, label = read_volume(case.image), read_volume(case.label, "label map")
         started = time.perf_counter()
         results = segmenter.propose_many(image, structures, num_proposals, seed, steps, fusion=fusion,
                                          largest_component=largest_component, separate=separate,

@@ -61,6 +61,15 @@ def write_folder(directory: str | Path, weights_name: str, tensors: dict[str, to
     return directory
 
 
+def check_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise ``ModelError`` if a weights file holds values that are not numbers (bytes overwritten in a file of
+    the right size read as NaN or infinity, and a model of such weights segments nothing)."""
+    broken = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ModelError(f"{path} is corrupt: {len(broken)} of its tensors hold values that are not numbers "
+                         f"(NaN or infinite), e.g. {broken[0]}; download or copy the model folder again")
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the model its config describes and load its weights, in fp32, in eval mode.
 
@@ -79,6 +88,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tor
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise ModelError(f"cannot read {weights_path}: {error}; the file is corrupt, download or copy it again") from None
+    check_finite(weights, weights_path)
     model = FAMILIES[config.family].model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))

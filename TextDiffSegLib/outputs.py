@@ -7,6 +7,7 @@ no half-written file behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from . import terminology
 from .errors import OutputError
-from .volume import Volume, check_output_path, write_atomically, write_volume
+from .volume import Volume, check_output_path, to_sitk, write_atomically, write_volume
 
 SEGMENTATION_EXTENSION = ".seg.nrrd"
 LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
@@ -62,7 +64,8 @@ def write_segmentation(
       (``TerminologyEntry`` plus ``segment.tags``) in Slicer's header fields.
     - ``.nii``, ``.nii.gz``, ``.nrrd``: a plain label map (``uint8``, or ``uint16`` beyond 255
       segments) holding 1..N for the segments in the order given; where segments overlap, the later
-      segment wins. Names, colours and tags are not stored.
+      segment wins. Beside it, a sidecar ``.json`` (``labelmap_sidecar``) names each value, as
+      nnU-Net's ``dataset.json`` does, with each segment's terminology, colour and tags.
 
     Raises ``OutputError`` for an existing path (unless ``overwrite``), a missing or read-only
     folder, an unsupported extension, or a failed write; ``ValueError`` if a mask is not on the
@@ -74,7 +77,32 @@ def write_segmentation(
     if is_slicer:
         segmentation = _slicer_segmentation(reference, segments, masks)
         return write_atomically(path, lambda temp_path: _write_seg_nrrd(temp_path, segmentation), overwrite)
-    return write_volume(path, reference.with_array(_labelmap(masks, reference.array.shape)), overwrite)
+    image = to_sitk(reference.with_array(_labelmap(masks, reference.array.shape)))
+    sidecar = json.dumps(_label_names(segments), indent=2) + "\n"
+
+    def write_both(temp_path: Path) -> None:  # the sidecar lands first, the label map last (write_atomically)
+        sitk.WriteImage(image, str(temp_path), True)
+        labelmap_sidecar(temp_path).write_text(sidecar)
+
+    return write_atomically(path, write_both, overwrite)
+
+
+def labelmap_sidecar(path: str | os.PathLike) -> Path:
+    """The JSON file beside a label map that names its values: ``result.nii.gz`` -> ``result.json``."""
+    path = Path(path)
+    extension = next(e for e in LABELMAP_EXTENSIONS if path.name.lower().endswith(e))
+    return path.with_name(path.name[: -len(extension)] + ".json")
+
+
+def _label_names(segments: list[SegmentOutput]) -> dict:
+    """A label map's sidecar: ``labels`` maps names to values (nnU-Net's form), ``segments`` describes each value."""
+    return {
+        "labels": {"background": 0, **{segment.display_name: value for value, segment in enumerate(segments, start=1)}},
+        "segments": [{"value": value, "name": segment.display_name, "structure": segment.structure.name,
+                      "terminology": terminology.terminology_entry(segment.structure),
+                      "color": list(segment.structure.color), "tags": dict(segment.tags)}
+                     for value, segment in enumerate(segments, start=1)],
+    }
 
 
 def write_scalar(path: str | os.PathLike, volume: Volume, overwrite: bool = False) -> Path:
@@ -95,7 +123,63 @@ def check_segmentation_path(path: str | os.PathLike, overwrite: bool = False) ->
             f"cannot write {path}: unsupported file type for a segmentation; use {SEGMENTATION_EXTENSION} "
             f"(3D Slicer) or a label map ending in {', '.join(LABELMAP_EXTENSIONS)}"
         )
+    if not name.endswith(SEGMENTATION_EXTENSION):
+        check_output_path(labelmap_sidecar(path), overwrite)
     return check_output_path(path, overwrite)
+
+
+def check_outputs_apart(inputs: list[str | os.PathLike], outputs: list[str | os.PathLike]) -> None:
+    """Raise ``OutputError`` where an output would replace an input or another output of the same run.
+
+    An input is a file (with the data file a ``.nhdr`` or ``.mhd`` header names) or a folder (a DICOM
+    series: nothing may be written inside it). Paths are compared as the files they lead to, after
+    symbolic links and ``..``, and existing files also by identity (hard links). A label map's sidecar
+    ``.json`` counts as an output too. ``--overwrite`` replaces earlier results, never these.
+    """
+    def real(path) -> Path:
+        return Path(os.path.realpath(path))
+
+    outputs = [Path(p) for p in outputs]
+    outputs += [labelmap_sidecar(p) for p in outputs if _is_labelmap(p)]
+    input_paths = [real(p) for path in inputs for p in _input_files(Path(path))]
+    seen: dict[Path, Path] = {}
+    for output in outputs:
+        resolved = real(output)
+        for source in input_paths:
+            inside = source.is_dir() and resolved.is_relative_to(source)
+            if resolved == source or inside or _same_file(resolved, source):
+                where = f"inside the input folder {source}" if inside else f"the input {source}"
+                raise OutputError(f"{output} is {where}; writing there would destroy that input. "
+                                  "Choose an output path outside the input")
+        if resolved in seen:
+            same = f"{output} is named for two outputs" if seen[resolved] == output else \
+                f"{seen[resolved]} and {output} are the same file"
+            raise OutputError(f"{same}; give each output its own path")
+        seen[resolved] = output
+
+
+def _is_labelmap(path: Path) -> bool:
+    name = path.name.lower()
+    return not name.endswith(SEGMENTATION_EXTENSION) and any(name.endswith(e) for e in LABELMAP_EXTENSIONS)
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The files (or folder) an input consists of: the path, and the data file a detached header names."""
+    files = [path]
+    if path.is_file() and path.suffix.lower() in (".nhdr", ".mhd"):
+        with open(path, "rb") as header:
+            text = header.read(65536).decode("latin-1")
+        match = re.search(r"^(?:data file|ElementDataFile)\s*[:=]\s*(.+?)\s*$", text, re.MULTILINE)
+        if match and match.group(1) not in ("LOCAL", "LIST") and not match.group(1).startswith("LIST"):
+            files.append(path.parent / match.group(1))
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 def check_scalar_path(path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -8,6 +8,8 @@ family (how the scan is cut and encoded, the condition, the denoiser) is its pre
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,17 +17,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import InputImageError, PromptError
+from .errors import InputImageError, ModelError, PromptError, ScanWarning, SettingsError
 from .families import FAMILIES
 from .fusion import agreement_scores, fuse, uncertainty_map
 from .modelio import load_model
 from .postprocessing import keep_largest_component, separate_overlaps
 from .preprocessing import from_model_grid, model_grid, normalize_intensity, to_model_grid
-from .registry import resolve_model
+from .registry import list_models, resolve_model
+from .scan_checks import modality_warning, replace_non_finite
 from .terminology import Structure, resolve_prompt, resolve_prompts
 from .text_encoders import TextEmbedding, conditioning_text, load_text_encoder
 from .typical_size import enlargement, read_volume_ranges, size_warning
-from .volume import Volume
+from .volume import Volume, as_volume
 
 ProgressCallback = Callable[[dict], None]
 
@@ -65,9 +68,10 @@ class Segmenter:
     """A loaded model. ``Segmenter.from_pretrained(name_or_dir, device="cpu")``, then ``propose``."""
 
     def __init__(self, model: torch.nn.Module, name: str, device: torch.device,
-                 volume_ranges: dict[str, list[float]] | None = None):
+                 volume_ranges: dict[str, list[float]] | None = None, source: Path | None = None):
         self.model, self.name, self.device = model, name, device
         self.volume_ranges = volume_ranges or {}  # structure -> training cases' [smallest, largest] ml
+        self.source = source  # the model folder, named where the model fails
         self.config = model.config
         self.predictor = FAMILIES[self.config.family].predictor(model, device)
         self._text_encoder = None
@@ -78,7 +82,7 @@ class Segmenter:
         directory = resolve_model(name_or_dir)
         device = torch.device(device)
         model = load_model(directory, device=device)
-        return cls(model, model.config.name or directory.name, device, read_volume_ranges(directory))
+        return cls(model, model.config.name or directory.name, device, read_volume_ranges(directory), directory)
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -96,7 +100,7 @@ class Segmenter:
             )
         return structure
 
-    def propose(self, volume: Volume, prompt: str, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
+    def propose(self, volume: Volume | str | Path, prompt: str, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
                 scheduler: str = "ddim", fusion: str = "mean", largest_component: bool = True,
                 second_look: bool = True, callback: ProgressCallback | None = None) -> ProposalSet:
         """Sample ``num_proposals`` segmentations of the structure ``prompt`` names.
@@ -109,11 +113,17 @@ class Segmenter:
         return self.propose_many(volume, [prompt], num_proposals, seed, steps, scheduler, fusion,
                                  largest_component, second_look=second_look, callback=callback)[0]
 
-    def propose_many(self, volume: Volume, prompts: list[str], num_proposals: int = 5, seed: int = 0,
+    def propose_many(self, volume: Volume | str | Path, prompts: list[str], num_proposals: int = 5, seed: int = 0,
                      steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
                      largest_component: bool = True, separate: bool = True, second_look: bool = True,
                      callback: ProgressCallback | None = None) -> list[ProposalSet]:
         """``propose`` for several prompts, encoding the scan once.
+
+        ``volume`` is a ``Volume``, a ``SimpleITK.Image`` or the path of a scan (``volume.as_volume``);
+        the results lie on its grid. The scan is checked first (``scan_checks``): NaN or infinite voxels
+        are replaced by its lowest value, and a scan unlike the model's modality, or a label map, is
+        named; each finding is issued as a ``ScanWarning`` (``warnings.warn``), and the run goes on.
+        ``num_proposals``, ``seed`` and ``steps`` are checked by ``check_sampling_settings``.
 
         With ``separate``, the fused masks of the structures do not overlap: a voxel two of them
         claim goes to the structure with the higher mean probability there (``separate_overlaps``),
@@ -126,13 +136,13 @@ class Segmenter:
         finds more of the structure (``ProposalSet.sampling_scale`` says so), and otherwise the first
         stands, as it does when the excess was other tissue taken for the structure.
         """
-        if not prompts:
-            raise PromptError("no prompt given: name at least one structure, e.g. 'liver'")
-        if num_proposals < 1:
-            raise ValueError(f"num_proposals must be at least 1, not {num_proposals}")
+        if isinstance(prompts, str) or not prompts:
+            raise PromptError("no prompt given: pass a list naming at least one structure, e.g. ['liver']")
+        check_sampling_settings(num_proposals, seed, steps)
+        num_proposals, seed = int(num_proposals), int(seed)  # numpy integers too, which torch's generator refuses
         structures = [self._check_known(structure) for structure in resolve_prompts(prompts)]
-        _check_volume(volume)
-        steps = steps or self.config.default_steps
+        volume = self._checked_scan(as_volume(volume))
+        steps = int(steps or self.config.default_steps)
         report = callback or (lambda event: None)
         report(_event("preprocess", 0.0, "resampling the scan to the model grid"))
         any_odd_seed = num_proposals > 1 or seed % 2 == 1  # only odd seeds sample the mirrored scan
@@ -160,6 +170,17 @@ class Segmenter:
                                           result.sampling_scale)
         report(_event("done", 1.0, "finished"))
         return results
+
+    def _checked_scan(self, volume: Volume) -> Volume:
+        """The scan with non-finite voxels replaced; what ``scan_checks`` finds is issued as ``ScanWarning``s."""
+        _check_volume(volume)
+        volume, non_finite = replace_non_finite(volume)
+        apparent = "MR" if self.config.modality == "CT" else "CT"
+        alternatives = [m.name for m in list_models() if m.modality == apparent]
+        for note in (non_finite, modality_warning(volume, self.config.modality, self.name, alternatives)):
+            if note is not None:
+                warnings.warn(note, ScanWarning, stacklevel=4)
+        return volume
 
     def _look_again_at_enlarged(self, volume: Volume, results: list[ProposalSet], unseparated: list[np.ndarray],
                                 mirror: bool, sampling: tuple, voxel_ml: float, report: ProgressCallback) -> bool:
@@ -224,6 +245,9 @@ class Segmenter:
             mirrored = scan.mirrored is not None and proposal_seed % 2 == 1
             probability = self.predictor.sample(scan.mirrored if mirrored else scan.prepared, condition, proposal_seed,
                                                 steps, scheduler, lambda step, total, k=k: on_proposal(k, step, total))
+            if not np.isfinite(probability).all():
+                raise ModelError(f"model '{self.name}' ({self.source or 'in memory'}) gave values that are not numbers "
+                                 "(NaN): its weights are corrupt; download or copy the model folder again")
             if mirrored:
                 probability = probability[:, ::-1]
             probability = np.ascontiguousarray(probability[tuple(slice(0, size) for size in scan.shape)])
@@ -239,6 +263,20 @@ class Segmenter:
             mean_probability=mean_probability, fused=keep_largest_component(fused) if largest_component else fused,
             scores=agreement_scores(proposals), fusion=fusion,
         )
+
+
+def check_sampling_settings(num_proposals: int, seed: int, steps: int | None) -> None:
+    """Raise ``SettingsError`` unless ``num_proposals`` and ``steps`` (or None: the model's default) are whole
+    numbers of at least 1 and ``seed`` is a whole number of at least 0: the one rule for the API, the CLI and
+    the Slicer worker."""
+    for name, value, lowest in (("num_proposals (--proposals)", num_proposals, 1), ("seed (--seed)", seed, 0),
+                                ("steps (--steps)", steps, 1)):
+        if name.startswith("steps") and value is None:
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise SettingsError(f"{name} must be a whole number, not {value!r} ({type(value).__name__})")
+        if value < lowest:
+            raise SettingsError(f"{name} must be at least {lowest}, not {value}")
 
 
 def _check_volume(volume: Volume) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from .adaptation import add_adapter, save_adapter, weights_sha256
 from .datasets import prepare_case, read_dataset, split_cases
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, SettingsError
 from .families import FAMILIES
 from .families.base import BatchSource, Stage
 from .modelio import load_model, save_model
@@ -149,13 +149,29 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _check_counts(settings: TrainSettings) -> None:
+    """Raise ``SettingsError`` unless the batch size and checkpoint interval are whole numbers of at least 1."""
+    for name, value in (("batch_size (--batch-size)", settings.batch_size),
+                        ("checkpoint_every (--checkpoint-every)", settings.checkpoint_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SettingsError(f"{name} must be a whole number of at least 1, not {value!r}")
+
+
+def _check_stages(stages: list[Stage]) -> None:
+    """Raise ``SettingsError`` where a stage the run trains has no steps: no model is written that was not trained."""
+    for stage in stages:
+        if not isinstance(stage.steps, int) or isinstance(stage.steps, bool) or stage.steps < 1:
+            raise SettingsError(f"the {stage.name} stage is set to {stage.steps!r} steps (--steps sets the denoiser's, "
+                                "--autoencoder-steps a mask autoencoder's); each stage a run trains needs at least 1")
+
+
 class _Run:
     """State of one training run: the model, its family's recipe, optimiser, stage and step, log."""
 
     def __init__(self, settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None):
         self.settings, self.progress = settings, progress
+        _check_counts(settings)
         self.output = Path(settings.output)
-        self.output.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(settings.device)
         # Weights and optimiser stay fp32; only the forward pass runs in bfloat16 (1.7x faster on a
         # CPU with AVX-512 BF16), and losses are computed in fp32.
@@ -181,6 +197,9 @@ class _Run:
             raise DataError("LoRA adapts a trained model: name it with init_from (--init-from)")
         if settings.init_from:
             base = resolve_model(settings.init_from)
+            if base.resolve() == (self.output / "model").resolve():
+                raise DataError(f"{base} is where this run writes its model: training from it would replace the model "
+                                "it starts from; choose another --output")
             self.model = load_model(base, device=self.device).train()
             self.config = self.model.config
             self.config.name = settings.name or self.output.name
@@ -196,7 +215,9 @@ class _Run:
         self.recipe = FAMILIES[self.config.family].recipe(self.model, settings, self)
         # A model trained on from another skips the stages that make a new one (its autoencoder, say).
         self.stages = [stage for stage in self.recipe.stages() if not (settings.init_from and stage.new_models_only)]
+        _check_stages(self.stages)
         self.stage, self.step = self.stages[0].name, 0
+        self.output.mkdir(parents=True, exist_ok=True)  # only once the settings are known to train a model
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
         self.source = self.recipe.batch_source(prepared, structures, self._text(structures))

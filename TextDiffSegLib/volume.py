@@ -6,7 +6,8 @@ Besides the ``Volume`` dataclass this module reads and writes volumes:
   (``.mha``, ``.mhd``) files, or a folder holding a DICOM series. Anything that is not a 3D scalar
   volume raises ``InputImageError`` with a message a user can act on.
 - ``write_volume(path, volume)`` writes the same file formats, atomically (see ``write_atomically``).
-- ``to_sitk`` / ``from_sitk`` convert to and from ``SimpleITK.Image``.
+- ``to_sitk`` / ``from_sitk`` convert to and from ``SimpleITK.Image``; ``as_volume`` takes whatever a
+  user passes for a scan (a path, a ``Volume`` or a ``SimpleITK.Image``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def from_sitk(image: sitk.Image, source: str = "the image") -> Volume:
     message names the image by ``source`` (for example its path).
     """
     _check_3d_scalar(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), source)
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise InputImageError(f"{source} has a voxel spacing of {tuple(spacing)} mm; spacings must be positive. "
+                              "Fix the image's header (its voxel size) and try again")
     return Volume(
         array=sitk.GetArrayFromImage(image),
         spacing=tuple(float(v) for v in image.GetSpacing()),
@@ -94,16 +99,34 @@ def from_sitk(image: sitk.Image, source: str = "the image") -> Volume:
 # --- reading ----------------------------------------------------------------------------------
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
+def as_volume(image: "Volume | sitk.Image | str | os.PathLike") -> Volume:
+    """The scan a user passed, as a ``Volume``: a ``Volume`` itself, a ``SimpleITK.Image``, or a file or
+    DICOM folder path (read with ``read_volume``). Anything else raises ``InputImageError`` saying what to pass."""
+    if isinstance(image, Volume):
+        return image
+    if isinstance(image, sitk.Image):
+        return from_sitk(image, "the SimpleITK image")
+    if isinstance(image, (str, os.PathLike)):
+        return read_volume(image)
+    hint = (" A numpy array has no voxel spacing or position: wrap it as Volume(array, spacing=(x, y, z), "
+            "origin=(x, y, z)) with the scan's real geometry, or pass the file it came from."
+            if isinstance(image, np.ndarray) else "")
+    raise InputImageError(f"cannot segment a {type(image).__name__}: pass the scan as a file or DICOM folder path, a "
+                          f"TextDiffSegLib.volume.Volume or a SimpleITK.Image.{hint}")
+
+
+def read_volume(path: str | os.PathLike, what: str = "input image") -> Volume:
     """Read a 3D scalar volume from a file or from a folder holding a DICOM series.
 
     For a folder, the DICOM series with the most files is read (subfolders are not searched).
     Raises ``InputImageError`` if the path is missing, unreadable, not a supported format, or not a
-    3D scalar volume (2D, 4D and vector/RGB images are refused; a 3D image of one slice is fine).
+    3D scalar volume (2D, 4D and vector/RGB images are refused; a 3D image of one slice is fine), or if
+    its header gives a voxel spacing that is not positive. Messages call the file ``what`` (for example
+    "label map").
     """
     path = Path(path)
     if not path.exists():
-        raise InputImageError(f"input image {path} does not exist")
+        raise InputImageError(f"{what} {path} does not exist")
     if path.is_dir():
         return _read_dicom_folder(path)
     extension = volume_extension(path)
@@ -119,7 +142,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         reader.ReadImageInformation()
         _check_3d_scalar(reader.GetDimension(), reader.GetNumberOfComponents(), str(path))
         if extension in (".nii", ".nii.gz"):
-            _check_nifti_complete(path)
+            _check_nifti_header(path)
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputImageError(
@@ -183,21 +206,30 @@ def _sitk_reason(exc: Exception) -> str:
     return lines[-1]
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise ``InputImageError`` if a NIfTI file holds fewer voxel bytes than its header promises.
+def _check_nifti_header(path: Path) -> None:
+    """Raise ``InputImageError`` where ITK's NIfTI reader would silently read something else: a file
+    holding fewer voxel bytes than its header promises (ITK fills the rest with zeros), or a voxel
+    spacing (``pixdim``) that is not positive (ITK takes 0 as 1 mm, so the scan would be segmented at a
+    wrong size, and a negative one as a mirrored axis, which swaps left and right).
 
-    ITK's NIfTI reader silently fills the missing part of a truncated file with zeros. For ``.nii.gz``
-    the gzip trailer (uncompressed size modulo 2**32) is checked first; only if it disagrees is the
-    stream decompressed to count. A header this cannot parse is left to ITK.
+    For ``.nii.gz`` the gzip trailer (uncompressed size modulo 2**32) is checked first; only if it
+    disagrees is the stream decompressed to count. A header this cannot parse is left to ITK.
     """
     compressed = path.name.lower().endswith(".gz")
     try:
         opener = gzip.open if compressed else open
         with opener(path, "rb") as stream:
             header = stream.read(540)
-        expected = _nifti_byte_count(header)
-        if expected is None:
+        parsed = _nifti_header(header)
+        if parsed is None:
             return
+        expected, spacing = parsed
+        if not all(np.isfinite(spacing) & (np.asarray(spacing) > 0)):
+            raise InputImageError(
+                f"cannot read {path}: its header gives a voxel spacing (pixdim) of {spacing} mm, which NIfTI requires to "
+                "be positive (ITK would read 0 as 1 mm, and a negative spacing as an axis mirrored against the header's "
+                "own orientation); fix the header's pixdim (the voxel size) and try again"
+            )
         if not compressed:
             complete = path.stat().st_size >= expected
         else:
@@ -214,17 +246,20 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
-def _nifti_byte_count(header: bytes) -> int | None:
-    """Bytes a NIfTI-1 or NIfTI-2 file needs (voxel offset plus voxel data), or None if not a NIfTI header."""
+def _nifti_header(header: bytes) -> tuple[int, tuple[float, float, float]] | None:
+    """Bytes a NIfTI-1 or NIfTI-2 file needs (voxel offset plus voxel data) and its spacing (pixdim[1:4]),
+    or None if not a NIfTI header."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
             bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
             bitpix = struct.unpack(endian + "h", header[14:16])[0]
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
     else:
@@ -234,7 +269,7 @@ def _nifti_byte_count(header: bytes) -> int | None:
     count = 1
     for size in dims[1 : dims[0] + 1]:
         count *= max(int(size), 1)
-    return max(offset, 0) + count * bitpix // 8
+    return max(offset, 0) + count * bitpix // 8, tuple(float(v) for v in pixdim[1:4])
 
 
 def _stream_length_at_least(path: Path, length: int) -> bool:
@@ -277,18 +312,31 @@ def write_volume(path: str | os.PathLike, volume: Volume, overwrite: bool = Fals
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raise ``OutputError`` unless ``path`` may be written: absent (or ``overwrite``) and in a writable folder."""
+    """Raise ``OutputError`` unless ``path`` may be written: absent (or ``overwrite``) and in a folder where
+    a file can really be created (tried, so that ``/proc`` or a full or read-only disk fails here, before
+    any work)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name to write to")
     if path.exists() and not overwrite:
         raise OutputError(f"{path} exists; pass --overwrite or choose another path")
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
+    check_folder(path.parent, f"cannot write {path}: ")
     return path
+
+
+def check_folder(folder: Path, context: str = "") -> None:
+    """Raise ``OutputError`` (its message starting with ``context``) unless files can be created in ``folder``."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"{context}{existing} is a file, not a folder")
+    if not folder.is_dir():
+        raise OutputError(f"{context}the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{context}the folder {folder} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{context}files cannot be created in the folder {folder} ({exc.strerror or exc})") from None
 
 
 def write_atomically(

@@ -33,10 +33,11 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .errors import InputImageError, OutputError, TextDiffSegError
+from .errors import InputImageError, OutputError, ScanWarning, TextDiffSegError
 from .machine import resolve_device
 from .registry import resolve_model
 from .segmenter import ProposalSet, Segmenter
@@ -80,10 +81,19 @@ class Worker:
 
         volume = read_volume(request["input"])
         segmenter = self._segmenter(request.get("model"), str(request.get("device") or "auto"), report)
-        proposal_sets = segmenter.propose_many(
-            volume, prompts, num_proposals=num_proposals, seed=seed, steps=steps, callback=report
-        )
-        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ScanWarning)
+            proposal_sets = segmenter.propose_many(
+                volume, prompts, num_proposals=num_proposals, seed=seed, steps=steps, callback=report
+            )
+        scan_notes = []
+        for caught_warning in caught:  # a doubtful scan is said with every result; other warnings go to stderr
+            if issubclass(caught_warning.category, ScanWarning):
+                scan_notes.append(str(caught_warning.message))
+            else:
+                warnings.showwarning(caught_warning.message, caught_warning.category, caught_warning.filename,
+                                     caught_warning.lineno)
+        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails, scan_notes)
                 for number, proposals in enumerate(proposal_sets, start=1)]
 
     def _segmenter(self, model, device: str, report: Callable[[dict], None]) -> Segmenter:
@@ -115,8 +125,9 @@ def _thumbnail_options(options) -> tuple[int, tuple[float, float] | None] | None
     return options["size"], None if window is None else (float(window[0]), float(window[1]))
 
 
-def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tuple | None) -> dict:
-    """Write one prompt's masks, uncertainty and thumbnails on the input grid; their paths and metadata."""
+def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tuple | None, scan_notes: list[str]) -> dict:
+    """Write one prompt's masks, uncertainty and thumbnails on the input grid; their paths and metadata (with
+    ``scan_notes``, what was doubtful about the scan, before the size warning in ``warning``)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, pictures = [], []
     for number, mask in enumerate(proposals.proposals, start=1):
@@ -136,7 +147,7 @@ def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tup
         "fused": str(fused),
         "uncertainty": str(uncertainty),
         "thumbnails": pictures,
-        "warning": proposals.warning,
+        "warning": "; ".join(note for note in [*scan_notes, proposals.warning] if note) or None,
     }
 
 

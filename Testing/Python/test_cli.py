@@ -226,7 +226,9 @@ def test_segment_writes_proposals_and_uncertainty(capsys, tmp_path, small_ct, ba
     code, _, err = segment(capsys, balanced_model_dir, small_ct, single / "fused.nii.gz", "--proposals-dir", single,
                            "--uncertainty", single / "u.mha")
     assert code == 0, err
-    assert sorted(p.name for p in single.iterdir()) == ["fused.nii.gz", "liver_proposal1.nii.gz", "liver_proposal2.nii.gz", "u.mha"]
+    assert sorted(p.name for p in single.iterdir()) == ["fused.json", "fused.nii.gz", "liver_proposal1.json",  # label names
+                                                        "liver_proposal1.nii.gz", "liver_proposal2.json",
+                                                        "liver_proposal2.nii.gz", "u.mha"]
     assert_same_geometry(read_volume(single / "u.mha"), volume)
     assert read_volume(single / "liver_proposal2.nii.gz").array.dtype == np.uint8
 
@@ -432,7 +434,12 @@ ERROR_CASES = {
                                      ["u.png", "unsupported file type", ".nii.gz"]),
     "uncertainty exists": (lambda t, m: {"extra": ["--uncertainty", _existing_file(t, "u.nii.gz")]},
                            ["u.nii.gz", "exists", "--overwrite"]),
-    "proposals folder missing": (lambda t, m: {"extra": ["--proposals-dir", t / "nowhere"]}, ["nowhere", "does not exist"]),
+    "proposals folder is a file": (lambda t, m: {"extra": ["--proposals-dir", _existing_file(t, "p.txt")]},
+                                   ["p.txt", "is a file, not a folder"]),
+    "output under a file": (lambda t, m: {"output": _existing_file(t, "p.txt") / "out.seg.nrrd"},
+                            ["p.txt", "is a file, not a folder"]),
+    "proposals folder under a file": (lambda t, m: {"extra": ["--proposals-dir", _existing_file(t, "p.txt") / "new"]},
+                                      ["p.txt", "is a file, not a folder"]),
     "a proposal exists": (lambda t, m: {"extra": ["--proposals-dir", _existing_file(t, "p/liver_proposal2.seg.nrrd").parent]},
                           ["liver_proposal2.seg.nrrd", "exists", "--overwrite"]),
     "unknown device": (lambda t, m: {"extra": ["--device", "tpu"]}, ["tpu", "cpu"]),
@@ -448,7 +455,8 @@ def test_segment_errors(case, capsys, tmp_path, small_ct, tiny_model_dir):
     out_dir.mkdir()
     given = {"input": small_ct, "prompt": "liver", "model": tiny_model_dir, "output": out_dir / "result.seg.nrrd",
              "extra": [], **make(work, tiny_model_dir)}
-    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    # Files only: a folder's time changes where it was tried for writing (a temporary folder made and removed).
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
     code, out, err = run(capsys, "segment", "-i", given["input"], "-p", given["prompt"], "-o", given["output"],
                          "--model", given["model"], *FAST, "--progress", "none", *given["extra"])
     assert code == 2
@@ -458,7 +466,7 @@ def test_segment_errors(case, capsys, tmp_path, small_ct, tiny_model_dir):
         assert word in err, f"{word!r} not in {err!r}"
     assert sorted(p.name for p in out_dir.iterdir()) == []  # nothing written, no .tmp-* left
     assert leftovers(work) == []
-    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before  # nothing in the work folder changed
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()} == before  # no file in it changed
 
 
 def test_a_write_failing_half_way_removes_what_the_run_wrote(capsys, tmp_path, small_ct, tiny_model_dir, monkeypatch):
@@ -497,15 +505,24 @@ def test_read_only_output_folder(capsys, tmp_path, small_ct, tiny_model_dir):
     assert list(folder.iterdir()) == []
 
 
-@pytest.mark.parametrize("option", ["--proposals", "--steps"])
-@pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_counts_must_be_positive(option, value, capsys, tmp_path, small_ct, tiny_model_dir):
+@pytest.mark.parametrize("option, value", [("--proposals", "0"), ("--proposals", "-1"), ("--steps", "0"),
+                                           ("--steps", "-1"), ("--seed", "-1")])
+def test_counts_must_be_positive(option, value, capsys, tmp_path, small_ct):
+    """The API's one rule (``check_sampling_settings``), applied before the model loads; a seed may be 0."""
+    code, out, err = run(capsys, "segment", "-i", small_ct, "-p", "liver", "-o", tmp_path / "o.nii.gz",
+                         "--model", tmp_path / "no-model-needed", option, value)
+    assert code == 2 and out == ""
+    assert err == f"textdiffseg: error: {option[2:]}".replace("proposals", "num_proposals") + \
+        f" ({option}) must be at least {0 if option == '--seed' else 1}, not {value}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--proposals", "--steps", "--seed"])
+def test_counts_must_be_whole_numbers(option, capsys, tmp_path, small_ct):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["segment", "-i", str(small_ct), "-p", "liver", "-o", str(tmp_path / "o.nii.gz"),
-                  "--model", str(tiny_model_dir), option, value])
+        cli.main(["segment", "-i", str(small_ct), "-p", "liver", "-o", str(tmp_path / "o.nii.gz"), option, "two"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {option}" in err and "positive" in err and "Traceback" not in err
+    assert f"argument {option}: invalid int value: 'two'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -402,7 +402,8 @@ def test_existing_segmentation_is_not_overwritten(tmp_path, name):
     assert path.read_bytes() == b"precious"
     write_segmentation(path, reference, two_segments(reference), overwrite=True)
     assert path.read_bytes() != b"precious"
-    assert [p.name for p in tmp_path.iterdir()] == [name]
+    sidecar = [] if name.endswith(".seg.nrrd") else ["result.json"]  # a label map's names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, *sidecar])
 
 
 def test_existing_scalar_map_is_not_overwritten(tmp_path):
@@ -447,7 +448,7 @@ def test_failed_label_map_write_keeps_the_old_file(tmp_path, monkeypatch):
     reference = reference_volume()
     path = tmp_path / "labels.nii.gz"
     write_segmentation(path, reference, two_segments(reference))
-    before = path.read_bytes()
+    before, names_before = path.read_bytes(), (tmp_path / "labels.json").read_text()
 
     def write_then_fail(image, file, *args):
         Path(file).write_bytes(b"half")
@@ -456,8 +457,8 @@ def test_failed_label_map_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(volume_module.sitk, "WriteImage", write_then_fail)
     with pytest.raises(OutputError, match="disk full"):
         write_segmentation(path, reference, two_segments(reference)[:1], overwrite=True)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["labels.nii.gz"]
+    assert path.read_bytes() == before and (tmp_path / "labels.json").read_text() == names_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "labels.nii.gz"]
 
 
 def test_segment_output_display_name():

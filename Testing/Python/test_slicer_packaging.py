@@ -81,6 +81,10 @@ def test_extension_metadata_is_complete_and_consistent():
     assert s4ext["iconurl"] == TOP["EXTENSION_ICONURL"][0]
     assert s4ext["screenshoturls"] == TOP["EXTENSION_SCREENSHOTURLS"][0]
     assert s4ext["description"] == description.replace('\\"', '"')
+    # SlicerExtensionCPack.cmake passes the values unquoted: CMake would cut them at a ';' (issue 30, defect 1).
+    for key in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "CATEGORY"):
+        assert ";" not in TOP[f"EXTENSION_{key}"][0], key
+    assert ";" not in s4ext["description"]
     assert s4ext["scmurl"].removesuffix(".git") == TOP["EXTENSION_HOMEPAGE"][0]
 
     # the icon and screenshot URLs point at files of this repository (on its main branch)

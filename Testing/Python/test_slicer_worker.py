@@ -91,6 +91,15 @@ def test_a_size_warning_comes_back_with_the_proposals(client, ct_file, size_chec
     assert liver.warning.startswith("the liver found measures") and kidney.warning is None
 
 
+def test_a_doubtful_scan_is_said_with_every_result(client, shared_data, size_checked_model_dir, tmp_path):
+    mr = str(shared_data / "chaos_t2/imagesTr/chaos_t2_01.nii.gz")  # an MR, given to a CT model
+    request = {**_request(mr, size_checked_model_dir, tmp_path / "a"), "num_proposals": 1}
+    liver, kidney = proposalsFromResult(client.wait(client.send("segment", **request), timeout=600))
+    assert kidney.warning.startswith("the scan does not look like a CT in Hounsfield units")
+    scan_note, size_note = liver.warning.split("; the liver found measures")  # the scan first, then the size
+    assert scan_note == kidney.warning
+
+
 def test_the_worker_stays_warm_and_a_seed_reproduces_its_proposal(client, ct_file, tiny_model_dir, tmp_path):
     first = client.wait(client.send("segment", **_request(ct_file, tiny_model_dir, tmp_path / "a", prompts=["liver"])),
                         timeout=600)
