@@ -118,3 +118,32 @@ def test_training_wants_3d_patches_and_the_loss_trains_every_part():
     for part in ("image_encoder", "cross_attention", "label_autoencoder.encoder", "label_autoencoder.decoder", "unet"):
         gradients = [p.grad for name, p in model.named_parameters() if name.startswith(part)]
         assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients), part
+
+
+def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, capsys):
+    """``textdiffseg train --family textdiffseg3d --crop Z,Y,X`` on two real CHAOS cases (tiny widths, 2 steps),
+    then ``textdiffseg segment`` with the model it wrote."""
+    import json
+
+    from TextDiffSegLib import cli
+    from TextDiffSegLib.modelio import read_config
+
+    chaos = shared_data / "chaos_t2"
+    description = json.loads((chaos / "dataset.json").read_text())
+    description["training"] = [{"image": str(chaos / f"imagesTr/{case}.nii.gz"), "label": str(chaos / f"labelsTr/{case}.nii.gz")}
+                               for case in ("chaos_t2_01", "chaos_t2_02")]
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps(description))
+    options = ["spacing=6,6,9", "window=16,16,16", "label_channels=4,8,8", "image_channels=8,8,8",
+               "image_feature_channels=8", "attention_heads=2", "unet_channels=8,8", "unet_attention=false,true"]
+    output = tmp_path / "run"
+    assert cli.main(["train", "--family", "textdiffseg3d", "--data", str(dataset), "--output", str(output),
+                     "--steps", "2", "--batch-size", "2", "--crop", "16,16,16", "--device", "cpu",
+                     *[arg for option in options for arg in ("--model-option", option)]]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {output / 'model'}"
+    config = read_config(output / "model")
+    assert config.family == "textdiffseg3d" and config.window == (16, 16, 16) and config.modality == "MR"
+    result = tmp_path / "liver.seg.nrrd"
+    assert cli.main(["segment", "-i", str(chaos / "imagesTr/chaos_t2_05.nii.gz"), "-p", "liver", "-o", str(result),
+                     "--model", str(output / "model"), "--proposals", "2", "--steps", "2", "--progress", "none"]) == 0
+    assert result.is_file()
