@@ -117,9 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--split-seed", type=int, default=0)
     train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--crop", type=int, default=128,
-                       help="side of the square training crops, in voxels of the model grid (a multiple of 16); "
-                            "as large as the model's window (192 for universal-btcv), it shows whole slices, as segmenting does")
+    train.add_argument("--crop", type=_crop, default=(128, 128),
+                       help="training crops in voxels of the model grid: one side for square slices of a 2D family "
+                            "(a multiple of 16; as large as the model's window, 192 for universal-btcv, they show whole "
+                            "slices, as segmenting does), or Z,Y,X for the patches of a 3D family, e.g. 32,96,96")
     train.add_argument("--autoencoder-steps", type=int, default=600)
     train.add_argument("--steps", type=int, default=6000, help="denoiser training steps")
     train.add_argument("--lr", type=float, default=3e-4)
@@ -172,6 +173,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the first sampling of a structure found far larger than the model's training cases "
                              "(default: sample it again on a coarser grid and keep whichever finds more of it)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (or mps, where torch has it)")
+
+
+def _crop(text: str) -> tuple[int, ...]:
+    """``128`` (a square slice crop) or ``Z,Y,X`` / ``Y,X`` sides of whole numbers."""
+    try:
+        sides = tuple(int(side) for side in text.split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2, 3):
+        raise argparse.ArgumentTypeError(f"expected one side (128), Y,X or Z,Y,X (32,96,96), not {text!r}")
+    return sides * 2 if len(sides) == 1 else sides
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -367,7 +379,7 @@ def _train(args) -> int:
     settings = TrainSettings(
         data=args.data, output=args.output, family=args.family, name=args.name,
         structures=tuple(_list(args.structures) or ()), validation_fraction=args.validation_fraction,
-        split_seed=args.split_seed, batch_size=args.batch_size, crop=(args.crop, args.crop),
+        split_seed=args.split_seed, batch_size=args.batch_size, crop=args.crop,
         autoencoder_steps=args.autoencoder_steps,
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
         gamma=args.gamma,

@@ -4,11 +4,16 @@ Each is a ``base.Family``: config, model, predictor, training recipe, adapter ru
 (docs/adding-a-family.md).
 """
 
+from . import textdiffseg3d
 from .base import Family
+from .textdiffseg3d_training import TextDiffSeg3DRecipe
 from .universal import UniversalConfig, UniversalModel, UniversalPredictor, card_text, lora_targets, retrained_parameters
 from .universal_training import UniversalRecipe
 
 FAMILIES: dict[str, Family] = {
     "universal": Family(UniversalConfig, UniversalModel, UniversalPredictor, UniversalRecipe,
                         lora_targets, retrained_parameters, card_text),
+    "textdiffseg3d": Family(textdiffseg3d.TextDiffSeg3DConfig, textdiffseg3d.TextDiffSeg3DModel,
+                            textdiffseg3d.TextDiffSeg3DPredictor, TextDiffSeg3DRecipe, textdiffseg3d.lora_targets,
+                            textdiffseg3d.retrained_parameters, textdiffseg3d.card_text),
 }

@@ -1,0 +1,149 @@
+"""The TextDiffSeg 3D family's own parts, on tiny configs (the conformance suite checks what every family must do)."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_STRUCTURES
+
+from TextDiffSegLib.errors import DataError
+from TextDiffSegLib.families.textdiffseg3d import TextDiffSeg3DConfig, TextDiffSeg3DModel, TextDiffSeg3DPredictor
+from TextDiffSegLib.families.textdiffseg3d_training import TextDiffSeg3DRecipe
+from TextDiffSegLib.text_encoders import TextEmbedding
+
+
+def tiny(**overrides) -> TextDiffSeg3DModel:
+    values = dict(name="tiny-3d", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16, 16),
+                  default_steps=2, label_channels=(4, 8, 8), image_channels=(8, 8, 8), image_feature_channels=8,
+                  attention_heads=2, unet_channels=(8, 8), unet_attention=(False, True))
+    torch.manual_seed(0)
+    return TextDiffSeg3DModel(TextDiffSeg3DConfig(**{**values, **overrides})).eval()
+
+
+def text(tokens: int = 3, dim: int = 384) -> TextEmbedding:
+    torch.manual_seed(1)
+    return TextEmbedding(torch.randn(1, tokens, dim), torch.ones(1, tokens), torch.randn(1, dim))
+
+
+def test_every_part_works_on_the_latent_grid_four_times_coarser():
+    model = tiny()
+    image, mask = torch.rand(2, 1, 16, 16, 32), (torch.rand(2, 1, 16, 16, 32) > 0.5).float()
+    features = model.image_encoder(image)
+    latent = model.label_autoencoder.encode(mask)
+    assert features.shape == (2, 8, 4, 4, 8) and latent.shape == (2, 4, 4, 4, 8)
+    assert model.label_autoencoder.decode(latent).shape == mask.shape
+    tokens, token_mask = model.text_of(TextEmbedding(*(t.expand(2, *t.shape[1:]) for t in (text().tokens, text().mask,
+                                                                                            text().pooled))),
+                                       torch.tensor([0, 1]))
+    embedding = model.cross_modal(features, tokens, token_mask)
+    assert embedding.shape == features.shape
+    assert model.denoise(latent, torch.tensor(10), embedding).shape == latent.shape
+
+
+def test_label_latents_are_standardised():
+    """The encoder's last normalisation learns the training masks' statistics: their latents come out with
+    mean 0 and standard deviation 1 per channel, as the noise they are mixed with."""
+    encoder = tiny().label_autoencoder.train()
+    torch.manual_seed(2)
+    masks = [(torch.rand(4, 1, 8, 16, 16) > 0.7).float() for _ in range(100)]
+    with torch.no_grad():
+        encoder.encoder[-2].weight *= 100  # spread as a trained encoder's: random weights give near-constant latents
+        for batch in masks:
+            encoder.encode(batch)
+        latents = encoder.eval().encode(torch.cat(masks[:20]))
+    assert latents.mean(dim=(0, 2, 3, 4)).abs().max() < 0.1
+    assert (latents.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("shape", [(32, 48, 64), (16, 16, 16)], ids=["windows that do not divide it", "one window"])
+def test_a_volume_of_any_size_is_sampled_whole_and_by_seed(shape):
+    predictor = TextDiffSeg3DPredictor(tiny(), torch.device("cpu"))
+    assert predictor.size_multiple == (16, 16, 16)  # the segmenter pads scans to this
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    prepared = predictor.prepare(image, (6.0, 6.0, 9.0))
+    assert prepared.shape == (1, 8, *(s // 4 for s in shape))
+    condition = predictor.condition(text(), 0)
+    steps = []
+    first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
+    assert first.shape == shape and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
+    assert steps == [(1, 2), (2, 2)]
+    np.testing.assert_array_equal(first, predictor.sample(prepared, condition, 3, 2, "ddim", lambda *a: None))
+    assert not np.array_equal(first, predictor.sample(prepared, condition, 4, 2, "ddim", lambda *a: None))
+
+
+def test_padding_tokens_are_not_read():
+    model, features = tiny(), torch.rand(1, 8, 4, 4, 4)
+    prompt = text(tokens=3)
+    padded_tokens = torch.cat([prompt.tokens, 100 * torch.randn(1, 2, 384)], dim=1)
+    padded_mask = torch.cat([prompt.mask, torch.zeros(1, 2)], dim=1)
+    torch.testing.assert_close(model.cross_modal(features, prompt.tokens, prompt.mask),
+                               model.cross_modal(features, padded_tokens, padded_mask))
+
+
+def test_the_prompt_steers_the_embedding():
+    model, features = tiny(), torch.rand(1, 8, 4, 4, 4)
+    one, other = text(), TextEmbedding(-text().tokens, text().mask, text().pooled)
+    assert not torch.allclose(model.cross_modal(features, one.tokens, one.mask),
+                              model.cross_modal(features, other.tokens, other.mask))
+
+
+def test_a_learned_embedding_per_structure_is_a_one_token_text():
+    model = tiny(conditioning="learned")
+    tokens, mask = model.text_of(None, torch.tensor([2, 0]))
+    assert tokens.shape == (2, 1, 384) and mask.tolist() == [[1.0], [1.0]]
+    torch.testing.assert_close(tokens[0, 0], model.structure_tokens.weight[2])
+
+
+def test_training_wants_3d_patches_and_the_loss_trains_every_part():
+    model = tiny().train()
+    trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    settings = SimpleNamespace(crop=(32, 32), decoded_mask_weight=1.0, present_fraction=0.75, seed=0,
+                               diffusion_steps=2, lr=1e-3)
+    with pytest.raises(DataError, match=r"three sides \(z, y, x\).*--crop 16,16,16"):
+        TextDiffSeg3DRecipe(model, settings, trainer)
+    recipe = TextDiffSeg3DRecipe(model, SimpleNamespace(**{**vars(settings), "crop": (16, 16, 16)}), trainer)
+    recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
+    batch = (torch.rand(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float(), torch.tensor([0, 3]))
+    optimiser = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(2):  # MONAI's U-Net starts with a zero output layer: what lies before it learns from step 2 on
+        optimiser.zero_grad()
+        loss = recipe.loss(batch)
+        loss.backward()
+        optimiser.step()
+    assert torch.isfinite(loss)
+    for part in ("image_encoder", "cross_attention", "label_autoencoder.encoder", "label_autoencoder.decoder", "unet"):
+        gradients = [p.grad for name, p in model.named_parameters() if name.startswith(part)]
+        assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients), part
+
+
+def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, capsys):
+    """``textdiffseg train --family textdiffseg3d --crop Z,Y,X`` on two real CHAOS cases (tiny widths, 2 steps),
+    then ``textdiffseg segment`` with the model it wrote."""
+    import json
+
+    from TextDiffSegLib import cli
+    from TextDiffSegLib.modelio import read_config
+
+    chaos = shared_data / "chaos_t2"
+    description = json.loads((chaos / "dataset.json").read_text())
+    description["training"] = [{"image": str(chaos / f"imagesTr/{case}.nii.gz"), "label": str(chaos / f"labelsTr/{case}.nii.gz")}
+                               for case in ("chaos_t2_01", "chaos_t2_02")]
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps(description))
+    options = ["spacing=6,6,9", "window=16,16,16", "label_channels=4,8,8", "image_channels=8,8,8",
+               "image_feature_channels=8", "attention_heads=2", "unet_channels=8,8", "unet_attention=false,true"]
+    output = tmp_path / "run"
+    assert cli.main(["train", "--family", "textdiffseg3d", "--data", str(dataset), "--output", str(output),
+                     "--steps", "2", "--batch-size", "2", "--crop", "16,16,16", "--device", "cpu",
+                     *[arg for option in options for arg in ("--model-option", option)]]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {output / 'model'}"
+    config = read_config(output / "model")
+    assert config.family == "textdiffseg3d" and config.window == (16, 16, 16) and config.modality == "MR"
+    result = tmp_path / "liver.seg.nrrd"
+    assert cli.main(["segment", "-i", str(chaos / "imagesTr/chaos_t2_05.nii.gz"), "-p", "liver", "-o", str(result),
+                     "--model", str(output / "model"), "--proposals", "2", "--steps", "2", "--progress", "none"]) == 0
+    assert result.is_file()

@@ -1,0 +1,257 @@
+"""TextDiffSeg: text-guided latent diffusion for 3D segmentation (Ma, papers/003).
+
+The only family that sees the volume whole. A 3D image encoder maps a window of the scan to features on
+a grid four times coarser along each axis, with self-attention on that grid; a 3D cross-modal attention
+lets every voxel's features query the prompt's text tokens and adds what it reads (eq. 2); a 3D label
+encoder maps a mask to a small latent on the same grid, standardised to zero mean and unit variance by a
+final normalisation, and a label decoder maps a latent back to mask logits. The denoiser, a 3D residual
+U-Net with time embedding and self-attention (MONAI's ``DiffusionModelUNet``), predicts the noise added
+to the label latent (eq. 3) from the noisy latent concatenated with the cross-modal embedding.
+
+Sampling runs DDIM (10 steps by default) over the whole volume with one noise field per proposal:
+every step denoises 3D sliding windows of the latent, blended (MONAI), so neighbouring slices are
+sampled together rather than each from its own noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from ..config import ModelConfig
+from ..sampler import make_scheduler, sample, windowed
+from ..text_encoders import TextEmbedding
+from .base import Predictor, StepCallback, normalisation_parameters
+
+DOWNSAMPLING = 4  # the latent grid is four times coarser than the model grid along each axis
+
+
+@dataclasses.dataclass
+class TextDiffSeg3DConfig(ModelConfig):
+    family: str = "textdiffseg3d"
+    # The universal family's grid, so that proposals of both can be fused voxel for voxel. A window of
+    # 32 x 96 x 96 voxels (160 x 240 x 240 mm) holds a whole kidney, pancreas or stomach and most of a liver;
+    # its latent, 8 x 24 x 24 = 4608 voxels, is what the encoder's self-attention can afford on a CPU.
+    window: tuple[int, ...] = (32, 96, 96)
+    prediction_type: str = "epsilon"  # eq. 5: the denoiser predicts the noise
+    default_steps: int = 10
+    latent_channels: int = 4
+    label_channels: tuple[int, int, int] = (8, 16, 32)
+    image_channels: tuple[int, int, int] = (16, 32, 64)
+    image_feature_channels: int = 32
+    attention_heads: int = 4
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_attention: tuple[bool, ...] = (False, True, True)
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        for field in ("label_channels", "image_channels"):
+            if len(getattr(self, field)) != 3 or min(getattr(self, field)) < 1:
+                found.append(f"{field} must be three positive widths, not {getattr(self, field)}")
+        if len(self.unet_channels) != len(self.unet_attention) or min(self.unet_channels, default=0) < 8:
+            found.append("unet_channels and unet_attention must have one entry per level, each width 8 or more")
+        if any(c % 8 for c in (*self.unet_channels, *self.image_channels[1:], self.image_feature_channels)):
+            found.append("unet_channels, image_channels (but the first) and image_feature_channels must be "
+                         "multiples of 8 (group norm)")
+        if self.image_feature_channels % self.attention_heads:
+            found.append(f"image_feature_channels must be a multiple of attention_heads ({self.attention_heads})")
+        if len(self.window) != 3 or any(w % self.size_multiple for w in self.window):
+            found.append(f"window must be three sizes (z, y, x), multiples of {self.size_multiple}, not {self.window}")
+        return found
+
+    def __post_init__(self):
+        for field in ("label_channels", "image_channels", "unet_channels", "unet_attention"):
+            setattr(self, field, tuple(getattr(self, field)))
+        super().__post_init__()
+
+    @property
+    def size_multiple(self) -> int:
+        """What each side of a window must be a multiple of: the latent downsampling times the U-Net's, and once
+        more, so that the U-Net's coarsest grid keeps two voxels per axis (its group norms need more than one)."""
+        return DOWNSAMPLING * 2 ** len(self.unet_channels)
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1), nn.SiLU())
+
+
+def _up(in_channels: int, out_channels: int) -> nn.Module:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _conv(in_channels, out_channels))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1),
+                                  nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class _SelfAttention(nn.Module):
+    """Self-attention over every voxel of a feature volume, added back (pre-norm)."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return x + attended.transpose(1, 2).reshape(x.shape)
+
+
+class ImageEncoder3D(nn.Module):
+    """A scan window [B, 1, D, H, W] to features [B, F, D/4, H/4, W/4], with self-attention on that grid.
+
+    The paper puts attention in the last two down-sampling stages; here both attention blocks sit on the
+    coarsest grid: one stage finer, a 32 x 96 x 96 window has 36,864 voxels, too many to attend on a CPU.
+    """
+
+    def __init__(self, channels: tuple[int, int, int], out_channels: int, heads: int):
+        super().__init__()
+        c0, c1, c2 = channels
+        self.layers = nn.Sequential(
+            _conv(1, c0), _conv(c0, c1, stride=2), _ResidualBlock(c1), _conv(c1, c2, stride=2), _ResidualBlock(c2),
+            nn.Conv3d(c2, out_channels, 1), _SelfAttention(out_channels, heads), _SelfAttention(out_channels, heads),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.layers(image)
+
+
+class CrossModalAttention3D(nn.Module):
+    """Eq. 2: voxel features [B, F, d, h, w] as queries, text tokens [B, T, E] as keys and values, the result
+    added back to the features. Padding tokens are masked out."""
+
+    def __init__(self, channels: int, text_dim: int, heads: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.attention = nn.MultiheadAttention(channels, heads, kdim=text_dim, vdim=text_dim, batch_first=True)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        queries = self.norm(features).flatten(2).transpose(1, 2)
+        read, _ = self.attention(queries, tokens, tokens, key_padding_mask=mask == 0, need_weights=False)
+        return features + read.transpose(1, 2).reshape(features.shape)
+
+
+class LabelAutoencoder3D(nn.Module):
+    """A mask [B, 1, D, H, W] to a latent [B, k, D/4, H/4, W/4] and back to mask logits. The encoder ends in a
+    normalisation without learnt scale, whose running statistics make the latents of the training masks
+    zero-mean and unit-variance, as the noise they are mixed with."""
+
+    def __init__(self, channels: tuple[int, int, int], latent_channels: int):
+        super().__init__()
+        c0, c1, c2 = channels
+        self.encoder = nn.Sequential(
+            _conv(1, c0), _conv(c0, c1, stride=2), _conv(c1, c2, stride=2), nn.Conv3d(c2, latent_channels, 1),
+            nn.BatchNorm3d(latent_channels, affine=False),
+        )
+        self.decoder = nn.Sequential(
+            _conv(latent_channels, c2), _up(c2, c1), _up(c1, c0), nn.Conv3d(c0, 1, 3, padding=1),
+        )
+
+    def encode(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mask)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent)
+
+
+class TextDiffSeg3DModel(nn.Module):
+    """Image encoder, cross-modal attention, label autoencoder and the noise-predicting 3D U-Net."""
+
+    def __init__(self, config: TextDiffSeg3DConfig):
+        super().__init__()
+        self.config = config
+        features = config.image_feature_channels
+        self.image_encoder = ImageEncoder3D(config.image_channels, features, config.attention_heads)
+        # A model with a learnt embedding per structure reads it as a one-token "text".
+        self.structure_tokens = (None if config.conditioning == "text"
+                                 else nn.Embedding(len(config.structures), config.text_embed_dim))
+        self.cross_attention = CrossModalAttention3D(features, config.text_embed_dim, config.attention_heads)
+        self.label_autoencoder = LabelAutoencoder3D(config.label_channels, config.latent_channels)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3, in_channels=config.latent_channels + features, out_channels=config.latent_channels,
+            num_res_blocks=1, channels=config.unet_channels, attention_levels=config.unet_attention,
+            norm_num_groups=8, num_head_channels=config.unet_channels[-1] // 2,
+        )
+
+    def text_of(self, text: TextEmbedding | None, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens and token mask that condition structures ``indices``: the prompt's, or the learnt ones."""
+        if text is None:
+            tokens = self.structure_tokens(indices)[:, None]
+            return tokens, torch.ones(tokens.shape[:2], device=tokens.device)
+        return text.tokens[indices], text.mask[indices]
+
+    def cross_modal(self, image_features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.cross_attention(image_features, tokens, mask)
+
+    def denoise(self, noisy_latent: torch.Tensor, timestep: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """The predicted noise, from the noisy label latent and the cross-modal embedding (concatenated)."""
+        timesteps = timestep.expand(noisy_latent.shape[0]) if timestep.dim() else timestep.repeat(noisy_latent.shape[0])
+        return self.unet(torch.cat([noisy_latent, embedding], dim=1), timesteps)
+
+
+class TextDiffSeg3DPredictor(Predictor):
+    """3D sampling: the scan's features in 3D sliding windows once per scan, the cross-modal embedding once
+    per structure, and for each proposal one noise field over the whole latent volume, denoised window by
+    window at every step and decoded whole."""
+
+    @property
+    def size_multiple(self) -> tuple[int, int, int]:
+        """A scan smaller than a window along an axis goes through whole there: its latent must suit the U-Net."""
+        return (self.config.size_multiple,) * 3
+
+    @torch.no_grad()
+    def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
+        """Image features [1, F, z/4, y/4, x/4] (``image`` is padded to multiples of 4 along each axis)."""
+        volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(self.device)
+        # MONAI blends windows whose output is 4 times smaller; a scan smaller than a window goes through whole.
+        return windowed(self.model.image_encoder, volume, self.config.window)
+
+    @torch.no_grad()
+    def condition(self, text: TextEmbedding | None, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.text_of(text, torch.tensor([0 if text is not None else index], device=self.device))
+
+    @torch.no_grad()
+    def sample(self, prepared: torch.Tensor, condition: tuple[torch.Tensor, torch.Tensor], seed: int, steps: int,
+               scheduler: str, on_step: StepCallback) -> np.ndarray:
+        config, model = self.config, self.model
+        embedding = model.cross_modal(prepared, *condition)
+        scheduler = make_scheduler(scheduler, config.num_train_timesteps, config.prediction_type)
+        window = tuple(w // DOWNSAMPLING for w in config.window)
+        channels = config.latent_channels
+
+        def denoise(noisy, t):
+            return windowed(lambda x: model.denoise(x[:, :channels], t, x[:, channels:]),
+                            torch.cat([noisy, embedding], dim=1), window)
+
+        shape = (1, channels, *prepared.shape[2:])
+        latent = sample(denoise, scheduler, shape, steps, torch.Generator().manual_seed(seed), self.device, on_step)
+        logits = model.label_autoencoder.decode(latent)
+        return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+
+
+def lora_targets(model: TextDiffSeg3DModel) -> list[str]:
+    """The denoiser's and the cross-modal attention's linear and convolution layers."""
+    return [name for name, module in model.named_modules()
+            if name.startswith(("unet.", "cross_attention.")) and isinstance(module, (nn.Linear, nn.Conv3d))]
+
+
+def retrained_parameters(model: TextDiffSeg3DModel) -> list[str]:
+    """Retrained in full when adapting: the image encoder (a new modality looks different) and every normalisation."""
+    norms = set(normalisation_parameters(model))
+    return [name for name, _ in model.named_parameters() if name.startswith("image_encoder.") or name in norms]
+
+
+def card_text(config: TextDiffSeg3DConfig) -> list[str]:
+    return [f"{config.default_steps} DDIM steps by default over the whole volume, one noise field per proposal",
+            f"3D sliding windows of {' x '.join(map(str, config.window))} voxels (z, y, x) of the model grid, "
+            "blended at every step"]

@@ -1,0 +1,115 @@
+"""How the TextDiffSeg 3D family trains (papers/003, eqs. 4-6): one end-to-end stage on 3D patches.
+
+Each step encodes the patches' masks to label latents, noises them (eq. 3) and has the denoiser predict
+the noise from the cross-modal embedding of the patch and the prompt. The loss is the noise MSE (eq. 5)
+plus BCE + Dice (eq. 4, binary per prompt) of the mask decoded from the clean latent the predicted noise
+implies, plus BCE + Dice of the mask decoded from the clean latent itself, so that the label decoder
+learns to read latents from the first step on. The noised latents are taken without gradient, so that
+the label encoder is not pushed towards latents that are easy to denoise rather than faithful.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..datasets import PreparedCase
+from ..errors import DataError
+from ..losses import mask_loss
+from ..sampler import make_scheduler
+from ..text_encoders import TextEmbedding
+from .base import Recipe, Stage
+
+#: The clean-latent estimate implied by the predicted noise is clamped to this many standard deviations:
+#: at the noisiest timesteps it divides by sqrt(alpha_bar) ~ 0.07 and would otherwise swamp the loss.
+LATENT_CLAMP = 5.0
+
+
+class PatchSampler:
+    """Random 3D patches (z, y, x) with the mask of one structure, from cases on the model grid.
+
+    A share ``present_fraction`` of the patches is centred near a voxel of the structure, the others
+    anywhere. A case smaller than the patch is padded with air. Front-back flips, as in the universal
+    family (BTCV stores that axis flipped against its header); intensities scaled and shifted a little.
+    """
+
+    def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int, int],
+                 present_fraction: float, seed: int):
+        self.cases, self.structures, self.crop = cases, structures, crop
+        self.present_fraction = present_fraction
+        self.rng = np.random.default_rng(seed)
+        # every 4th voxel of each structure in each case: where a patch with the structure is centred
+        self.inside = {(i, s): np.argwhere(case.mask(s))[::4] for i, case in enumerate(cases) for s in structures}
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, masks, labels = [], [], []
+        for _ in range(size):
+            image, mask, label = self._item()
+            images.append(image)
+            masks.append(mask)
+            labels.append(label)
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), torch.tensor(labels)
+
+    def _item(self):
+        rng = self.rng
+        label, case_index = int(rng.integers(len(self.structures))), int(rng.integers(len(self.cases)))
+        case, structure = self.cases[case_index], self.structures[label]
+        padding = [(0, max(0, c - s)) for c, s in zip(self.crop, case.image.shape)]
+        image, mask = np.pad(case.image, padding), np.pad(case.mask(structure), padding)
+        inside = self.inside[(case_index, structure)]
+        if len(inside) and rng.random() < self.present_fraction:
+            centre = inside[rng.integers(len(inside))] + rng.integers(-np.array(self.crop) // 4, np.array(self.crop) // 4 + 1)
+        else:
+            centre = [rng.integers(s) for s in image.shape]
+        corner = [int(np.clip(c - w // 2, 0, s - w)) for c, w, s in zip(centre, self.crop, image.shape)]
+        window = tuple(slice(o, o + w) for o, w in zip(corner, self.crop))
+        image, mask = image[window].astype(np.float32) / 255, mask[window].astype(np.float32)
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        image = np.clip(image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05), 0, 1)
+        return np.ascontiguousarray(image[None]), np.ascontiguousarray(mask[None]), label
+
+
+class TextDiffSeg3DRecipe(Recipe):
+    """One averaged stage, image encoder to label decoder trained together."""
+
+    def __init__(self, model, settings, trainer):
+        super().__init__(model, settings, trainer)
+        multiple = self.config.size_multiple
+        crop = tuple(settings.crop)
+        if len(crop) != 3 or any(side <= 0 or side % multiple for side in crop):
+            raise DataError(f"this 3D family trains on patches of three sides (z, y, x), each a positive multiple of "
+                            f"{multiple} (its downsampling), e.g. --crop {','.join(map(str, self.config.window))}; "
+                            f"not {crop}")
+        self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
+        self.text = None
+
+    def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
+        self.text = None if text is None else TextEmbedding(*(t.to(self.trainer.device) for t in
+                                                               (text.tokens, text.mask, text.pooled)))
+        return PatchSampler(cases, structures, tuple(self.settings.crop), self.settings.present_fraction,
+                            self.settings.seed)
+
+    def stages(self) -> list[Stage]:
+        return [Stage("diffusion", self.settings.diffusion_steps, self.settings.lr,
+                      lambda: list(self.model.parameters()), self.loss, averaged=True)]
+
+    def loss(self, batch) -> torch.Tensor:
+        device, model, scheduler = self.trainer.device, self.model, self.scheduler
+        images, masks, labels = (tensor.to(device) for tensor in batch)
+        tokens, token_mask = model.text_of(self.text, labels)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=device)
+        with self.trainer.autocast():
+            clean = model.label_autoencoder.encode(masks)
+            reconstructed = model.label_autoencoder.decode(clean)
+            noise = torch.randn_like(clean)
+            noisy = scheduler.add_noise(clean.detach(), noise, timesteps)
+            embedding = model.cross_modal(model.image_encoder(images), tokens, token_mask)
+            predicted = model.denoise(noisy, timesteps, embedding)
+            alpha_bar = scheduler.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1, 1)
+            estimate = ((noisy - (1 - alpha_bar).sqrt() * predicted) / alpha_bar.sqrt()).clamp(-LATENT_CLAMP, LATENT_CLAMP)
+            decoded = model.label_autoencoder.decode(estimate)
+        noise_loss = F.mse_loss(predicted.float(), noise.float())
+        segmentation = mask_loss(decoded.float(), masks).mean() + mask_loss(reconstructed.float(), masks).mean()
+        return self.settings.decoded_mask_weight * segmentation + noise_loss
