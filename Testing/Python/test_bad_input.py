@@ -24,9 +24,7 @@ from TextDiffSegLib import cli
 from TextDiffSegLib.errors import InputImageError, ModelError, ScanWarning, SettingsError
 from TextDiffSegLib.scan_checks import modality_warning
 from TextDiffSegLib.segmenter import Segmenter
-from TextDiffSegLib.volume import Volume, read_volume
-
-from conftest import tiny_config
+from TextDiffSegLib.volume import read_volume
 
 FAST = ["--steps", "1", "--proposals", "2", "--progress", "none"]
 

@@ -70,6 +70,12 @@ class BatchSource(Protocol):
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+def stacked(items: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training samples (image, mask, structure index) as one batch: images, masks and indices as tensors."""
+    images, masks, labels = zip(*items)
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), torch.tensor(labels)
+
+
 @dataclasses.dataclass
 class Stage:
     """One stage of a training recipe. The trainer builds an AdamW optimiser over ``parameters()`` at

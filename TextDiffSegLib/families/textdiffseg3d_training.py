@@ -19,7 +19,7 @@ from ..errors import DataError
 from ..losses import mask_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
-from .base import Recipe, Stage
+from .base import Recipe, Stage, stacked
 
 #: The clean-latent estimate implied by the predicted noise is clamped to this many standard deviations:
 #: at the noisiest timesteps it divides by sqrt(alpha_bar) ~ 0.07 and would otherwise swamp the loss.
@@ -43,13 +43,7 @@ class PatchSampler:
         self.inside = {(i, s): np.argwhere(case.mask(s))[::4] for i, case in enumerate(cases) for s in structures}
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, masks, labels = [], [], []
-        for _ in range(size):
-            image, mask, label = self._item()
-            images.append(image)
-            masks.append(mask)
-            labels.append(label)
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), torch.tensor(labels)
+        return stacked([self._item() for _ in range(size)])
 
     def _item(self):
         rng = self.rng

@@ -19,7 +19,7 @@ from ..losses import mask_loss
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
-from .base import Recipe, Stage
+from .base import Recipe, Stage, stacked
 
 NEAR_NEGATIVE_MM = 40.0  # how far past a structure's ends the near negative slices reach
 
@@ -93,14 +93,8 @@ class SliceSampler:
                 self.slices_near[(i, s)] = np.flatnonzero(near)
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, masks, labels = [], [], []
-        for _ in range(size):
-            image, mask, label = self._item()
-            images.append(image)
-            masks.append(mask)
-            labels.append(label)
-        images, masks = self._rotate_and_zoom(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
-        return images, masks, torch.tensor(labels)
+        images, masks, labels = stacked([self._item() for _ in range(size)])
+        return *self._rotate_and_zoom(images, masks), labels
 
     def _rotate_and_zoom(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample turned and zoomed about its centre; what comes in from outside is air (0)."""
