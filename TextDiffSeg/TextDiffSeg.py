@@ -18,6 +18,7 @@ from slicer.parameterNodeWrapper import (
     Choice,
     WithinRange,
 )
+from slicer.parameterNodeWrapper.guiConnectors import QLineEditToStrConnector
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
@@ -101,6 +102,18 @@ class TextDiffSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
 
 
+class PromptLineEditConnector(QLineEditToStrConnector):
+    """Slicer's connector of a QLineEdit to a str parameter, but one that leaves the text alone when it holds the value.
+
+    Setting a QLineEdit's text moves its cursor to the end, and before Slicer 5.10 the connector set it
+    again after every keystroke, so the cursor jumped to the end while typing (Slicer issue #8620).
+    """
+
+    def write(self, value: str) -> None:
+        if self.read() != value:
+            super().write(value)
+
+
 #
 # TextDiffSegWidget
 #
@@ -122,6 +135,7 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._galleries = []  # a Gallery per prompt
         self._volumeNode = None  # the volume the proposals lie on
         self._lastSegment = None  # (segmentation node, segment ID) accepted last
+        self._promptCompletions = None  # the prompt box's completer's list, updated as the user types
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
 
@@ -164,6 +178,13 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self._pollTimer.connect("timeout()", self.onPoll)
 
+        completer = qt.QCompleter(self.ui.promptLineEdit)
+        self._promptCompletions = qt.QStringListModel(completer)
+        completer.setModel(self._promptCompletions)
+        completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
+        completer.setCompletionMode(qt.QCompleter.UnfilteredPopupCompletion)
+        self.ui.promptLineEdit.setCompleter(completer)
+
         self.ui.progressBar.hide()
         self.ui.structureComboBox.hide()
 
@@ -175,6 +196,8 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.stop()
         self.removeObservers()
         self.logic.cleanup()
+        if _sharedWorker is not None:
+            _sharedWorker.stop()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
@@ -213,9 +236,11 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Select default input nodes if nothing is selected yet to save a few clicks for the user
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            from TextDiffSegHelpers import mrml
+
+            volumeNode = mrml.defaultInputVolume(slicer.mrmlScene)
+            if volumeNode:
+                self._parameterNode.inputVolume = volumeNode
 
     def setParameterNode(self, inputParameterNode: Optional[TextDiffSegParameterNode]) -> None:
         """
@@ -228,8 +253,12 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Note: in the .ui file, a Qt dynamic property called "SlicerParameterName" is set on each
-            # ui element that needs connection.
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # ui element that needs connection. What connectGui(self.ui) would connect, but the prompt box
+            # through PromptLineEditConnector.
+            widgets = {widget.property("SlicerParameterName"): widget for widget in vars(self.ui).values()
+                       if widget.property("SlicerParameterName")}
+            widgets["prompt"] = PromptLineEditConnector(self.ui.promptLineEdit)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(widgets)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._onParameterNodeModified()
 
@@ -245,12 +274,9 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Offer completions for the prompt being typed (the last one, after any ';')."""
         from TextDiffSegHelpers.prompts import promptCompletions
 
-        completer = qt.QCompleter(promptCompletions(text), self.ui.promptLineEdit)
-        completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
-        completer.setCompletionMode(qt.QCompleter.UnfilteredPopupCompletion)
-        self.ui.promptLineEdit.setCompleter(completer)
+        self._promptCompletions.setStringList(promptCompletions(text))
         if text.strip():
-            completer.complete()
+            self.ui.promptLineEdit.completer().complete()
 
     def _chosenModel(self) -> str:
         return (self._parameterNode.model if self._parameterNode else "") or registry.default_model_name()
@@ -456,7 +482,8 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEditButton(self) -> None:
         """Open the Segment Editor on the last accepted segment."""
         segmentationNode, segmentId = self._lastSegment
-        slicer.util.selectModule("SegmentEditor")
+        if not slicer.app.commandOptions().noMainWindow:  # without a main window there is no module panel to open
+            slicer.util.selectModule("SegmentEditor")
         editor = slicer.util.getModuleWidget("SegmentEditor").editor
         editor.setSegmentationNode(segmentationNode)
         editor.setSourceVolumeNode(self._volumeNode)
@@ -477,15 +504,12 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
     Uses ScriptedLoadableModuleLogic base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
 
-    Inference runs in a worker process (PythonSlicer running ``TextDiffSegLib.worker``), started on
-    the first request and kept warm. Proposals are numbered from 1, as the gallery shows them.
+    Inference runs in the worker process that all logics of this Slicer session share (``sharedWorker``).
+    Proposals are numbered from 1, as the gallery shows them.
     """
 
-    def __init__(self, launch=None) -> None:
-        """``launch`` starts the worker process (see ``TextDiffSegHelpers.worker_client``); PythonSlicer by default."""
+    def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._launch = launch
-        self._client = None
         self._workDir = None
         self._request = None  # (request id, volume node, segmentation node) awaiting its answer
 
@@ -561,7 +585,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         (requestDir / "out").mkdir()
         displayNode = volumeNode.GetDisplayNode()
         window = [displayNode.GetLevel(), displayNode.GetWindow()] if displayNode and displayNode.IsA("vtkMRMLScalarVolumeDisplayNode") else None
-        requestId = self._worker().send(
+        requestId = sharedWorker().send(
             "segment", input=str(requestDir / "volume.nrrd"), prompts=prompts, model=model,
             num_proposals=int(numProposals), seed=int(seed), steps=None if steps is None else int(steps),
             device=device.lower(), output_dir=str(requestDir / "out"),
@@ -571,7 +595,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             return requestId
         try:
-            event = self._worker().wait(requestId, onEvent=progressCallback)
+            event = sharedWorker().wait(requestId, onEvent=progressCallback)
         finally:
             request, self._request = self._request, None
         return self._proposalsOf(event, request)
@@ -589,7 +613,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
 
         if self._request is None:
             return []
-        events = [event for event in self._worker().poll() if event.get("id") == self._request[0]]
+        events = sharedWorker().poll(self._request[0])
         for event in events:
             if event["type"] not in FINAL_EVENTS:
                 continue
@@ -602,9 +626,11 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         return events
 
     def cancel(self) -> None:
-        """Stop the running request: the worker process and everything it started are killed."""
-        if self._client is not None:
-            self._client.cancel()
+        """Stop the running request: the worker process and everything it started are killed (so a request of
+        another logic ends as cancelled too); the next request starts a new worker."""
+        if self._request is not None:
+            sharedWorker().cancel()
+            sharedWorker().poll(self._request[0])  # its events, 'cancelled' last: no one waits for them now
         self._request = None
 
     def _proposalsOf(self, event: dict, request) -> list:
@@ -718,33 +744,39 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
 
     # --- worker -------------------------------------------------------------------------------
 
-    def _worker(self):
-        from TextDiffSegHelpers.worker_client import WorkerClient, workerLauncher
-
-        if self._client is None:
-            launch = self._launch
-            if launch is None:
-                python = shutil.which("PythonSlicer")
-                if python is None:
-                    raise RuntimeError(_("PythonSlicer was not found beside Slicer; reinstall Slicer."))
-                launch = workerLauncher(python, ENGINE_ROOT, slicer.util.startupEnvironment())
-            self._client = WorkerClient(launch)
-        return self._client
-
     def _workFolder(self) -> str:
         if self._workDir is None:
             self._workDir = tempfile.mkdtemp(prefix="TextDiffSeg-", dir=slicer.app.temporaryPath)
         return self._workDir
 
     def cleanup(self) -> None:
-        """Stop the worker (at once if it is busy) and delete this logic's temporary files."""
+        """Cancel this logic's request, if one is running, and delete its temporary files."""
         if self.isRunning():
             self.cancel()
-        if self._client is not None:
-            self._client.stop()
         if self._workDir is not None:
             shutil.rmtree(self._workDir, ignore_errors=True)
             self._workDir = None
+
+
+_sharedWorker = None  # see sharedWorker()
+
+
+def sharedWorker():
+    """The client of the worker process that every TextDiffSegLogic of this Slicer session uses.
+
+    The worker (PythonSlicer running ``TextDiffSegLib.worker``) starts with the first request and keeps
+    its model loaded for the next; after ``$TEXTDIFFSEG_WORKER_IDLE_MINUTES`` (30 by default) without a
+    request it exits, freeing the memory, and the next request starts it again. It stops when Slicer closes.
+    """
+    from TextDiffSegHelpers.worker_client import WorkerClient, workerLauncher
+
+    global _sharedWorker
+    if _sharedWorker is None:
+        python = shutil.which("PythonSlicer")
+        if python is None:
+            raise RuntimeError(_("PythonSlicer was not found beside Slicer; reinstall Slicer."))
+        _sharedWorker = WorkerClient(workerLauncher(python, ENGINE_ROOT, slicer.util.startupEnvironment()))
+    return _sharedWorker
 
 
 #
@@ -757,6 +789,8 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
     This is the test case for your scripted module.
     Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+
+    It runs with or without Slicer's main window (``--no-main-window``), which has the module selector.
     """
 
     def setUp(self):
@@ -772,7 +806,18 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SegmentFromThePythonConsole()
         self.setUp()
+        self.test_TypingInThePromptBox()
+        self.setUp()
         self.test_GenerateCancelAcceptAndEditInTheGui()
+
+    def _openModule(self):
+        """This module's widget, entered as when the user opens the module; without a main window, which has the
+        module selector, the widget is entered directly."""
+        if slicer.app.commandOptions().noMainWindow:
+            slicer.modules.textdiffseg.widgetRepresentation().enter()
+        else:
+            slicer.util.selectModule("TextDiffSeg")
+        return slicer.util.getModuleWidget("TextDiffSeg")
 
     def _phantom(self):
         """A small CT-like volume: a soft-tissue ellipsoid in air, in a non-trivial orientation."""
@@ -878,15 +923,31 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         finally:
             logic.cleanup()
 
+    def test_TypingInThePromptBox(self):
+        self.delayDisplay("Typing in the middle of the prompt keeps the cursor there; one completer offers completions")
+        widget = self._openModule()
+        promptBox = widget.ui.promptLineEdit
+        promptBox.text = "lver"
+        promptBox.cursorPosition = 1
+        promptBox.insert("i")
+        self.assertEqual((promptBox.text, promptBox.cursorPosition), ("liver", 2))
+        self.assertEqual(widget.logic.getParameterNode().prompt, "liver")
+
+        completer = promptBox.completer()
+        widget.onPromptEdited("liver; sp")
+        widget.onPromptEdited("liver; spl")
+        completer.popup().hide()
+        self.assertEqual(promptBox.completer(), completer)
+        self.assertIn("liver; spleen", completer.model().stringList())
+
     def test_GenerateCancelAcceptAndEditInTheGui(self):
         self.delayDisplay("Generate, cancel, generate again, accept and edit from the module's GUI")
         import time
 
-        volumeNode = self._phantom()
-        slicer.util.selectModule("TextDiffSeg")
-        widget = slicer.util.getModuleWidget("TextDiffSeg")
-        if self._requirementsMissing(widget.logic):
+        if self._requirementsMissing(TextDiffSegLogic()):
             return
+        volumeNode = self._phantom()
+        widget = self._openModule()
         parameters = widget.logic.getParameterNode()
         parameters.inputVolume = volumeNode
         parameters.prompt = "liver"
@@ -919,7 +980,8 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         widget.ui.uncertaintyCheckBox.checked = True
         widget.ui.uncertaintyCheckBox.checked = False
         widget.ui.editButton.click()
-        self.assertEqual(slicer.util.selectedModule(), "SegmentEditor")
+        if not slicer.app.commandOptions().noMainWindow:
+            self.assertEqual(slicer.util.selectedModule(), "SegmentEditor")
         editor = slicer.util.getModuleWidget("SegmentEditor").editor
         self.assertEqual(editor.segmentationNode(), segmentationNode)
         self.delayDisplay("Test passed")

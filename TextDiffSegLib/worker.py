@@ -1,7 +1,9 @@
 """The engine as a long-lived process for 3D Slicer: JSON requests on stdin, JSON events on stdout.
 
 Slicer runs ``PythonSlicer -m TextDiffSegLib.worker`` once and keeps it: a model is loaded on its
-first use and stays loaded. Each stdin line is one request::
+first use and stays loaded. After ``$TEXTDIFFSEG_WORKER_IDLE_MINUTES`` (30 by default) without a
+request the worker exits, which frees the model's memory; Slicer starts it again for the next request.
+Each stdin line is one request::
 
     {"id": 1, "command": "segment", "input": "/tmp/x/volume.nrrd", "prompts": ["liver"],
      "model": null, "num_proposals": 5, "seed": 0, "steps": null, "device": "auto",
@@ -31,9 +33,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -43,6 +48,10 @@ from .registry import resolve_model
 from .segmenter import ProposalSet, Segmenter
 from .thumbnails import thumbnail, write_png
 from .volume import Volume, read_volume, write_volume
+
+#: Minutes without a request after which the worker exits, unless ``$TEXTDIFFSEG_WORKER_IDLE_MINUTES`` says otherwise.
+IDLE_MINUTES = 30.0
+
 
 class Worker:
     """Serves requests, keeping each loaded model (by folder and device) for the next request."""
@@ -169,6 +178,30 @@ def _protocol_stream() -> TextIO:
     return stream
 
 
+def _requests(stream: TextIO, idle_minutes: float) -> Iterator[str]:
+    """The lines of ``stream`` until it ends or none has come for ``idle_minutes`` since the last was handled.
+
+    A thread reads them, since a pipe cannot be read with a timeout on every platform (Windows).
+    """
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True, name="requests").start()
+    while True:
+        try:
+            line = lines.get(timeout=idle_minutes * 60)
+        except queue.Empty:
+            logging.info("no request for %g minutes: the worker exits to free its memory", idle_minutes)
+            return
+        if line is None:
+            return
+        yield line
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     events = _protocol_stream()
@@ -178,7 +211,7 @@ def main() -> None:
         events.flush()
 
     worker = Worker(emit)
-    for line in sys.stdin:
+    for line in _requests(sys.stdin, float(os.environ.get("TEXTDIFFSEG_WORKER_IDLE_MINUTES", IDLE_MINUTES))):
         if not line.strip():
             continue
         try:

@@ -5,7 +5,8 @@ Slicer's application object and its GUI-only Python modules (``qt``, ``slicer.i1
 few the Logic touches are replaced by minimal stand-ins (an application with a temporary folder, a
 scene, a markups logic and a slice-view setter that record what they are asked), so the Logic's own
 code runs here: a volume node to the worker and back, proposals into segments, preview and
-uncertainty nodes, polling and cancel. The module's ScriptedLoadableModuleTest covers the rest in Slicer.
+uncertainty nodes, polling and cancel, one worker shared by every Logic. The module's
+ScriptedLoadableModuleTest covers the rest in Slicer.
 """
 
 import sys
@@ -23,7 +24,7 @@ slicer = pytest.importorskip("slicer")
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "TextDiffSeg"))
 from TextDiffSegHelpers import mrml  # noqa: E402
-from TextDiffSegHelpers.worker_client import workerLauncher  # noqa: E402
+from TextDiffSegHelpers.worker_client import WorkerClient, workerLauncher  # noqa: E402
 
 from TextDiffSegLib import terminology  # noqa: E402
 from TextDiffSegLib.errors import PromptError  # noqa: E402
@@ -61,12 +62,16 @@ def _standIns(tmp_path) -> dict[str, types.ModuleType]:
         "slicer.parameterNodeWrapper": module(
             "slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, Choice=lambda choices: None,
             WithinRange=lambda low, high: None),
+        "slicer.parameterNodeWrapper.guiConnectors": module(
+            "slicer.parameterNodeWrapper.guiConnectors",
+            QLineEditToStrConnector=type("QLineEditToStrConnector", (), {})),
     }
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir, shared_data):
-    """The TextDiffSeg module imported with the stand-ins, a scene, a real CT volume node and a Logic."""
+    """The TextDiffSeg module imported with the stand-ins, a scene, a real CT volume node, a Logic and the worker
+    client every Logic shares (running the worker with this Python instead of PythonSlicer)."""
     tmp_path = tmp_path_factory.mktemp("slicer")
     scene = slicer.vtkMRMLScene()
     slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
@@ -85,10 +90,13 @@ def env(tmp_path_factory, tiny_model_dir, shared_data):
 
         image = sitk.ReadImage(str(shared_data / "btcv/imagesTr/btcv_0005.nii.gz"))[20:240, 30:230, 50:90]
         volumeNode = mrml.addVolumeNode(scene, from_sitk(image), "btcv_0005")
-        logic = TextDiffSeg.TextDiffSegLogic(launch=workerLauncher(sys.executable, REPO))
-        yield types.SimpleNamespace(module=TextDiffSeg, scene=scene, volumeNode=volumeNode, logic=logic,
+        worker = WorkerClient(workerLauncher(sys.executable, REPO))
+        patch.setattr(TextDiffSeg, "_sharedWorker", worker)
+        logic = TextDiffSeg.TextDiffSegLogic()
+        yield types.SimpleNamespace(module=TextDiffSeg, scene=scene, volumeNode=volumeNode, logic=logic, worker=worker,
                                     model=str(tiny_model_dir), jumps=jumps, layers=layers)
         logic.cleanup()
+        worker.stop()
         sys.modules.pop("TextDiffSeg", None)
 
 
@@ -174,6 +182,25 @@ def test_the_gui_polls_for_results_and_can_cancel(env):
     env.logic.segment(env.volumeNode, "liver", numProposals=1, model=env.model, waitForCompletion=False)
     env.logic.cancel()
     assert not env.logic.isRunning() and env.logic.pollEvents() == []
+
+
+def test_every_logic_shares_one_worker_and_gets_its_own_results(env):
+    other = env.module.TextDiffSegLogic()  # as made in the Python console, beside the GUI's
+    try:
+        for logic, prompt in ((env.logic, "spleen"), (other, "liver")):
+            logic.segment(env.volumeNode, prompt, numProposals=1, model=env.model, device="cpu",
+                          waitForCompletion=False)
+        worker = env.worker._process
+        events, deadline = {env.logic: [], other: []}, time.monotonic() + 600
+        while (env.logic.isRunning() or other.isRunning()) and time.monotonic() < deadline:
+            for logic in events:
+                events[logic] += logic.pollEvents()
+            time.sleep(0.05)
+        assert [events[logic][-1]["type"] for logic in events] == ["result", "result"]
+        assert [events[logic][-1]["proposals"][0].structure for logic in events] == ["spleen", "liver"]
+        assert env.module.sharedWorker() is env.worker and env.worker._process is worker and worker.poll() is None
+    finally:
+        other.cleanup()
 
 
 def test_selected_proposals_are_previewed_and_the_uncertainty_shown(env, console_run):

@@ -260,3 +260,15 @@ def test_preview_holds_exactly_the_given_masks(scene):
     mrml.replaceSegments(preview, volumeNode, {"#3": first}, (10, 20, 30))
     segmentation = preview.GetSegmentation()
     assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "#3"
+
+
+def test_the_default_input_is_the_first_volume_the_input_selector_offers(scene):
+    volume = Volume(np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    labelmap = mrml.addVolumeNode(scene, volume, "labels", "vtkMRMLLabelMapVolumeNode")
+    uncertainty = mrml.addVolumeNode(scene, volume, "TextDiffSeg uncertainty")
+    uncertainty.SetHideFromEditors(True)  # as the module makes it
+    assert mrml.defaultInputVolume(scene) is None
+
+    ct = mrml.addVolumeNode(scene, volume, "ct")
+    assert scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is labelmap  # which the module used to take
+    assert mrml.defaultInputVolume(scene) is ct

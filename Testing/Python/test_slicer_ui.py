@@ -119,7 +119,8 @@ def test_the_module_loads_no_heavy_package_when_slicer_starts():
     # module-level imports run at Slicer's start-up, before the engine's packages may be installed
     allowed = {"os", "shutil", "sys", "tempfile", "pathlib", "typing", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.ScriptedLoadableModule", "slicer.util", "slicer.parameterNodeWrapper",
-               "TextDiffSegHelpers", "TextDiffSegLib", "TextDiffSegLib.errors"}
+               "slicer.parameterNodeWrapper.guiConnectors", "TextDiffSegHelpers", "TextDiffSegLib",
+               "TextDiffSegLib.errors"}
     for node in moduleSource().body:
         if isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
@@ -128,3 +129,35 @@ def test_the_module_loads_no_heavy_package_when_slicer_starts():
         else:
             continue
         assert set(modules) <= allowed, f"{MODULE_FILE.name} line {node.lineno} imports {modules} at load time"
+
+
+def _onlyWithMainWindow(call: ast.Call, parents: dict) -> bool:
+    """Whether ``call`` runs only when Slicer has a main window: under ``if not ...noMainWindow`` or in the
+    ``else`` of ``if ...noMainWindow``."""
+    child, node = call, parents.get(call)
+    while node is not None:
+        if isinstance(node, ast.If) and "noMainWindow" in ast.unparse(node.test):
+            negated = isinstance(node.test, ast.UnaryOp) and isinstance(node.test.op, ast.Not)
+            return (child in node.body) == negated
+        child, node = node, parents.get(node)
+    return False
+
+
+def test_the_module_selector_is_used_only_when_there_is_a_main_window():
+    # slicer.util.selectModule() and selectedModule() raise without one (Slicer --no-main-window)
+    tree = moduleSource()
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) in ("slicer.util.selectModule", "slicer.util.selectedModule")]
+    assert calls
+    for call in calls:
+        assert _onlyWithMainWindow(call, parents), f"line {call.lineno}: {ast.unparse(call)} needs a main window"
+
+
+def test_the_prompt_box_gets_one_completer():
+    # onPromptEdited used to make a QCompleter at every keystroke, and none was ever freed
+    for function in ast.walk(moduleSource()):
+        if isinstance(function, ast.FunctionDef) and function.name != "setup":
+            made = [node.lineno for node in ast.walk(function)
+                    if isinstance(node, ast.Call) and ast.unparse(node.func) == "qt.QCompleter"]
+            assert not made, f"{function.name} makes a QCompleter (line {made[0]})"

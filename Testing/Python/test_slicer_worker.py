@@ -1,11 +1,12 @@
 """The real worker (``python -m TextDiffSegLib.worker``) driven by the Slicer-side client, end to end.
 
 A tiny random model segments a real CT: progress events arrive, proposals come back as files on the
-input's exact grid, the worker stays warm, Cancel kills it mid-run, and user errors come back as
-readable messages while the worker keeps serving.
+input's exact grid, the worker stays warm, Cancel kills it mid-run, an idle worker exits by itself,
+and user errors come back as readable messages while the worker keeps serving.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -141,7 +142,7 @@ def test_cancel_kills_the_worker_mid_run_and_the_next_request_starts_a_new_one(c
                                                       steps=50))
         deadline, sampling = time.monotonic() + 600, False
         while not sampling and time.monotonic() < deadline:
-            sampling = any(e.get("stage") == "sample" for e in client.poll())
+            sampling = any(e.get("stage") == "sample" for e in client.poll(requestId))
             time.sleep(0.02)
         assert sampling, "sampling did not start"
         process = psutil.Process(client._process.pid)
@@ -151,10 +152,27 @@ def test_cancel_kills_the_worker_mid_run_and_the_next_request_starts_a_new_one(c
 
         assert not client.isRunning()
         assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in tree)
-        assert client.poll()[-1] == {"id": requestId, "type": "cancelled", "message": "Cancelled by the user."}
+        assert client.poll(requestId)[-1] == {"id": requestId, "type": "cancelled", "message": "Cancelled by the user."}
         event = client.wait(client.send("segment", **_request(ct_file, tiny_model_dir, tmp_path / "again",
                                                               prompts=["spleen"], num_proposals=1)), timeout=600)
         assert proposalsFromResult(event)[0].structure == "spleen"
+    finally:
+        client.stop()
+
+
+def test_an_idle_worker_exits_by_itself_and_the_next_request_starts_another(ct_file, tiny_model_dir, tmp_path):
+    # 0.01 minutes (0.6 s) idle ends the worker; a request taking longer (loading the model alone does) does not
+    environment = dict(os.environ, TEXTDIFFSEG_WORKER_IDLE_MINUTES="0.01")
+    client = WorkerClient(workerLauncher(sys.executable, REPO, environment))
+    request = _request(ct_file, tiny_model_dir, tmp_path / "a", prompts=["liver"], num_proposals=1)
+    try:
+        client.wait(client.send("segment", **request), timeout=600)
+        first = client._process
+        assert first.wait(timeout=60) == 0  # a clean exit, with its stdin still open: it ended itself
+        assert not client.isRunning()
+
+        event = client.wait(client.send("segment", **request), timeout=600)
+        assert proposalsFromResult(event)[0].structure == "liver" and client._process is not first
     finally:
         client.stop()
 

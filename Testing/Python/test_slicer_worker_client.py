@@ -2,11 +2,14 @@
 
 The stand-in lives in a temporary ``TextDiffSegLib/worker.py`` and is started by the same
 launcher Slicer uses (``python -m TextDiffSegLib.worker`` in the engine folder), so these tests
-cover the process handling: events, stray output, errors, crashes, cancel and shutdown.
+cover the process handling: events, stray output, errors, crashes, cancel and shutdown, requests of
+several callers, and the worker's output logged on the main thread.
 """
 
+import logging
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "TextDiffSeg"))
-from TextDiffSegHelpers.worker_client import WorkerClient, WorkerError, workerLauncher  # noqa: E402
+from TextDiffSegHelpers.worker_client import PendingLog, WorkerClient, WorkerError, workerLauncher  # noqa: E402
 
 STAND_IN = textwrap.dedent(
     """
@@ -32,6 +35,7 @@ STAND_IN = textwrap.dedent(
             for step in range(3):
                 emit({"id": request["id"], "type": "progress", "stage": "sample", "fraction": step / 3, "message": "step"})
             print("stray text a library printed", flush=True)
+            print("a warning on stderr", file=sys.stderr, flush=True)
             emit({"id": request["id"], "type": "result", "value": request["value"]})
         elif command == "fail":
             emit({"id": request["id"], "type": "error", "message": "Unknown structure 'livr'. Did you mean: liver?"})
@@ -72,11 +76,21 @@ def test_the_gui_polls_without_blocking(client):
     requestId = client.send("echo", value="x")
     events, deadline = [], time.monotonic() + 60
     while not any(event["type"] == "result" for event in events) and time.monotonic() < deadline:
-        events += client.poll()
+        events += client.poll(requestId)
         time.sleep(0.01)
     assert [event["type"] for event in events] == ["progress"] * 3 + ["result"]
     assert all(event["id"] == requestId for event in events)
-    assert client.poll() == []
+    assert client.poll(requestId) == []
+
+
+def test_callers_sharing_the_worker_each_get_their_own_requests_events(client):
+    first, second = client.send("echo", value=1), client.send("echo", value=2)
+    assert client.wait(second, timeout=60)["value"] == 2  # the first request's events are kept for its caller
+    events, deadline = [], time.monotonic() + 60
+    while (not events or events[-1]["type"] != "result") and time.monotonic() < deadline:
+        events += client.poll(first)
+        time.sleep(0.01)
+    assert [(event["id"], event["type"]) for event in events] == [(first, "progress")] * 3 + [(first, "result")]
 
 
 def test_a_worker_error_reaches_the_caller_as_its_message(client):
@@ -96,7 +110,7 @@ def test_cancel_kills_the_whole_process_tree(client):
     requestId = client.send("sleep")
     deadline = time.monotonic() + 60
     while not progress and time.monotonic() < deadline:
-        progress += [event for event in client.poll() if event["type"] == "progress"]
+        progress += [event for event in client.poll(requestId) if event["type"] == "progress"]
         time.sleep(0.01)
     worker, child = client._process.pid, int(progress[0]["message"])
     assert psutil.pid_exists(child)
@@ -106,7 +120,7 @@ def test_cancel_kills_the_whole_process_tree(client):
     assert not client.isRunning()
     for pid in (worker, child):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert client.poll() == [{"id": requestId, "type": "cancelled", "message": "Cancelled by the user."}]
+    assert client.poll(requestId) == [{"id": requestId, "type": "cancelled", "message": "Cancelled by the user."}]
     secondId = client.send("sleep")  # a new worker
     client.cancel()
     with pytest.raises(WorkerError, match="Cancelled by the user"):
@@ -118,3 +132,54 @@ def test_stop_asks_the_worker_to_exit(client):
     process = client._process
     client.stop()
     assert process.returncode == 0 and not client.isRunning()
+
+
+class _ThreadRecorder(logging.Handler):
+    """Records (thread name, message) of each log record."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append((record.threadName, record.getMessage()))
+
+
+@pytest.fixture
+def records():
+    recorder, root = _ThreadRecorder(), logging.getLogger()
+    level = root.level
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)
+    yield recorder.records
+    root.removeHandler(recorder)
+    root.setLevel(level)
+
+
+def test_pending_lines_are_logged_by_the_thread_that_flushes(records):
+    log = PendingLog()
+    reader = threading.Thread(target=lambda: [log.add(logging.INFO, "one"), log.add(logging.DEBUG, "two")])
+    reader.start()
+    reader.join()
+    assert records == []
+    log.flush()
+    log.flush()
+    main = threading.current_thread().name
+    assert records == [(main, "TextDiffSeg worker: one"), (main, "TextDiffSeg worker: two")]
+
+
+def test_the_workers_output_is_logged_on_the_thread_that_polls_or_waits(client, records):
+    client.wait(client.send("echo", value=1), timeout=60)
+    requestId = client.send("echo", value=2)
+    lines = ["stray text a library printed", "a warning on stderr"]  # once per request
+    expected = sorted(2 * [f"TextDiffSeg worker: {line}" for line in lines])
+
+    def logged():
+        return [(thread, message) for thread, message in records if message.startswith("TextDiffSeg worker:")]
+
+    deadline = time.monotonic() + 60
+    while sorted(message for _, message in logged()) != expected and time.monotonic() < deadline:
+        client.poll(requestId)
+        time.sleep(0.01)
+    assert sorted(message for _, message in logged()) == expected
+    assert {thread for thread, _ in logged()} == {threading.current_thread().name}

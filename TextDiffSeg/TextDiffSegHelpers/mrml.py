@@ -106,6 +106,19 @@ def updateNodeFromVolume(volumeNode, volume: Volume) -> None:
     volumeNode.SetAndObserveImageData(imageData)
 
 
+def defaultInputVolume(scene):
+    """The first volume the module's input selector offers, or None: a plain scalar volume not hidden from editors.
+
+    The selector shows neither subclasses (labelmaps, vector volumes) nor hidden nodes, such as the
+    module's own uncertainty map.
+    """
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        volumeNode = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if volumeNode.GetClassName() == "vtkMRMLScalarVolumeNode" and not volumeNode.GetHideFromEditors():
+            return volumeNode
+    return None
+
+
 def addVolumeNode(scene, volume: Volume, name: str, className: str = "vtkMRMLScalarVolumeNode"):
     """A new volume node in the scene holding the volume, with default display and storage nodes."""
     volumeNode = scene.AddNewNodeByClass(className, name)

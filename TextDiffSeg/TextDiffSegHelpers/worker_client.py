@@ -1,10 +1,13 @@
 """Slicer's side of the engine's worker process (``python -m TextDiffSegLib.worker``).
 
-The worker is started once and kept warm: the model stays loaded between requests. Requests go to
-its stdin and events come back from its stdout, one JSON object per line. A background thread reads
-the events into a queue; the GUI polls the queue with a timer (``poll``), a script waits on it
-(``wait``). ``cancel`` kills the worker's whole process tree (``PythonSlicer`` is a launcher that
-starts the real Python as a child); the next request starts a new worker.
+The worker is started once and kept warm: the model stays loaded between requests, until the worker
+has been idle for a while and exits by itself; the next request starts it again. Requests go to its
+stdin and events come back from its stdout, one JSON object per line. A background thread reads the
+events into a queue per request, so that several callers can share one worker: the GUI polls its
+request's queue with a timer (``poll``), a script waits on it (``wait``). The worker's other output
+is logged by whoever polls or waits (``PendingLog``). ``cancel`` kills the worker's whole process tree
+(``PythonSlicer`` is a launcher that starts the real Python as a child); the next request starts a new
+worker.
 
 How the process is started is up to the caller (``launch``), so tests run the worker with plain
 ``sys.executable`` and Slicer runs it with ``PythonSlicer``.
@@ -30,6 +33,9 @@ from TextDiffSegLib.volume import Volume, read_volume
 
 #: Event types that end a request.
 FINAL_EVENTS = ("result", "error", "cancelled")
+
+#: Seconds ``WorkerClient.wait`` waits for an event before it logs the worker's output so far.
+LOG_INTERVAL = 0.1
 
 
 class WorkerError(RuntimeError):
@@ -66,17 +72,46 @@ def workerLauncher(
     return launch
 
 
+class PendingLog:
+    """Log lines from background threads, logged by the thread that calls ``flush``.
+
+    Slicer's log handlers write to Qt widgets (the Python console, the error log), which only the main
+    thread may touch. So the threads that read the worker's output only queue it here, and the main
+    thread logs it when it polls or waits for events, as Slicer's GUI does from a timer.
+    """
+
+    def __init__(self):
+        self._lines: queue.SimpleQueue = queue.SimpleQueue()
+
+    def add(self, level: int, line: str) -> None:
+        self._lines.put((level, line))
+
+    def flush(self) -> None:
+        """Log the queued lines, oldest first."""
+        while True:
+            try:
+                level, line = self._lines.get_nowait()
+            except queue.Empty:
+                return
+            logging.log(level, "TextDiffSeg worker: %s", line)
+
+
 class WorkerClient:
-    """Talks to one worker process; restarts it when a request comes after it ended."""
+    """Talks to one worker process; restarts it when a request comes after it ended.
+
+    Each request's events are kept apart, so several callers can share the worker: each polls or waits
+    for its own requests. Every unanswered request gets exactly one final event (``FINAL_EVENTS``).
+    """
 
     def __init__(self, launch: Callable[[], subprocess.Popen]):
         self._launch = launch
         self._process: subprocess.Popen | None = None
-        self._events: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending: dict[int, subprocess.Popen] = {}  # unanswered request id: the process it went to
+        self._events: dict[int, queue.Queue] = {}  # request id: its events that poll or wait has not taken yet
         self._nextId = 1
         self._stderrTail: collections.deque = collections.deque(maxlen=40)
+        self.log = PendingLog()
 
     # --- process ------------------------------------------------------------------------------
 
@@ -100,12 +135,11 @@ class WorkerClient:
         """Kill the worker and everything it started; unanswered requests end as ``cancelled``."""
         process, self._process = self._process, None
         with self._lock:
-            cancelled, self._pending = sorted(self._pending), {}
+            for requestId in sorted(self._pending):
+                self._put({"id": requestId, "type": "cancelled", "message": "Cancelled by the user."})
         if process is not None:
             _killTree(process.pid)
             process.wait()
-        for requestId in cancelled:
-            self._events.put({"id": requestId, "type": "cancelled", "message": "Cancelled by the user."})
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it has not within ``timeout`` seconds."""
@@ -129,47 +163,73 @@ class WorkerClient:
         with self._lock:
             requestId, self._nextId = self._nextId, self._nextId + 1
             self._pending[requestId] = self._process
+            self._events[requestId] = queue.Queue()
         try:
             self._process.stdin.write(json.dumps({"id": requestId, "command": command, **parameters}) + "\n")
             self._process.stdin.flush()
         except OSError:
             with self._lock:
                 self._pending.pop(requestId, None)
+                self._events.pop(requestId, None)
             raise WorkerError(f"Could not send the request to the TextDiffSeg worker: {self._exitReason()}") from None
         return requestId
 
-    def poll(self) -> list[dict]:
-        """Every event that has arrived, without waiting."""
+    def poll(self, requestId: int) -> list[dict]:
+        """The events of request ``requestId`` that have arrived, without waiting; the worker's output is logged."""
+        self.log.flush()
+        with self._lock:
+            waiting = self._events.get(requestId)
         events = []
-        while True:
+        while waiting is not None:
             try:
-                events.append(self._events.get_nowait())
+                events.append(waiting.get_nowait())
             except queue.Empty:
-                return events
+                break
+        if events and events[-1]["type"] in FINAL_EVENTS:
+            self._forget(requestId)
+        return events
 
     def wait(self, requestId: int, onEvent: Callable[[dict], None] | None = None, timeout: float | None = None) -> dict:
         """Block until request ``requestId`` ends; returns its ``result`` event.
 
-        Other events of the request (progress) go to ``onEvent``. Raises ``WorkerError`` with the
-        worker's message for an ``error`` or ``cancelled`` end, ``TimeoutError`` after ``timeout`` s.
+        Other events of the request (progress) go to ``onEvent``; the worker's output is logged meanwhile.
+        Raises ``WorkerError`` with the worker's message for an ``error`` or ``cancelled`` end,
+        ``TimeoutError`` after ``timeout`` s.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            waiting = self._events[requestId]
         while True:
+            self.log.flush()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"the TextDiffSeg worker did not answer request {requestId} within {timeout} s")
             try:
-                event = self._events.get(timeout=remaining)
+                event = waiting.get(timeout=LOG_INTERVAL if remaining is None else min(remaining, LOG_INTERVAL))
             except queue.Empty:
                 continue
-            if event.get("id") != requestId:
-                continue
+            if event["type"] in FINAL_EVENTS:
+                self._forget(requestId)
             if event["type"] == "result":
                 return event
             if event["type"] in FINAL_EVENTS:
                 raise WorkerError(event.get("message") or "The TextDiffSeg worker failed without a message.")
             if onEvent is not None:
                 onEvent(event)
+
+    def _forget(self, requestId: int) -> None:
+        with self._lock:
+            self._events.pop(requestId, None)
+
+    def _put(self, event: dict) -> None:
+        """Queue an event for its request, if that has not ended; a final event ends it. Call with ``_lock`` held."""
+        requestId = event.get("id")
+        if requestId not in self._pending:  # a request already cancelled, or no request at all
+            self.log.add(logging.DEBUG, f"ignored an event of no running request: {event}")
+            return
+        if event["type"] in FINAL_EVENTS:
+            del self._pending[requestId]
+        self._events[requestId].put(event)
 
     # --- background threads -------------------------------------------------------------------
 
@@ -181,30 +241,24 @@ class WorkerClient:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
-                logging.info("TextDiffSeg worker: %s", line)
-                continue
+                event = None
             if not isinstance(event, dict) or "type" not in event:
-                logging.info("TextDiffSeg worker: %s", line)
+                self.log.add(logging.INFO, line)
                 continue
-            if event["type"] in FINAL_EVENTS:
-                with self._lock:
-                    self._pending.pop(event.get("id"), None)
-            self._events.put(event)
+            with self._lock:
+                self._put(event)
         process.wait()
         logThread.join(timeout=5)
-        with self._lock:  # requests this process left unanswered (cancel() has taken those it answers)
-            orphans = sorted(i for i, p in self._pending.items() if p is process)
-            for requestId in orphans:
-                del self._pending[requestId]
-        for requestId in orphans:
-            self._events.put({"id": requestId, "type": "error", "message": self._exitReason(process)})
+        with self._lock:  # requests this process left unanswered
+            for requestId in sorted(i for i, p in self._pending.items() if p is process):
+                self._put({"id": requestId, "type": "error", "message": self._exitReason(process)})
 
     def _readLog(self, process: subprocess.Popen) -> None:
         for line in process.stderr:
             line = line.rstrip()
             if line:
                 self._stderrTail.append(line)
-                logging.debug("TextDiffSeg worker: %s", line)
+                self.log.add(logging.DEBUG, line)
 
     def _exitReason(self, process: subprocess.Popen | None = None) -> str:
         process = process or self._process
