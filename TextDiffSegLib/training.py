@@ -37,6 +37,9 @@ from .volume import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "loss_log.csv"
+# A step whose gradients are not finite is skipped (bfloat16 kernels on some CPUs give a rare NaN); this many
+# in a row mean the run has diverged.
+MAX_SKIPPED_IN_A_ROW = 20
 # Config fields that are not model options: the dataset, the run's settings and training set them.
 NOT_OPTIONS = ("family", "name", "modality", "structures", "adapter", "latent_scale")
 
@@ -224,6 +227,7 @@ class _Run:
         self.cases, self.structures = prepared, structures
         self.optimizer = self._optimizer()
         self.average: dict[str, torch.Tensor] | None = None  # the moving average, once an averaged stage runs
+        self.skipped_steps = self.skipped_in_a_row = 0  # steps not applied: their gradients were not finite
         self._resume()
         self.worker_batches = None  # started at the first batch, after resuming has set the run's position
 
@@ -286,6 +290,7 @@ class _Run:
                 self.optimizer = self._optimizer()
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.average = state.get("average")
+                self.skipped_steps = state.get("skipped_steps", 0)
             except (RuntimeError, ValueError, KeyError, EOFError, OSError, StopIteration) as error:
                 lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().endswith(":")]
                 first_line = lines[0][:200] if lines else type(error).__name__
@@ -321,7 +326,7 @@ class _Run:
 
     def checkpoint(self) -> None:
         state = {**self.recipe.state(), "stage": self.stage, "step": self.step, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "average": self.average}
+                 "optimizer": self.optimizer.state_dict(), "average": self.average, "skipped_steps": self.skipped_steps}
         write_atomically(self.output / CHECKPOINT_NAME, lambda p: torch.save(state, p), overwrite=True)
 
     def log(self, loss: float, seconds: float) -> None:
@@ -343,15 +348,28 @@ class _Run:
             loss = stage.loss(self.batch())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
-            if stage.averaged:
-                self.update_average()
+            if self._gradients_finite():
+                self.optimizer.step()
+                if stage.averaged:
+                    self.update_average()
+                self.skipped_in_a_row = 0
+            else:  # as AMP's gradient scaler does: the step is not applied, and the run goes on
+                self.skipped_steps += 1
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
+                    raise ModelError(f"training diverged: the gradients of {MAX_SKIPPED_IN_A_ROW} steps in a row were not "
+                                     f"finite (NaN or infinite), at step {self.step + 1} of the {self.stage} stage; "
+                                     "resume with a lower --lr, or with --precision fp32")
             self.step += 1
             self.log(loss.item(), time.perf_counter() - started)
             if self.progress is not None:
                 self.progress(self.stage, self.step, stage.steps, loss.item())
             if self.step % self.settings.checkpoint_every == 0 or self.step == stage.steps:
                 self.checkpoint()
+
+    def _gradients_finite(self) -> bool:
+        gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return bool(torch.stack([g.isfinite().all() for g in gradients]).all()) if gradients else True
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -398,7 +416,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     run.use_average()
     run.model.eval()
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
-    record = {"settings": dataclasses.asdict(settings), "split": split,
+    record = {"settings": dataclasses.asdict(settings), "split": split, "skipped_steps": run.skipped_steps,
               VOLUME_RANGES: training_volume_ranges(run.cases, run.structures, run.config.spacing)}
     save = save_adapter if run.config.adapter is not None else save_model
     folder = save(run.model, run.output / "model", card=render_card(run.config, record))

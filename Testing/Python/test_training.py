@@ -499,3 +499,35 @@ def test_training_with_worker_processes(chaos_dataset, cache_dir, tmp_path):
     assert steps(read_log(tmp_path), "diffusion") == [1, 2, 3]
     assert (folder / "model.safetensors").is_file()
     assert json.loads((folder / "training.json").read_text())["settings"]["workers"] == 2
+
+
+def poisoned(run, steps: set[int] | None):
+    """Make the run's current stage give NaN gradients at its ``steps`` (1-based; None: at every step)."""
+    stage, loss, calls = run.current, run.current.loss, []
+
+    def nan_at_some_steps(batch):
+        calls.append(batch)
+        value = loss(batch)
+        return value * float("nan") if steps is None or len(calls) in steps else value
+
+    stage.loss = nan_at_some_steps
+
+
+def test_a_step_whose_gradients_are_not_finite_is_not_applied(chaos_dataset, cache_dir, tmp_path):
+    run = training._Run(settings(chaos_dataset, cache_dir, tmp_path / "run", autoencoder_steps=3), None)
+    poisoned(run, {2})
+    weights = []
+    run.progress = lambda *_: weights.append([p.detach().clone() for p in run.model.parameters()])
+    run.run_stage()
+    assert run.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # step 2 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))  # step 3 trained again
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_a_run_whose_gradients_stay_not_finite_stops_with_a_clear_error(chaos_dataset, cache_dir, tmp_path):
+    run = training._Run(settings(chaos_dataset, cache_dir, tmp_path / "run", autoencoder_steps=30), None)
+    poisoned(run, None)
+    with pytest.raises(ModelError, match=f"training diverged: the gradients of {training.MAX_SKIPPED_IN_A_ROW} steps"):
+        run.run_stage()
+    assert run.step == training.MAX_SKIPPED_IN_A_ROW - 1
