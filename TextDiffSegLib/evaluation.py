@@ -11,12 +11,13 @@ import numpy as np
 from .datasets import read_dataset
 from .errors import DataError
 from .machine import device_name
-from .metrics import dice, hd95_mm, iou, normalized_surface_dice, oracle_dice, randtop3_dice
+from .metrics import dice, hd95_mm, iou, neighbouring_slice_dice, normalized_surface_dice, oracle_dice, randtop3_dice
 from .segmenter import Segmenter
 from .terminology import resolve_prompt
 from .volume import read_volume
 
-METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_mm", "nsd")
+METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_mm", "nsd",
+           "proposal_slice_dice", "reference_slice_dice")
 
 
 def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids: list[str] | None = None,
@@ -66,6 +67,9 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
                 "iou": iou(result.fused, reference),
                 "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
                 "nsd": normalized_surface_dice(result.fused, reference, image.spacing),
+                # coherence along z: each proposal's, averaged, and the manual labels' own
+                "proposal_slice_dice": _mean_slice_dice(result.proposals),
+                "reference_slice_dice": _mean_slice_dice([reference]),
                 "size_warning": result.warning is not None,
                 "sampling_scale": result.sampling_scale,
             })
@@ -89,6 +93,11 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
 def _finite_or_none(value: float) -> float | None:
     """HD95 is undefined (NaN) when exactly one mask is empty; reports hold ``null`` there (strict JSON)."""
     return None if math.isnan(value) else value
+
+
+def _mean_slice_dice(masks) -> float | None:
+    """The masks' mean neighbouring-slice Dice (``metrics.neighbouring_slice_dice``), empty masks left out."""
+    return _mean([None if math.isnan(value) else value for value in map(neighbouring_slice_dice, masks)])
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -26,6 +26,7 @@ __all__ = [
     "normalized_surface_dice",
     "oracle_dice",
     "randtop3_dice",
+    "neighbouring_slice_dice",
 ]
 
 
@@ -236,3 +237,19 @@ def randtop3_dice(
     top = ranked[: min(3, ranked.size)]
     picks = rng.integers(0, top.size, size=int(n_draws))
     return float(top[picks].mean())
+
+
+def neighbouring_slice_dice(mask: np.ndarray) -> float:
+    """How coherent a mask is along z: the mean Dice between each slice and the next, over the pairs of
+    neighbouring slices of which at least one holds the structure; ``nan`` for an empty mask.
+
+    A mask sampled slice by slice from independent noise scores below the manual labels' own value (their
+    anatomy changes between slices too, so theirs is the level to compare with, not 1.0).
+    """
+    mask = _as_bool(mask)
+    crop = _bounding_box(mask)
+    if crop is None:
+        return float("nan")
+    mask = mask[slice(*crop[0]), slice(*crop[1]), slice(*crop[2])]
+    dices = [_dice_bool(mask[z], mask[z + 1]) for z in range(mask.shape[0] - 1) if mask[z].any() or mask[z + 1].any()]
+    return float(np.mean(dices)) if dices else float("nan")

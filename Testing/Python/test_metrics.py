@@ -12,6 +12,7 @@ from TextDiffSegLib.metrics import (
     hd95_mm,
     iou,
     normalized_surface_dice,
+    neighbouring_slice_dice,
     oracle_dice,
     randtop3_dice,
 )
@@ -300,3 +301,16 @@ def test_randtop3_validates_rng_and_draws():
         randtop3_dice(proposals, ref, 0)
     with pytest.raises(ValueError, match="n_draws"):
         randtop3_dice(proposals, ref, np.random.default_rng(0), n_draws=0)
+
+
+def test_neighbouring_slice_dice_measures_coherence_along_z():
+    column = np.zeros((6, 8, 8), bool)
+    column[1:5, 2:6, 2:6] = True
+    assert neighbouring_slice_dice(column) == 1.0  # from its first slice to its last
+    jittered = column.copy()
+    jittered[2] = np.roll(column[2], 2, axis=1)  # one slice shifted by half its width
+    assert neighbouring_slice_dice(jittered) < neighbouring_slice_dice(column)
+    gap = column.copy()
+    gap[2:4] = False  # a pair of empty slices inside the mask is left out, not counted as agreeing
+    assert neighbouring_slice_dice(gap) == 0.0
+    assert np.isnan(neighbouring_slice_dice(np.zeros((4, 4, 4))))
