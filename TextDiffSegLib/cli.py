@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--crop", type=_crop, default=(128, 128),
                        help="training crops in voxels of the model grid: one side for square slices of a 2D family "
                             "(a multiple of 16; as large as the model's window, 192 for universal-btcv, they show whole "
-                            "slices, as segmenting does), or Z,Y,X for the patches of a 3D family, e.g. 32,96,96")
+                            "slices, as segmenting does), or Z,Y,X for the patches of a 3D family, e.g. 48,128,128")
     train.add_argument("--autoencoder-steps", type=int, default=600)
     train.add_argument("--steps", type=int, default=6000, help="denoiser training steps")
     train.add_argument("--lr", type=float, default=3e-4)

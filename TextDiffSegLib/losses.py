@@ -18,3 +18,24 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE + Dice of each sample (the mask autoencoder's loss in papers/002)."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
     return bce + soft_dice_loss(logits, target)
+
+
+def diffusion_target(scheduler, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the denoiser is trained to predict: the noise, the clean sample, or v (diffusers' prediction types)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return clean
+    return scheduler.get_velocity(clean, noise, timesteps)
+
+
+def clean_estimate(scheduler, prediction_type: str, noisy: torch.Tensor, prediction: torch.Tensor,
+                   timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean sample a prediction of ``prediction_type`` implies for ``noisy`` at ``timesteps``."""
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, *[1] * (noisy.dim() - 1))
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    if prediction_type == "sample":
+        return prediction
+    return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction

@@ -19,14 +19,15 @@ SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_scheduler(kind: str, num_train_timesteps: int, prediction_type: str):
+def make_scheduler(kind: str, num_train_timesteps: int, prediction_type: str, clip_sample: float | None = None):
     """A diffusers scheduler, the same noise schedule in training and sampling.
 
     ``trailing`` spacing makes even a few steps start from the last timestep. For sample- and
     v-prediction the schedule is rescaled to zero terminal SNR (Lin et al. 2024): the last timestep
     is pure noise, as sampling assumes; otherwise a model learns to read the faint trace of the
     true mask left at that step and fails from pure noise. Epsilon-prediction is undefined there
-    and keeps the plain schedule.
+    and keeps the plain schedule. With ``clip_sample``, each step's clean-sample estimate is clamped to
+    ±that (under epsilon-prediction the noisiest steps divide it by sqrt(alpha_bar), about 0.07).
     """
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -34,7 +35,8 @@ def make_scheduler(kind: str, num_train_timesteps: int, prediction_type: str):
         num_train_timesteps=num_train_timesteps,
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
-        clip_sample=False,
+        clip_sample=clip_sample is not None,
+        clip_sample_range=clip_sample or 1.0,
         timestep_spacing="trailing",
         rescale_betas_zero_snr=prediction_type != "epsilon",
     )

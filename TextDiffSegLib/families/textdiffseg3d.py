@@ -5,8 +5,9 @@ a grid four times coarser along each axis, with self-attention on that grid; a 3
 lets every voxel's features query the prompt's text tokens and adds what it reads (eq. 2); a 3D label
 encoder maps a mask to a small latent on the same grid, standardised to zero mean and unit variance by a
 final normalisation, and a label decoder maps a latent back to mask logits. The denoiser, a 3D residual
-U-Net with time embedding and self-attention (MONAI's ``DiffusionModelUNet``), predicts the noise added
-to the label latent (eq. 3) from the noisy latent concatenated with the cross-modal embedding.
+U-Net with time embedding and self-attention (MONAI's ``DiffusionModelUNet``), predicts the clean label
+latent (by default; or, as in the paper, the noise added to it, eq. 3) from the noisy latent concatenated
+with the cross-modal embedding.
 
 Sampling runs DDIM (10 steps by default) over the whole volume with one noise field per proposal:
 every step denoises 3D sliding windows of the latent, blended (MONAI), so neighbouring slices are
@@ -28,24 +29,35 @@ from ..text_encoders import TextEmbedding
 from .base import Predictor, StepCallback, normalisation_parameters
 
 DOWNSAMPLING = 4  # the latent grid is four times coarser than the model grid along each axis
+WINDOW_BATCH = 2  # 3D windows evaluated together: more gains no speed on a CPU and costs memory
+#: Clean-latent estimates are clamped to this many standard deviations, in training's decoded-mask loss and
+#: at every sampling step: under epsilon-prediction the noisiest steps divide them by sqrt(alpha_bar) ~ 0.07.
+LATENT_CLAMP = 5.0
 
 
 @dataclasses.dataclass
 class TextDiffSeg3DConfig(ModelConfig):
     family: str = "textdiffseg3d"
-    # The universal family's grid, so that proposals of both can be fused voxel for voxel. A window of
-    # 32 x 96 x 96 voxels (160 x 240 x 240 mm) holds a whole kidney, pancreas or stomach and most of a liver;
-    # its latent, 8 x 24 x 24 = 4608 voxels, is what the encoder's self-attention can afford on a CPU.
-    window: tuple[int, ...] = (32, 96, 96)
-    prediction_type: str = "epsilon"  # eq. 5: the denoiser predicts the noise
+    # The universal family's grid (2.5 x 2.5 x 5 mm), so that proposals of both can be fused voxel for voxel.
+    # A window of 48 x 128 x 128 voxels (240 x 320 x 320 mm) holds any abdominal organ whole, and a BTCV scan
+    # in 2 x 2 x 2 windows or fewer: larger windows overlap less, and the denoiser's ten steps per proposal
+    # cost a CPU half as much as with 32 x 96 x 96 windows (benchmarks/results/textdiffseg3d_sizes.json).
+    window: tuple[int, ...] = (48, 128, 128)
+    # The clean latent, not the noise of eq. 5 ("epsilon", still selectable): trained 600 steps on this CPU,
+    # a noise-predicting model's first DDIM step (at t = 999, where the clean-latent estimate divides by
+    # sqrt(alpha_bar) = 0.068) found 0.15 Dice of a liver patch, and its samples 0.01-0.05.
+    prediction_type: str = "sample"
     default_steps: int = 10
     latent_channels: int = 4
     label_channels: tuple[int, int, int] = (8, 16, 32)
     image_channels: tuple[int, int, int] = (16, 32, 64)
     image_feature_channels: int = 32
     attention_heads: int = 4
+    # Attention on the U-Net's coarsest grid alone (at the next level too, a step at this window
+    # costs a CPU more than twice as much):
+    # 5 proposals of an organ take 10 steps each, which must fit in a minute on a 2-core CPU.
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    unet_attention: tuple[bool, ...] = (False, True, True)
+    unet_attention: tuple[bool, ...] = (False, False, True)
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -70,9 +82,9 @@ class TextDiffSeg3DConfig(ModelConfig):
 
     @property
     def size_multiple(self) -> int:
-        """What each side of a window must be a multiple of: the latent downsampling times the U-Net's, and once
-        more, so that the U-Net's coarsest grid keeps two voxels per axis (its group norms need more than one)."""
-        return DOWNSAMPLING * 2 ** len(self.unet_channels)
+        """What each side of a window must be a multiple of: the latent downsampling times the U-Net's (and at
+        least 8, the image encoder's attention grid)."""
+        return max(2 * DOWNSAMPLING, DOWNSAMPLING * 2 ** (len(self.unet_channels) - 1))
 
 
 def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
@@ -108,22 +120,26 @@ class _SelfAttention(nn.Module):
 
 
 class ImageEncoder3D(nn.Module):
-    """A scan window [B, 1, D, H, W] to features [B, F, D/4, H/4, W/4], with self-attention on that grid.
+    """A scan window [B, 1, D, H, W] to features [B, F, D/4, H/4, W/4].
 
-    The paper puts attention in the last two down-sampling stages; here both attention blocks sit on the
-    coarsest grid: one stage finer, a 32 x 96 x 96 window has 36,864 voxels, too many to attend on a CPU.
+    Attention sits in the last down-sampling stage (the paper's last two): two self-attention blocks on a grid
+    eight times coarser (a 48 x 128 x 128 window gives 6 x 16 x 16 = 1,536 tokens), whose output is
+    upsampled and added to the features on the latent grid. One stage finer, a window would give 12,288
+    tokens: 64 times the attention's cost, most of a CPU's time for a scan.
     """
 
     def __init__(self, channels: tuple[int, int, int], out_channels: int, heads: int):
         super().__init__()
         c0, c1, c2 = channels
-        self.layers = nn.Sequential(
-            _conv(1, c0), _conv(c0, c1, stride=2), _ResidualBlock(c1), _conv(c1, c2, stride=2), _ResidualBlock(c2),
-            nn.Conv3d(c2, out_channels, 1), _SelfAttention(out_channels, heads), _SelfAttention(out_channels, heads),
-        )
+        self.local = nn.Sequential(_conv(1, c0), _conv(c0, c1, stride=2), _ResidualBlock(c1),
+                                   _conv(c1, c2, stride=2), _ResidualBlock(c2))
+        self.project = nn.Conv3d(c2, out_channels, 1)
+        self.context = nn.Sequential(_conv(c2, out_channels, stride=2), _SelfAttention(out_channels, heads),
+                                     _SelfAttention(out_channels, heads), nn.Upsample(scale_factor=2, mode="nearest"))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.layers(image)
+        local = self.local(image)
+        return self.project(local) + self.context(local)
 
 
 class CrossModalAttention3D(nn.Module):
@@ -165,7 +181,7 @@ class LabelAutoencoder3D(nn.Module):
 
 
 class TextDiffSeg3DModel(nn.Module):
-    """Image encoder, cross-modal attention, label autoencoder and the noise-predicting 3D U-Net."""
+    """Image encoder, cross-modal attention, label autoencoder and the denoising 3D U-Net."""
 
     def __init__(self, config: TextDiffSeg3DConfig):
         super().__init__()
@@ -194,7 +210,8 @@ class TextDiffSeg3DModel(nn.Module):
         return self.cross_attention(image_features, tokens, mask)
 
     def denoise(self, noisy_latent: torch.Tensor, timestep: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """The predicted noise, from the noisy label latent and the cross-modal embedding (concatenated)."""
+        """The prediction (``config.prediction_type``: clean latent or noise), from the noisy label latent and the
+        cross-modal embedding (concatenated)."""
         timesteps = timestep.expand(noisy_latent.shape[0]) if timestep.dim() else timestep.repeat(noisy_latent.shape[0])
         return self.unet(torch.cat([noisy_latent, embedding], dim=1), timesteps)
 
@@ -214,7 +231,7 @@ class TextDiffSeg3DPredictor(Predictor):
         """Image features [1, F, z/4, y/4, x/4] (``image`` is padded to multiples of 4 along each axis)."""
         volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(self.device)
         # MONAI blends windows whose output is 4 times smaller; a scan smaller than a window goes through whole.
-        return windowed(self.model.image_encoder, volume, self.config.window)
+        return windowed(self.model.image_encoder, volume, self.config.window, batch_size=WINDOW_BATCH)
 
     @torch.no_grad()
     def condition(self, text: TextEmbedding | None, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,13 +242,13 @@ class TextDiffSeg3DPredictor(Predictor):
                scheduler: str, on_step: StepCallback) -> np.ndarray:
         config, model = self.config, self.model
         embedding = model.cross_modal(prepared, *condition)
-        scheduler = make_scheduler(scheduler, config.num_train_timesteps, config.prediction_type)
+        scheduler = make_scheduler(scheduler, config.num_train_timesteps, config.prediction_type, LATENT_CLAMP)
         window = tuple(w // DOWNSAMPLING for w in config.window)
         channels = config.latent_channels
 
         def denoise(noisy, t):
             return windowed(lambda x: model.denoise(x[:, :channels], t, x[:, channels:]),
-                            torch.cat([noisy, embedding], dim=1), window)
+                            torch.cat([noisy, embedding], dim=1), window, batch_size=WINDOW_BATCH)
 
         shape = (1, channels, *prepared.shape[2:])
         latent = sample(denoise, scheduler, shape, steps, torch.Generator().manual_seed(seed), self.device, on_step)

@@ -1,8 +1,9 @@
 """How the TextDiffSeg 3D family trains (papers/003, eqs. 4-6): one end-to-end stage on 3D patches.
 
 Each step encodes the patches' masks to label latents, noises them (eq. 3) and has the denoiser predict
-the noise from the cross-modal embedding of the patch and the prompt. The loss is the noise MSE (eq. 5)
-plus BCE + Dice (eq. 4, binary per prompt) of the mask decoded from the clean latent the predicted noise
+from the cross-modal embedding of the patch and the prompt what the model's prediction type names: the
+clean latent, or the noise as in the paper. The loss is the MSE of that prediction (eq. 5: the noise MSE)
+plus BCE + Dice (eq. 4, binary per prompt) of the mask decoded from the clean latent the prediction
 implies, plus BCE + Dice of the mask decoded from the clean latent itself, so that the label decoder
 learns to read latents from the first step on. The noised latents are taken without gradient, so that
 the label encoder is not pushed towards latents that are easy to denoise rather than faithful.
@@ -16,14 +17,11 @@ import torch.nn.functional as F
 
 from ..datasets import PreparedCase
 from ..errors import DataError
-from ..losses import mask_loss
+from ..losses import clean_estimate, diffusion_target, mask_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage, stacked
-
-#: The clean-latent estimate implied by the predicted noise is clamped to this many standard deviations:
-#: at the noisiest timesteps it divides by sqrt(alpha_bar) ~ 0.07 and would otherwise swamp the loss.
-LATENT_CLAMP = 5.0
+from .textdiffseg3d import LATENT_CLAMP
 
 
 class PatchSampler:
@@ -101,9 +99,9 @@ class TextDiffSeg3DRecipe(Recipe):
             noisy = scheduler.add_noise(clean.detach(), noise, timesteps)
             embedding = model.cross_modal(model.image_encoder(images), tokens, token_mask)
             predicted = model.denoise(noisy, timesteps, embedding)
-            alpha_bar = scheduler.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1, 1)
-            estimate = ((noisy - (1 - alpha_bar).sqrt() * predicted) / alpha_bar.sqrt()).clamp(-LATENT_CLAMP, LATENT_CLAMP)
-            decoded = model.label_autoencoder.decode(estimate)
-        noise_loss = F.mse_loss(predicted.float(), noise.float())
+            estimate = clean_estimate(scheduler, self.config.prediction_type, noisy, predicted, timesteps)
+            decoded = model.label_autoencoder.decode(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP))
+        target = diffusion_target(scheduler, self.config.prediction_type, clean.detach(), noise, timesteps)
+        diffusion_loss = F.mse_loss(predicted.float(), target.float())
         segmentation = mask_loss(decoded.float(), masks).mean() + mask_loss(reconstructed.float(), masks).mean()
-        return self.settings.decoded_mask_weight * segmentation + noise_loss
+        return self.settings.decoded_mask_weight * segmentation + diffusion_loss

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from ..datasets import PreparedCase
 from ..errors import DataError
-from ..losses import mask_loss
+from ..losses import diffusion_target, mask_loss
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
@@ -242,9 +242,7 @@ class UniversalRecipe(Recipe):
             prediction = model.denoise(noisy, timesteps, model.image_encoder(images),
                                        model.embed_structure(self.conditions[labels]))
             logits = model.decode_mask(prediction) if decoded else None
-        target = {"sample": clean, "epsilon": noise}.get(self.config.prediction_type)
-        if target is None:
-            target = scheduler.get_velocity(clean, noise, timesteps)
+        target = diffusion_target(scheduler, self.config.prediction_type, clean, noise, timesteps)
         losses = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
         if decoded:
             losses = losses + self.settings.decoded_mask_weight * mask_loss(logits.float(), masks)

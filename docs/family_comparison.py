@@ -1,0 +1,104 @@
+"""Compare model families side by side on the same validation cases: docs/family-comparison.md (+ .json).
+
+Every model segments the six organs of the project's targets in each case, in one call (kept apart),
+with the same proposals, seed and fusion, each at its own default number of sampling steps; the table
+gives per organ the fused, single-proposal and Oracle@k Dice, HD95 and NSD, and how coherent the
+proposals are along z (mean Dice of neighbouring slices) against the manual labels' own.
+
+    python docs/family_comparison.py [--models universal-btcv,textdiffseg3d-btcv] [--proposals 5]
+        [--cases btcv_0007,btcv_0009,btcv_0028,btcv_0031]
+
+A model given as REPORT.json is not run again: that report of ``textdiffseg evaluate`` (or of this
+script) is used, and must cover the same cases, organs and proposals.
+
+The default cases are the BTCV validation split that every bundled CT model kept out of training.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from TextDiffSegLib.evaluation import evaluate  # noqa: E402
+from TextDiffSegLib.model_card import format_score  # noqa: E402
+from TextDiffSegLib.segmenter import Segmenter  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "btcv" / "dataset.json"
+ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
+COLUMNS = (("dice", "fused Dice", 3), ("single_dice", "single Dice", 3), ("oracle_dice", "Oracle@{k} Dice", 3),
+           ("hd95_mm", "HD95 (mm)", 1), ("nsd", "NSD (2 mm)", 3), ("proposal_slice_dice", "slice coherence", 3))
+
+
+def table(reports: dict[str, dict]) -> list[str]:
+    k = next(iter(reports.values()))["num_proposals"]
+    header = ["organ", "model", *(title.format(k=k) for _, title, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for organ in ORGANS:
+        for name, report in reports.items():
+            scores = report["structures"][organ]
+            lines.append("| " + " | ".join([organ, name, *(format_score(scores[key], digits) for key, _, digits in COLUMNS)])
+                         + " |")
+    for name, report in reports.items():
+        lines.append(f"| mean of the six | {name} | " + " | ".join(
+            format_score(_mean([report["structures"][o][key] for o in ORGANS]), digits) for key, _, digits in COLUMNS)
+                     + " |")
+    return lines
+
+
+def _mean(values):
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="universal-btcv,textdiffseg3d-btcv")
+    parser.add_argument("--cases", default="btcv_0007,btcv_0009,btcv_0028,btcv_0031")
+    parser.add_argument("--proposals", type=int, default=5)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "family-comparison.md"))
+    args = parser.parse_args()
+    reports = {}
+    for model in args.models.split(","):
+        if model.endswith(".json"):
+            report = json.loads(Path(model).read_text())
+            if (report["cases"], sorted(report["structures"]), report["num_proposals"]) != (
+                    args.cases.split(","), sorted(ORGANS), args.proposals):
+                raise SystemExit(f"{model} covers other cases, organs or proposals than this comparison")
+            reports[report["model"]] = report
+            continue
+        segmenter = Segmenter.from_pretrained(model)
+        reports[model] = evaluate(segmenter, str(DATA), case_ids=args.cases.split(","), structures=list(ORGANS),
+                                  num_proposals=args.proposals,
+                                  progress=lambda done, total, case: print(f"{model}: {done}/{total} {case}", flush=True))
+        print(f"{model}: mean fused Dice {reports[model]['mean_dice']:.3f}, {reports[model]['seconds_per_case']:.0f} s a case")
+    reference = {organ: _mean([row["reference_slice_dice"] for row in next(iter(reports.values()))["rows"]
+                               if row["structure"] == organ]) for organ in ORGANS}
+    first = next(iter(reports.values()))
+    steps = ", ".join(f"{name}: {report['steps']}" for name, report in reports.items())
+    lines = [
+        "# Model families side by side", "",
+        f"BTCV validation cases {', '.join(first['cases'])} (kept out of every bundled CT model's training), "
+        f"{first['num_proposals']} proposals from seed {first['seed']}, fusion `{first['fusion']}`, the six organs "
+        "segmented together in one call and kept apart; each model at its own default number of sampling steps "
+        f"({steps}). "
+        f"Written by `python docs/family_comparison.py --models {args.models} --cases {args.cases} "
+        f"--proposals {args.proposals}`; the full reports are in `{Path(args.output).with_suffix('.json').name}`.", "",
+        *table(reports), "",
+        "Slice coherence: the mean Dice between neighbouring slices of each proposal (on the scan's own slices), "
+        "averaged over proposals and cases. The manual labels' own, for comparison: "
+        + ", ".join(f"{organ} {format_score(value, 3)}" for organ, value in reference.items()) + ".", "",
+        "Seconds per case (six organs, this machine's CPU): "
+        + ", ".join(f"{name} {report['seconds_per_case']:.0f} s on {report['device']}" for name, report in reports.items())
+        + ".",
+    ]
+    output = Path(args.output)
+    output.write_text("\n".join(lines) + "\n")
+    output.with_suffix(".json").write_text(json.dumps(reports, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
