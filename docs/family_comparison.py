@@ -69,11 +69,11 @@ def main() -> None:
                 raise SystemExit(f"{model} covers other cases, organs or proposals than this comparison")
             reports[report["model"]] = report
             continue
-        segmenter = Segmenter.from_pretrained(model)
-        reports[model] = evaluate(segmenter, str(DATA), case_ids=args.cases.split(","), structures=list(ORGANS),
-                                  num_proposals=args.proposals,
-                                  progress=lambda done, total, case: print(f"{model}: {done}/{total} {case}", flush=True))
-        print(f"{model}: mean fused Dice {reports[model]['mean_dice']:.3f}, {reports[model]['seconds_per_case']:.0f} s a case")
+        report = evaluate(Segmenter.from_pretrained(model), str(DATA), case_ids=args.cases.split(","),
+                          structures=list(ORGANS), num_proposals=args.proposals,
+                          progress=lambda done, total, case: print(f"{model}: {done}/{total} {case}", flush=True))
+        reports[report["model"]] = report
+        print(f"{report['model']}: mean fused Dice {report['mean_dice']:.3f}, {report['seconds_per_case']:.0f} s a case")
     reference = {organ: _mean([row["reference_slice_dice"] for row in next(iter(reports.values()))["rows"]
                                if row["structure"] == organ]) for organ in ORGANS}
     first = next(iter(reports.values()))
@@ -84,7 +84,7 @@ def main() -> None:
         f"{first['num_proposals']} proposals from seed {first['seed']}, fusion `{first['fusion']}`, the six organs "
         "segmented together in one call and kept apart; each model at its own default number of sampling steps "
         f"({steps}). "
-        f"Written by `python docs/family_comparison.py --models {args.models} --cases {args.cases} "
+        f"Written by `python docs/family_comparison.py --models {','.join(reports)} --cases {args.cases} "
         f"--proposals {args.proposals}`; the full reports are in `{Path(args.output).with_suffix('.json').name}`.", "",
         *table(reports), "",
         "Slice coherence: the mean Dice between neighbouring slices of each proposal (on the scan's own slices), "
