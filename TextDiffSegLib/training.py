@@ -416,7 +416,9 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     run.use_average()
     run.model.eval()
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
-    record = {"settings": dataclasses.asdict(settings), "split": split, "skipped_steps": run.skipped_steps,
+    # A run from init_from trains the family of the model it starts from, whatever settings.family says.
+    record = {"settings": {**dataclasses.asdict(settings), "family": run.config.family}, "split": split,
+              "skipped_steps": run.skipped_steps,
               VOLUME_RANGES: training_volume_ranges(run.cases, run.structures, run.config.spacing)}
     save = save_adapter if run.config.adapter is not None else save_model
     folder = save(run.model, run.output / "model", card=render_card(run.config, record))

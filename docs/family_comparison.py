@@ -94,6 +94,9 @@ def main() -> None:
         + ", ".join(f"{name} {report['seconds_per_case']:.0f} s on {report['device']}" for name, report in reports.items())
         + ".",
     ]
+    for name, report in reports.items():
+        report.setdefault("command", f"python docs/family_comparison.py --models {name} --cases {args.cases} "
+                                     f"--proposals {args.proposals}")
     output = Path(args.output)
     output.write_text("\n".join(lines) + "\n")
     output.with_suffix(".json").write_text(json.dumps(reports, indent=2) + "\n")

@@ -29,6 +29,14 @@ FUSED_SHA256 = {
         "stomach": "3cca34f6be97bd795a9af03cf48c222062c423e5e9670d02ae857350e6c3376d",
         "pancreas": "3866482fe878b3809d4c4c7f6962569e075163246b53f38e3d59a362c36fbf96",
     },
+    "textdiffseg3d-btcv": {  # btcv_0007, recorded when it was bundled (its evaluation's first case)
+        "liver": "87790dc05096bd00f12c3f120aa7bbfd498e280246a98e7c307ea84dab7d1053",
+        "spleen": "875ba18700f7246a8dfc81184fe8683e4619377f7da13c710f6135be468c88e5",
+        "kidney_left": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
+        "kidney_right": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
+        "stomach": "ec6d3e7df2dde42b4f0734821b144b5dd28175767101e4c965182dc074dbb530",
+        "pancreas": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
+    },
     "universal-chaos-t2-lora": {  # chaos_t2_03
         "liver": "05816038f4c09a9853ac47c1be16d379189e2838617a6660070b09c96025b3ae",
         "kidney_right": "ed96e2d662fdb7489b55e7c90a05616a02a01335fbe53d9fb02c60e280c19b81",
@@ -124,3 +132,23 @@ def test_the_readme_states_the_bundled_reports_and_benchmark():
     one, four = (json.loads((results / f"segment_{name}-thin_slice.json").read_text()) for name in ("organ", "four_organs"))
     assert f"one organ {one['segment_seconds']:.1f} s and {one['peak_rss_mb'] / 1000:.1f} GB" in flat
     assert f"{four['prompt']}\"`) {four['segment_seconds']:.0f} s and {four['peak_rss_mb'] / 1000:.1f} GB" in flat
+
+
+def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
+    """The README's summary of the 3D family is that of docs/family-comparison.json and of its benchmark."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "README.md").read_text().split())
+    reports = json.loads((root / "docs" / "family-comparison.json").read_text())
+    organs = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
+
+    def mean_of_six(name):
+        return np.mean([reports[name]["structures"][organ]["dice"] for organ in organs])
+
+    three_d, universal = reports["textdiffseg3d-btcv"]["structures"], reports["universal-btcv"]["structures"]
+    assert (f"mean fused Dice of the six organs {mean_of_six('textdiffseg3d-btcv'):.3f} against "
+            f"{mean_of_six('universal-btcv'):.3f} for `universal-btcv` on the same cases") in flat
+    assert (f"pancreas {three_d['pancreas']['dice']:.3f} and stomach {three_d['stomach']['dice']:.3f} "
+            f"(`universal-btcv`: {universal['pancreas']['dice']:.3f} and {universal['stomach']['dice']:.3f})") in flat
+    benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ-textdiffseg3d-btcv.json").read_text())
+    assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
+            f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat

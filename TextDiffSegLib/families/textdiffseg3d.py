@@ -40,8 +40,8 @@ class TextDiffSeg3DConfig(ModelConfig):
     family: str = "textdiffseg3d"
     # The universal family's grid (2.5 x 2.5 x 5 mm), so that proposals of both can be fused voxel for voxel.
     # A window of 48 x 128 x 128 voxels (240 x 320 x 320 mm) holds any abdominal organ whole, and a BTCV scan
-    # in 2 x 2 x 2 windows or fewer: larger windows overlap less, and the denoiser's ten steps per proposal
-    # cost a CPU half as much as with 32 x 96 x 96 windows (benchmarks/results/textdiffseg3d_sizes.json).
+    # in 2 x 2 x 2 windows or fewer: larger windows overlap less, and a sampling step costs a CPU a quarter
+    # less than with 32 x 96 x 96 windows (0.71 against 0.96 s; benchmarks/results/textdiffseg3d_sizes.json).
     window: tuple[int, ...] = (48, 128, 128)
     # The clean latent, not the noise of eq. 5 ("epsilon", still selectable): trained 600 steps on this CPU,
     # a noise-predicting model's first DDIM step (at t = 999, where the clean-latent estimate divides by
