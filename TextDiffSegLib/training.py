@@ -114,7 +114,8 @@ def _new_config(settings: TrainSettings, name: str, modality: str, structures: t
     if unknown:
         raise DataError(f"the {settings.family} family has no option {', '.join(unknown)}; its options are {', '.join(known)}")
     try:
-        return config_class(family=settings.family, name=name, modality=modality, structures=structures, **options)
+        return config_class.from_options(dict(family=settings.family, name=name, modality=modality,
+                                              structures=structures, **options))
     except (TypeError, ValueError) as error:
         raise DataError(f"the model options do not fit the {settings.family} family: {error}") from None
 
