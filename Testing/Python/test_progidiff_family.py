@@ -277,6 +277,25 @@ def test_a_stable_diffusion_folder_gives_the_backbone_autoencoder_and_text_encod
         == latent.shape
 
 
+@pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scan is not a real CT
+def test_a_model_trained_from_a_stable_diffusion_folder_segments_without_it(stable_diffusion_folder, dataset,  # noqa: F811
+                                                                          tmp_path):
+    """``textdiffseg train --family progidiff --model-option stable_diffusion=FOLDER``, then segmenting with the
+    model it wrote once the folder's weights are gone (its text encoder is still read from the folder)."""
+    from TextDiffSegLib.segmenter import Segmenter
+    from TextDiffSegLib.volume import read_volume
+
+    options = {"stable_diffusion": str(stable_diffusion_folder), "window": [16, 16], "conditioning_channels": [8, 8, 8]}
+    folder = train(_settings("progidiff", dataset, tmp_path / "run", model_options=options))
+    assert load_model(folder).config.unet_channels == (8, 16)
+    for part in ("unet", "vae"):
+        for weights in (stable_diffusion_folder / part).glob("*.safetensors"):
+            weights.unlink()
+    scan = read_volume(json.loads(dataset.read_text())["training"][0]["image"])
+    result = Segmenter(load_model(folder), "tiny-sd", torch.device("cpu")).propose(scan, "liver", num_proposals=1, steps=2)
+    assert result.fused.shape == scan.array.shape
+
+
 def test_a_stable_diffusion_folder_refuses_other_settings_and_other_folders(stable_diffusion_folder, tmp_path):
     with pytest.raises(ValueError, match="unet_channels must be those of the Stable Diffusion folder"):
         ProGiDiffConfig.from_options({**SD_BASE, "unet_channels": (16, 32), "stable_diffusion": str(stable_diffusion_folder)})
