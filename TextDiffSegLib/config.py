@@ -66,6 +66,12 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
+    def from_options(cls: type[C], values: dict[str, Any]) -> C:
+        """The config of a model trained anew from ``values`` (its name, modality, structures and the run's model
+        options); a family may complete them (ProGiDiff reads a Stable Diffusion folder's architecture)."""
+        return cls(**values)
+
+    @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -75,7 +75,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
             })
     if progress is not None:
         progress(len(cases), len(cases), "")
-    summary = {name: {metric: _mean([row[metric] for row in rows if row["structure"] == name]) for metric in METRICS}
+    summary = {name: {metric: mean_of_defined([row[metric] for row in rows if row["structure"] == name]) for metric in METRICS}
                for name in structures}
     return {
         "model": segmenter.name, "data": str(data), "split": split, "cases": [case.id for case in cases],
@@ -83,7 +83,7 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
         "fusion": fusion, "largest_component": largest_component,
         "separate": separate, "second_look": second_look, "seed": seed,
         "device": f"{segmenter.device.type} ({device_name(str(segmenter.device))})",
-        "seconds_per_case": float(np.mean(seconds)), "mean_dice": _mean([s["dice"] for s in summary.values()]),
+        "seconds_per_case": float(np.mean(seconds)), "mean_dice": mean_of_defined([s["dice"] for s in summary.values()]),
         "structures": summary, "rows": rows,
         # where the fused volume was far outside the model's training cases' (typical_size)
         "size_warnings": [f"{row['case']} {row['structure']}" for row in rows if row["size_warning"]],
@@ -97,10 +97,10 @@ def _finite_or_none(value: float) -> float | None:
 
 def _mean_slice_dice(masks) -> float | None:
     """The masks' mean neighbouring-slice Dice (``metrics.neighbouring_slice_dice``), empty masks left out."""
-    return _mean([None if math.isnan(value) else value for value in map(neighbouring_slice_dice, masks)])
+    return mean_of_defined([None if math.isnan(value) else value for value in map(neighbouring_slice_dice, masks)])
 
 
-def _mean(values: list[float | None]) -> float | None:
+def mean_of_defined(values: list[float | None]) -> float | None:
     """Mean of the defined values; ``None`` if there are none."""
     defined = [v for v in values if v is not None]
     return float(np.mean(defined)) if defined else None

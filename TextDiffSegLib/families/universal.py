@@ -11,6 +11,7 @@ encoder (the paper's CLIP option) or is learnt per structure (the paper's "Learn
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import torch
@@ -212,6 +213,28 @@ class UniversalModel(nn.Module):
         return self.unet(inputs, timesteps, class_labels=embedding).sample
 
 
+def sample_slices(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], features: torch.Tensor,
+                  latent_channels: int, window: tuple[int, int], scheduler, seed: int, steps: int,
+                  device: torch.device, on_step: StepCallback) -> torch.Tensor:
+    """The sampled latents [z, latent_channels, h, w] of every slice of a 2D family's scan, ``SLICE_BATCH`` slices
+    at a time, each batch from its own generator (seeded from ``seed`` and its first slice). ``features`` [z, F, h, w]
+    are the slices' image features on the latent grid; ``predict(x, t)`` is the denoiser's output for ``x``, the
+    noisy latents of an in-plane ``window`` with their features concatenated."""
+    starts = range(0, features.shape[0], SLICE_BATCH)
+    latents = []
+    for batch, start in enumerate(starts):
+        batch_features = features[start:start + SLICE_BATCH]
+
+        def denoise(noisy, t, batch_features=batch_features):
+            return windowed(lambda x: predict(x, t), torch.cat([noisy, batch_features], dim=1), window)
+
+        generator = torch.Generator().manual_seed(seed * 100003 + start)
+        shape = (batch_features.shape[0], latent_channels, *batch_features.shape[-2:])
+        latents.append(sample(denoise, scheduler, shape, steps, generator, device,
+                              on_step=lambda step, total, batch=batch: on_step(batch * total + step, len(starts) * total)))
+    return torch.cat(latents)
+
+
 class UniversalPredictor(Predictor):
     """2.5D sampling: every slice of the scan (with its neighbours) is encoded once; each proposal samples
     the mask latents of ``SLICE_BATCH`` slices at a time, in in-plane sliding windows of the latent grid,
@@ -249,27 +272,16 @@ class UniversalPredictor(Predictor):
                on_step: StepCallback) -> np.ndarray:
         config, model = self.config, self.model
         scheduler = make_scheduler(scheduler, config.num_train_timesteps, config.prediction_type)
-        window = tuple(w // config.downsampling for w in config.window)
         latent_channels = config.latent_channels
-        starts = range(0, prepared.shape[0], SLICE_BATCH)
-        latents = []
-        for batch, start in enumerate(starts):
-            features = prepared[start:start + SLICE_BATCH]
 
-            def denoise(noisy, t, features=features):
-                project = config.project_to_masks and t != scheduler.timesteps[-1]  # the last estimate is decoded as it is
+        def predict(x, t):
+            clean = model.denoise(x[:, :latent_channels], t, x[:, latent_channels:], condition)
+            project = config.project_to_masks and t != scheduler.timesteps[-1]  # the last estimate is decoded as it is
+            return model.project_to_mask(clean) if project else clean
 
-                def predict(x):
-                    clean = model.denoise(x[:, :latent_channels], t, x[:, latent_channels:], condition)
-                    return model.project_to_mask(clean) if project else clean
-
-                return windowed(predict, torch.cat([noisy, features], dim=1), window)
-
-            generator = torch.Generator().manual_seed(seed * 100003 + start)
-            shape = (features.shape[0], latent_channels, *features.shape[-2:])
-            latents.append(sample(denoise, scheduler, shape, steps, generator, self.device,
-                                  on_step=lambda step, total, batch=batch: on_step(batch * total + step, len(starts) * total)))
-        probability = torch.sigmoid(model.decode_mask(torch.cat(latents)))[:, 0].float().cpu().numpy()
+        window = tuple(w // config.downsampling for w in config.window)
+        latents = sample_slices(predict, prepared, latent_channels, window, scheduler, seed, steps, self.device, on_step)
+        probability = torch.sigmoid(model.decode_mask(latents))[:, 0].float().cpu().numpy()
         # Each slice is sampled from its own noise: smoothed along z, where neighbours disagree more than anatomy.
         return smooth_across_slices(probability, config.slice_smoothing)
 

@@ -1,0 +1,129 @@
+"""How ProGiDiff trains (papers/000): steer a text-conditioned mask generator with a ControlNet.
+
+A new model trains in three stages: the mask autoencoder (BCE + Dice of the decoded mask, plus the small
+KL term of SD's autoencoder), after which the latent scale is measured; the backbone alone, as a
+text-conditioned generator of mask latents (SD's objective: the MSE of the noise, or of what the prediction
+type names); then, with backbone and autoencoder frozen, the ControlNet and the conditioning-image encoder
+on the same objective, whose moving average is saved. The ControlNet starts as a copy of the trained
+backbone's encoder, its zero convolutions at zero. With ``pretrain_backbone`` false, backbone, ControlNet
+and encoder train together from scratch in one stage as long as those two. A model trained on from another
+(``init_from``, or a LoRA adapter of it) trains the last stage alone.
+
+Each sample's prompt takes one of the task verbs at random ("Segment / Highlight / Show the liver in this
+CT scan", section 3.1); sampling uses the first. Samples are the universal family's 2D slice crops, a
+single slice each (the paper's condition is one slice).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..datasets import PreparedCase
+from ..errors import DataError
+from ..losses import diffusion_target, mask_loss
+from ..sampler import make_scheduler
+from ..terminology import get_structure
+from ..text_encoders import TextEmbedding, conditioning_text, load_text_encoder
+from .base import Recipe, Stage
+from .progidiff import prompt_tokens
+from .progidiff_stable_diffusion import load_stable_diffusion
+from .universal_training import NEAR_NEGATIVE_MM, SliceSampler
+
+TASKS = ("segment", "highlight", "show")  # the prompt's verb, drawn at random in training; sampling uses the first
+KL_WEIGHT = 1e-6  # SD's (LDM's) weight of its autoencoder's KL term, here per mask pixel
+
+
+class ProGiDiffRecipe(Recipe):
+    """The autoencoder, backbone and ControlNet stages; checkpoints keep the latent scale."""
+
+    def __init__(self, model, settings, trainer):
+        super().__init__(model, settings, trainer)
+        multiple = self.config.size_multiple
+        if len(settings.crop) != 2 or any(side <= 0 or side % multiple for side in settings.crop):
+            raise DataError(f"training crops need two sides (y, x) that are positive multiples of {multiple} (the "
+                            f"model's downsampling), not {tuple(settings.crop)}")
+        self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
+        self.prompts = None  # [tasks, structures, tokens, embedding]: set with the batch source
+        if self.config.stable_diffusion and not settings.init_from:
+            load_stable_diffusion(model, self.config.stable_diffusion)
+
+    def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
+        config, settings = self.config, self.settings
+        encoder = load_text_encoder(config.text_encoder, device=self.trainer.device)
+        synonyms = encoder.encode([conditioning_text(get_structure(s), config.modality, task)
+                                   for task in TASKS[1:] for s in structures])
+        self.prompts = torch.cat([prompt_tokens(text), prompt_tokens(synonyms)]).unflatten(0, (len(TASKS), len(structures)))
+        return SliceSampler(cases, structures, tuple(settings.crop), 0, settings.present_fraction, settings.seed,
+                            settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
+                            near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])), gamma=settings.gamma)
+
+    def stages(self) -> list[Stage]:
+        settings, model = self.settings, self.model
+        autoencoder = Stage("autoencoder", settings.autoencoder_steps, settings.autoencoder_lr,
+                            lambda: list(model.mask_autoencoder.parameters()), self.autoencoder_loss,
+                            new_models_only=True, finish=self.measure_latent_scale)
+        if not self.config.pretrain_backbone:
+            return [autoencoder, Stage("diffusion", 2 * settings.diffusion_steps, settings.lr, self.unfrozen_parameters,
+                                       self.controlled_loss, averaged=True)]
+        return [
+            autoencoder,
+            Stage("backbone", settings.diffusion_steps, settings.lr, self.backbone_parameters, self.backbone_loss,
+                  new_models_only=True, finish=model.start_controlnet_from_backbone),
+            Stage("controlnet", settings.diffusion_steps, settings.lr, self.controlnet_parameters, self.controlled_loss,
+                  averaged=True),
+        ]
+
+    def state(self) -> dict:
+        return {"latent_scale": self.config.latent_scale}
+
+    def load_state(self, state: dict) -> None:
+        self.config.latent_scale = state["latent_scale"]
+
+    def autoencoder_loss(self, batch) -> torch.Tensor:
+        masks = batch[1].to(self.trainer.device)
+        with self.trainer.autocast():
+            posterior = self.model.mask_posterior(masks)
+            logits = self.model.decode_mask(posterior.sample())  # the latent scale is 1 until measured
+        kl = posterior.kl().float() / masks[0].numel()
+        return (mask_loss(logits.float(), masks) + KL_WEIGHT * kl).mean()
+
+    @torch.no_grad()
+    def measure_latent_scale(self, batches: int = 20) -> None:
+        latents = [self.model.mask_posterior(self.trainer.batch()[1].to(self.trainer.device)).mode()
+                   for _ in range(batches)]
+        self.config.latent_scale = float(1.0 / torch.cat(latents).std().clamp(min=1e-6))
+
+    def backbone_parameters(self) -> list[torch.nn.Parameter]:
+        self.model.mask_autoencoder.requires_grad_(False)
+        return list(self.model.unet.parameters())
+
+    def controlnet_parameters(self) -> list[torch.nn.Parameter]:
+        self.model.unet.requires_grad_(False)
+        return self.unfrozen_parameters()
+
+    def unfrozen_parameters(self) -> list[torch.nn.Parameter]:
+        """Those not frozen (a LoRA adapter leaves its own alone), less the autoencoder's."""
+        self.model.mask_autoencoder.requires_grad_(False)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def backbone_loss(self, batch) -> torch.Tensor:
+        return self.diffusion_loss(batch, steered=False)
+
+    def controlled_loss(self, batch) -> torch.Tensor:
+        return self.diffusion_loss(batch, steered=True)
+
+    def diffusion_loss(self, batch, steered: bool) -> torch.Tensor:
+        """SD's objective on the batch's mask latents and prompts; ``steered``: through the ControlNet reading the images."""
+        device, model, scheduler = self.trainer.device, self.model, self.scheduler
+        images, masks, labels = (tensor.to(device) for tensor in batch)
+        with torch.no_grad():
+            clean = model.encode_mask(masks)
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        tokens = self.prompts[torch.randint(len(TASKS), (len(labels),), device=device), labels]
+        with self.trainer.autocast():
+            prediction = model.denoise(noisy, timesteps, tokens, model.conditioning_encoder(images) if steered else None)
+        target = diffusion_target(scheduler, self.config.prediction_type, clean, noise, timesteps)
+        return F.mse_loss(prediction.float(), target)
