@@ -70,6 +70,13 @@ Built on 3D Slicer's scripted module template (Jean-Christophe Fillion-Robin, Ki
 Lasso, PerkLab, and Steve Pieper, Isomics, Inc.) and the PyTorch extension.
 """)
         self.parent.icon = qt.QIcon(paths.resourcePath(MODULE_DIR, "Icons/TextDiffSeg.png"))
+        slicer.app.connect("startupCompleted()", self.loadTerminology)
+
+    @staticmethod
+    def loadTerminology() -> None:
+        """Let Slicer's terminology selector know the structures that no Slicer list has (lumbar vertebrae...)."""
+        path = paths.resourcePath(MODULE_DIR, terminology.CONTEXT_RELATIVE_PATH.as_posix())
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(path)
 
 
 #
