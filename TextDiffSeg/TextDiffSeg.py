@@ -32,8 +32,9 @@ if ENGINE_ROOT not in sys.path:
     sys.path.insert(0, ENGINE_ROOT)
 
 # Only the pure-Python parts of the engine are imported here. The rest (numpy, SimpleITK and the
-# packages of requirements.txt) is imported where it is used, after the user agreed to install it;
-# torch is only ever imported by the worker process.
+# packages of requirements.txt) is imported where it is used, after the user agreed to install it.
+# TextDiffSeg uses torch only in its worker process; Slicer's process imports it once, when the
+# PyTorch extension's installer installs it (TextDiffSegHelpers/install.py).
 from TextDiffSegLib import registry, terminology  # noqa: E402
 from TextDiffSegLib.errors import ModelError  # noqa: E402
 
@@ -70,6 +71,13 @@ Built on 3D Slicer's scripted module template (Jean-Christophe Fillion-Robin, Ki
 Lasso, PerkLab, and Steve Pieper, Isomics, Inc.) and the PyTorch extension.
 """)
         self.parent.icon = qt.QIcon(paths.resourcePath(MODULE_DIR, "Icons/TextDiffSeg.png"))
+        slicer.app.connect("startupCompleted()", self.loadTerminology)
+
+    @staticmethod
+    def loadTerminology() -> None:
+        """Let Slicer's terminology selector know the structures that no Slicer list has (lumbar vertebrae...)."""
+        path = paths.resourcePath(MODULE_DIR, terminology.CONTEXT_RELATIVE_PATH.as_posix())
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(path)
 
 
 #
@@ -350,6 +358,9 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureRequirements(self) -> bool:
         """Install missing Python packages if the user agrees; whether they are all there now."""
+        from TextDiffSegHelpers import install
+
+        install.checkPlatform()
         missing = self.logic.missingRequirements()
         if not missing:
             return True
@@ -561,7 +572,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
             ``Proposals``, one per prompt; otherwise the request's id, and the results come through
             ``pollEvents``.
         """
-        from TextDiffSegHelpers import mrml
+        from TextDiffSegHelpers import install, mrml
         from TextDiffSegLib.volume import write_volume
 
         if not volumeNode:
@@ -571,6 +582,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Type what to segment, for example 'liver' (several: 'liver; spleen')."))
         for prompt in prompts:
             terminology.resolve_prompt(prompt)  # a misspelt structure fails here, with suggestions
+        install.checkPlatform()
         missing = self.missingRequirements()
         if missing:
             raise RuntimeError(_(
@@ -772,10 +784,7 @@ def sharedWorker():
 
     global _sharedWorker
     if _sharedWorker is None:
-        python = shutil.which("PythonSlicer")
-        if python is None:
-            raise RuntimeError(_("PythonSlicer was not found beside Slicer; reinstall Slicer."))
-        _sharedWorker = WorkerClient(workerLauncher(python, ENGINE_ROOT, slicer.util.startupEnvironment()))
+        _sharedWorker = WorkerClient(workerLauncher(paths.pythonSlicer(), ENGINE_ROOT, slicer.util.startupEnvironment()))
     return _sharedWorker
 
 

@@ -2,8 +2,12 @@
 
 The table lives in ``Resources/Terminology/structures.json``. Each entry gives a canonical ``name``
 (the label name BTCV, CHAOS and TotalSegmentator use, e.g. ``"kidney_left"``), a ``display_name``
-(``"left kidney"``), synonyms and abbreviations, a recommended colour, and the SNOMED CT codes
-Slicer's terminologies use (category, type, and laterality as the type modifier).
+(``"left kidney"``), synonyms and abbreviations, a recommended colour, the SNOMED CT codes Slicer's
+terminologies use (category, type, and laterality as the type modifier), and the terminology context
+(list of codes) that holds those codes: Slicer's General Anatomy list for most organs, its DICOM
+master list for some vessels and the sacrum, and TextDiffSeg's own list
+(``Resources/Terminology/SegmentationCategoryTypeModifier-TextDiffSeg.term.json``, which the Slicer
+module loads into Slicer) for the structures no Slicer list has.
 
 Public functions:
 
@@ -33,6 +37,10 @@ from .errors import PromptError
 from .resources import resources_dir
 
 
+#: The Slicer terminology context that holds most organs.
+GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
+
+
 @dataclass(frozen=True)
 class Structure:
     """One segmentable structure, as Slicer's terminology describes it.
@@ -48,10 +56,14 @@ class Structure:
     category: tuple[str, str, str]  # (coding scheme, code value, code meaning), e.g. ("SCT", "123037004", "Anatomical Structure")
     type: tuple[str, str, str]  # e.g. ("SCT", "10200004", "Liver")
     type_modifier: tuple[str, str, str] | None = None  # laterality, e.g. ("SCT", "7771000", "Left")
+    context: str = GENERAL_ANATOMY  # the terminology context (list) holding the codes
 
 
 #: Where the bundled table lives, relative to ``resources_dir()``.
 TABLE_RELATIVE_PATH = Path("Terminology") / "structures.json"
+
+#: TextDiffSeg's terminology context, in Slicer's format, relative to ``resources_dir()``.
+CONTEXT_RELATIVE_PATH = Path("Terminology") / "SegmentationCategoryTypeModifier-TextDiffSeg.term.json"
 
 #: Printed at the end of "unknown structure" messages.
 _MODELS_HINT = "Run `textdiffseg models` to list the structures the installed models can segment."
@@ -80,7 +92,7 @@ _STOPWORDS = frozenset(
     """.split()
 )
 
-_ALLOWED_KEYS = {"name", "display_name", "synonyms", "color", "category", "type", "type_modifier"}
+_ALLOWED_KEYS = {"name", "display_name", "synonyms", "color", "category", "type", "type_modifier", "context"}
 _REQUIRED_KEYS = _ALLOWED_KEYS - {"type_modifier"}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*$")
 _LABEL_ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+$")
@@ -92,7 +104,6 @@ class _Table:
     """A validated table and the lookups built from it."""
 
     structures: tuple[Structure, ...]
-    context_name: str
     anatomic_context_name: str
     by_name: dict[str, Structure]
     by_label_alias: dict[str, Structure]  # dataset label names listed as synonyms, e.g. "portal_and_splenic_vein"
@@ -163,6 +174,9 @@ def _structure(path: Path, position: int, entry: object) -> Structure:
         and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
     ):
         raise _table_error(path, f"{where}: color must be three integers from 0 to 255 (RGB), not {color!r}")
+    context = entry["context"]
+    if not (isinstance(context, str) and context.strip()) or any(c in context for c in _FORBIDDEN_CODE_CHARACTERS):
+        raise _table_error(path, f"{where}: context must be the name of a terminology context, without ~ ^ |")
     modifier = entry.get("type_modifier")
     return Structure(
         name=name,
@@ -172,6 +186,7 @@ def _structure(path: Path, position: int, entry: object) -> Structure:
         category=_code(path, f"{where}: category", entry["category"]),
         type=_code(path, f"{where}: type", entry["type"]),
         type_modifier=None if modifier is None else _code(path, f"{where}: type_modifier", modifier),
+        context=context,
     )
 
 
@@ -187,12 +202,11 @@ def _build_table(path: Path) -> _Table:
         raise _table_error(path, f"it cannot be read as JSON ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("structures"), list) or not data["structures"]:
         raise _table_error(path, "it must be an object with a non-empty 'structures' list")
-    context_names = []
-    for key in ("context_name", "anatomic_context_name"):
-        value = data.get(key)
-        if not (isinstance(value, str) and value.strip()) or any(c in value for c in _FORBIDDEN_CODE_CHARACTERS):
-            raise _table_error(path, f"'{key}' must be a non-empty string without ~ ^ |")
-        context_names.append(value)
+    anatomic_context_name = data.get("anatomic_context_name")
+    if not (isinstance(anatomic_context_name, str) and anatomic_context_name.strip()) or any(
+        c in anatomic_context_name for c in _FORBIDDEN_CODE_CHARACTERS
+    ):
+        raise _table_error(path, "'anatomic_context_name' must be a non-empty string without ~ ^ |")
 
     table = tuple(_structure(path, position, entry) for position, entry in enumerate(data["structures"]))
 
@@ -248,8 +262,7 @@ def _build_table(path: Path) -> _Table:
             candidates.append(text)
     return _Table(
         structures=table,
-        context_name=context_names[0],
-        anatomic_context_name=context_names[1],
+        anatomic_context_name=anatomic_context_name,
         by_name=by_name,
         by_label_alias=by_label_alias,
         phrases=phrases,
@@ -272,7 +285,7 @@ def load_table(path: str | Path) -> list[Structure]:
     """Read and validate a terminology table file; return its structures in file order.
 
     Validation: required fields present and no unknown ones; names unique and snake_case; colours
-    three integers in 0-255; codes three non-empty strings without ``~ ^ |``; no synonym (after
+    three integers in 0-255; codes three non-empty strings and context names without ``~ ^ |``; no synonym (after
     lower-casing, dropping punctuation and reading "L"/"lt" as "left" etc.) belongs to two structures;
     a sided structure's synonyms name only its own side. Raises ``PromptError`` naming the problem.
     ``structures()`` uses this on the bundled table, once.
@@ -460,9 +473,9 @@ def split_prompts(text: str) -> list[str]:
 def terminology_entry(structure: Structure | str) -> str:
     """The string Slicer stores in a segment's ``TerminologyEntry`` tag for ``structure``.
 
-    Format (7 fields separated by ``~``, codes as ``scheme^value^meaning``): segmentation context
-    name, category, type, type modifier (``^^`` if none), anatomic context name, anatomic region
-    (``^^``), anatomic region modifier (``^^``), e.g.
+    Format (7 fields separated by ``~``, codes as ``scheme^value^meaning``): the structure's
+    terminology context name, category, type, type modifier (``^^`` if none), anatomic context name,
+    anatomic region (``^^``), anatomic region modifier (``^^``), e.g.
     ``Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^``.
     ``structure`` may be a ``Structure`` or a canonical name.
     """
@@ -479,10 +492,15 @@ def terminology_entry(structure: Structure | str) -> str:
                 f"Structure {structure.name!r} has code {code!r}, which a TerminologyEntry cannot hold "
                 "(three strings without ~ ^ |); use a structure from the terminology table."
             )
+    if any(c in structure.context for c in _FORBIDDEN_CODE_CHARACTERS):
+        raise PromptError(
+            f"Structure {structure.name!r} has the context {structure.context!r}, which a TerminologyEntry cannot "
+            "hold (a name without ~ ^ |); use a structure from the terminology table."
+        )
     modifier = "^".join(structure.type_modifier) if structure.type_modifier else "^^"
     return "~".join(
         [
-            table.context_name,
+            structure.context,
             "^".join(structure.category),
             "^".join(structure.type),
             modifier,

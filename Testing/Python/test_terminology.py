@@ -16,6 +16,7 @@ import slicerio
 from TextDiffSegLib.errors import PromptError
 from TextDiffSegLib.resources import resources_dir
 from TextDiffSegLib.terminology import (
+    GENERAL_ANATOMY,
     Structure,
     completions,
     get_structure,
@@ -64,17 +65,9 @@ def error_of(function, *args):
 
 
 def write_table(tmp_path, entries):
-    """A table file holding ``entries`` with the bundled context names."""
+    """A table file holding ``entries`` with the bundled anatomic context name."""
     path = tmp_path / "structures.json"
-    path.write_text(
-        json.dumps(
-            {
-                "context_name": "Segmentation category and type - 3D Slicer General Anatomy list",
-                "anatomic_context_name": "Anatomic codes - DICOM master list",
-                "structures": entries,
-            }
-        )
-    )
+    path.write_text(json.dumps({"anatomic_context_name": "Anatomic codes - DICOM master list", "structures": entries}))
     return path
 
 
@@ -84,6 +77,7 @@ def entry(name, display_name, synonyms=(), color=(10, 20, 30), modifier=None, co
         "display_name": display_name,
         "synonyms": list(synonyms),
         "color": list(color),
+        "context": GENERAL_ANATOMY,
         "category": list(ANATOMICAL_STRUCTURE),
         "type": ["SCT", code, meaning],
         "type_modifier": None if modifier is None else list(modifier),
@@ -95,7 +89,7 @@ def entry(name, display_name, synonyms=(), color=(10, 20, 30), modifier=None, co
 
 def test_structure_dataclass_is_unchanged():
     assert [f.name for f in dataclasses.fields(Structure)] == [
-        "name", "display_name", "synonyms", "color", "category", "type", "type_modifier",
+        "name", "display_name", "synonyms", "color", "category", "type", "type_modifier", "context",
     ]
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_structure("liver").name = "spleen"
@@ -361,12 +355,23 @@ def test_terminology_entry_exact_strings():
         "~Anatomic codes - DICOM master list~^^~^^"
     )
     assert terminology_entry("kidney_left") == terminology_entry(get_structure("kidney_left"))
+    # each structure in the list that has its codes (test_slicer_terminology.py checks them against the lists)
+    assert terminology_entry("iliac_vena_right") == (
+        "Segmentation category and type - DICOM master list"
+        "~SCT^123037004^Anatomical Structure~SCT^46027005^Common iliac vein~SCT^24028007^Right"
+        "~Anatomic codes - DICOM master list~^^~^^"
+    )
+    assert terminology_entry("vertebrae_L1") == (
+        "Segmentation category and type - TextDiffSeg"
+        "~SCT^123037004^Anatomical Structure~SCT^66794005^L1 vertebra~^^"
+        "~Anatomic codes - DICOM master list~^^~^^"
+    )
 
 
 def test_slicerio_parses_every_terminology_entry():
     for s in structures():
         parsed = slicerio.segmentation.terminology_entry_from_string(terminology_entry(s))
-        assert parsed["contextName"] == "Segmentation category and type - 3D Slicer General Anatomy list"
+        assert parsed["contextName"] == s.context
         assert parsed["category"] == list(s.category)
         assert parsed["type"] == list(s.type)
         assert parsed.get("typeModifier") == (list(s.type_modifier) if s.type_modifier else None)
@@ -405,6 +410,8 @@ def test_terminology_entry_rejects_other_input():
     assert "needs a Structure" in error_of(terminology_entry, 42)
     bad = dataclasses.replace(get_structure("liver"), type=("SCT", "1~2", "Liver"))
     assert "TerminologyEntry cannot hold" in error_of(terminology_entry, bad)
+    bad = dataclasses.replace(get_structure("liver"), context="General~Anatomy")
+    assert "context 'General~Anatomy', which a TerminologyEntry cannot hold" in error_of(terminology_entry, bad)
 
 
 # --- completions -------------------------------------------------------------------------------
@@ -485,6 +492,8 @@ def test_load_table_rejects_bad_fields(tmp_path):
         ({**good, "type": ["SCT", "10200004"]}, "three non-empty strings"),
         ({**good, "type": ["SCT", "1|2", "Liver"]}, "TerminologyEntry tag cannot hold"),
         ({**good, "synonyms": "hepar"}, "list of non-empty strings"),
+        ({k: v for k, v in good.items() if k != "context"}, "lacks context"),
+        ({**good, "context": "General^Anatomy"}, "context must be the name of a terminology context"),
     ]
     for bad, expected in cases:
         path = write_table(tmp_path, [copy.deepcopy(bad)])
@@ -498,7 +507,7 @@ def test_load_table_rejects_unreadable_files(tmp_path):
     broken.write_text("{ not json")
     assert "cannot be read as JSON" in error_of(load_table, broken)
     empty = tmp_path / "empty.json"
-    empty.write_text(json.dumps({"context_name": "x", "anatomic_context_name": "y", "structures": []}))
+    empty.write_text(json.dumps({"anatomic_context_name": "y", "structures": []}))
     assert "non-empty 'structures' list" in error_of(load_table, empty)
 
 

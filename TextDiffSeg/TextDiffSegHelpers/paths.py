@@ -1,4 +1,5 @@
-"""Where the engine (``TextDiffSegLib``) and the shared ``Resources/`` folder are, seen from the module.
+"""Where the engine (``TextDiffSegLib``) and the shared ``Resources/`` folder are, seen from the module,
+and where Slicer's own Python (``PythonSlicer``) is.
 
 In an installed extension CMake copies both beside the module's ``TextDiffSeg.py``; in a source
 checkout (Extension Wizard, "Select Extension") they sit one folder up, at the repository root.
@@ -7,6 +8,7 @@ checkout (Extension Wizard, "Select Extension") they sit one folder up, at the r
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -25,3 +27,11 @@ def engineRoot(moduleDir: str | os.PathLike) -> Path:
 def resourcePath(moduleDir: str | os.PathLike, relativePath: str) -> str:
     """The absolute path of a file in ``Resources/`` (for example ``"UI/TextDiffSeg.ui"``)."""
     return str(engineRoot(moduleDir) / "Resources" / relativePath)
+
+
+def pythonSlicer() -> str:
+    """PythonSlicer: Slicer's Python as a process of its own (Slicer puts it on the ``PATH``)."""
+    python = shutil.which("PythonSlicer")
+    if python is None:
+        raise RuntimeError("PythonSlicer was not found beside Slicer; reinstall Slicer.")
+    return python
