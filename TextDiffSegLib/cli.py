@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment structures named by prompts in a scan")
     segment.add_argument("-i", "--input", required=True, help="NIfTI, NRRD or MHA file, or a DICOM series folder")
     segment.add_argument("-p", "--prompt", required=True, action="append", help="what to segment, e.g. 'liver' (repeatable)")
-    segment.add_argument("-o", "--output", required=True, help="OUTPUT.seg.nrrd (Slicer segmentation) or OUTPUT.nii.gz (label map)")
+    segment.add_argument("-o", "--output", required=True,
+                         help="OUTPUT.seg.nrrd (Slicer segmentation), OUTPUT.nii.gz (label map) or OUTPUT.dcm "
+                              "(DICOM SEG, for a DICOM series folder input)")
     _add_model_arguments(segment)
     segment.add_argument("--proposals-dir", help="also write every proposal to this folder")
     segment.add_argument("--uncertainty", help="write the uncertainty map here (one file per prompt when several)")
@@ -205,8 +207,7 @@ def _option_value(text: str) -> object:
 def _segment(args) -> int:
     from .errors import PromptError
     from .machine import resolve_device
-    from .outputs import (SegmentOutput, check_outputs_apart, check_scalar_path, check_segmentation_path,
-                          labelmap_sidecar, write_scalar, write_segmentation)
+    from .outputs import SegmentOutput, check_outputs_apart, check_scalar_path, labelmap_sidecar, write_scalar
     from .segmenter import Segmenter, check_sampling_settings
     from .terminology import resolve_prompts, split_prompts
     from .volume import read_volume
@@ -219,21 +220,22 @@ def _segment(args) -> int:
     structures = resolve_prompts(prompts)
     check_sampling_settings(args.proposals, args.seed, args.steps)
     output = Path(args.output)
-    suffix = ".seg.nrrd" if output.name.lower().endswith(".seg.nrrd") else ".nii.gz"
+    suffix = next((s for s in (".seg.nrrd", ".dcm") if output.name.lower().endswith(s)), ".nii.gz")  # proposals' too
     uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
     proposals_dir = Path(args.proposals_dir) if args.proposals_dir else None
     proposal_paths = [[proposals_dir / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
                       for s in structures] if proposals_dir is not None else []
     check_outputs_apart([args.input], [output, *uncertainty_paths, *(p for paths in proposal_paths for p in paths)])
-    check_segmentation_path(output, args.overwrite)
+    _check_segmentation_output(output, args)
     for path in uncertainty_paths:
         check_scalar_path(path, args.overwrite)
     created = _make_folder(proposals_dir) if proposals_dir is not None else []
     written = {"output": None, "label_names": None, "uncertainty": [], "proposals": []}
     try:  # a run that fails or is stopped half way removes what it wrote (each file itself is written atomically)
         for path in (p for paths in proposal_paths for p in paths):
-            check_segmentation_path(path, args.overwrite)
+            _check_segmentation_output(path, args)
         volume = read_volume(args.input)
+        dicom_source = _dicom_source(args.input, volume) if suffix == ".dcm" else None
         segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
         with _progress(args.progress) as report:
             results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
@@ -241,22 +243,22 @@ def _segment(args) -> int:
                                              separate=not args.allow_overlap, second_look=not args.no_second_look,
                                              callback=report)
         segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
-        written["output"] = str(write_segmentation(output, volume, segments, overwrite=args.overwrite))
-        if suffix != ".seg.nrrd":
+        written["output"] = _write_segments(output, segments, volume, dicom_source, segmenter.name, args.overwrite)
+        if suffix == ".nii.gz":
             written["label_names"] = str(labelmap_sidecar(output))
         for path, result in zip(uncertainty_paths, results):
             written["uncertainty"].append(str(write_scalar(path, volume.with_array(result.uncertainty), args.overwrite)))
         for paths, result in zip(proposal_paths, results):
             for k, (path, mask, seed) in enumerate(zip(paths, result.proposals, result.seeds)):
                 segment = SegmentOutput(result.structure, mask, _tags(result, args, str(k + 1), seed))
-                written["proposals"].append(str(write_segmentation(path, volume, [segment], overwrite=args.overwrite)))
+                written["proposals"].append(_write_segments(path, [segment], volume, dicom_source, segmenter.name,
+                                                            args.overwrite))
     except BaseException:
         for path in [written["output"], written["label_names"], *written["uncertainty"], *written["proposals"]]:
             if path is not None:
                 Path(path).unlink(missing_ok=True)
-        for path in written["proposals"]:
-            if not path.lower().endswith(".seg.nrrd"):
-                labelmap_sidecar(path).unlink(missing_ok=True)
+        for path in written["proposals"] if suffix == ".nii.gz" else []:
+            labelmap_sidecar(path).unlink(missing_ok=True)
         for folder in created:  # the deepest first; only if nothing else was put there
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -274,6 +276,38 @@ def _segment(args) -> int:
                 print(f"warning: {item['warning']}", file=sys.stderr)
         print(f"wrote {output}" + (f" (label names in {written['label_names']})" if written["label_names"] else ""))
     return 0
+
+
+def _check_segmentation_output(path: Path, args) -> None:
+    """Raise ``OutputError`` unless a segmentation may be written to ``path`` in the format its name gives: a
+    DICOM SEG (``.dcm``, for a DICOM series folder input only) or what ``outputs.write_segmentation`` writes."""
+    if path.name.lower().endswith(".dcm"):
+        from .dicom_seg import check_dicom_seg_output
+
+        check_dicom_seg_output(path, args.input, args.overwrite)
+    else:
+        from .outputs import check_segmentation_path
+
+        check_segmentation_path(path, args.overwrite)
+
+
+def _dicom_source(folder: str, volume):
+    """The images of the DICOM series a DICOM SEG output refers to (``dicom_seg.read_source_series``)."""
+    from .dicom_seg import read_source_series
+
+    return read_source_series(folder, volume)
+
+
+def _write_segments(path: Path, segments, volume, dicom_source, model_name: str, overwrite: bool) -> str:
+    """Write a segmentation: a DICOM SEG referring to ``dicom_source`` where there is one, else with
+    ``outputs.write_segmentation``. Returns the path written."""
+    if dicom_source is not None:
+        from .dicom_seg import write_dicom_seg
+
+        return str(write_dicom_seg(path, dicom_source, segments, model_name, overwrite))
+    from .outputs import write_segmentation
+
+    return str(write_segmentation(path, volume, segments, overwrite=overwrite))
 
 
 def _make_folder(folder: Path) -> list[Path]:

@@ -5,6 +5,7 @@ Besides the ``Volume`` dataclass this module reads and writes volumes:
 - ``read_volume(path)`` reads NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage
   (``.mha``, ``.mhd``) files, or a folder holding a DICOM series. Anything that is not a 3D scalar
   volume raises ``InputImageError`` with a message a user can act on.
+- ``dicom_series_files(folder)`` lists the files of the DICOM series ``read_volume`` reads from a folder.
 - ``write_volume(path, volume)`` writes the same file formats, atomically (see ``write_atomically``).
 - ``to_sitk`` / ``from_sitk`` convert to and from ``SimpleITK.Image``; ``as_volume`` takes whatever a
   user passes for a scan (a path, a ``Volume`` or a ``SimpleITK.Image``).
@@ -154,6 +155,19 @@ def read_volume(path: str | os.PathLike, what: str = "input image") -> Volume:
 
 def _read_dicom_folder(folder: Path) -> Volume:
     """The DICOM series with the most files in ``folder``, as a volume."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series_files(folder))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(f"cannot read the DICOM series in {folder}: {_sitk_reason(exc)}") from None
+    return from_sitk(image, f"the DICOM series in {folder}")
+
+
+def dicom_series_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the DICOM series ``read_volume`` reads from ``folder``: the series with the most files
+    (subfolders are not searched). Raises ``InputImageError`` where the folder holds no DICOM series."""
+    folder = Path(folder)
     warnings_were_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr when there is no series
     try:
@@ -169,14 +183,7 @@ def _read_dicom_folder(folder: Path) -> Volume:
             f"no DICOM series found in the folder {folder} (subfolders are not searched); "
             f"TextDiffSeg expects {SUPPORTED_INPUTS}"
         )
-    files = max(series, key=len)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputImageError(f"cannot read the DICOM series in {folder}: {_sitk_reason(exc)}") from None
-    return from_sitk(image, f"the DICOM series in {folder}")
+    return list(max(series, key=len))
 
 
 def _check_3d_scalar(dimension: int, components: int, what: str) -> None:
