@@ -21,6 +21,9 @@ from TextDiffSegHelpers import install, paths  # noqa: E402
 
 REQUIREMENTS = REPO / "Resources" / "requirements.txt"
 BUNDLED_WITH_SLICER = {"numpy", "simpleitk"}
+# The command line's DICOM SEG output; in Slicer, Slicer's DICOM module exports segmentations, and
+# pip must not replace the pydicom that Slicer's DICOM module itself uses.
+COMMAND_LINE_ONLY = {"highdicom", "pydicom"}
 
 
 def test_requirements_match_the_engines_dependencies():
@@ -30,9 +33,9 @@ def test_requirements_match_the_engines_dependencies():
     }
     listed = {requirement.name.lower(): requirement for requirement in install.loadRequirements(REQUIREMENTS)}
     assert str(engine.pop("torch").specifier) == str(Requirement(install.TORCH_REQUIREMENT).specifier)
-    for name in BUNDLED_WITH_SLICER:
+    for name in BUNDLED_WITH_SLICER | COMMAND_LINE_ONLY:
         engine.pop(name)
-        assert name not in listed, f"{name} comes with Slicer; pip must not replace it"
+        assert name not in listed, f"{name} is not for pip to install in Slicer"
     assert "torch" not in listed, "torch comes from the PyTorch extension"
     for name, requirement in engine.items():
         assert name in listed, f"{name} is missing from Resources/requirements.txt"
