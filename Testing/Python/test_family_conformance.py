@@ -124,6 +124,10 @@ TINY_FAMILIES = {
         name="tiny-progidiff", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16), default_steps=2,
         autoencoder_channels=(8, 8), unet_channels=(8, 16), attention_heads=2, cross_attention=(False, True),
         conditioning_channels=(8, 8, 8)), **o}), (16, 16)),
+    "lcpdn": (lambda **o: FAMILIES["lcpdn"].config(**{**dict(
+        name="tiny-lcpdn", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16), default_steps=2,
+        unet_channels=(8, 16), attention_heads=2, cross_attention=(False, True), encoder_channels=(8, 8), prompt_dim=8,
+        classifier_channels=8), **o}), (16, 16)),
     "tiny3d": (lambda **o: Tiny3DConfig(**{**dict(name="tiny3d", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0),
                                                    window=(8, 16, 16), default_steps=2), **o}), (8, 16, 16)),
 }

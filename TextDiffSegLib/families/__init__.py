@@ -4,8 +4,9 @@ Each is a ``base.Family``: config, model, predictor, training recipe, adapter ru
 (docs/adding-a-family.md).
 """
 
-from . import progidiff, textdiffseg3d
+from . import lcpdn, progidiff, textdiffseg3d
 from .base import Family
+from .lcpdn_training import LCPDNRecipe
 from .progidiff_training import ProGiDiffRecipe
 from .textdiffseg3d_training import TextDiffSeg3DRecipe
 from .universal import UniversalConfig, UniversalModel, UniversalPredictor, card_text, lora_targets, retrained_parameters
@@ -19,4 +20,6 @@ FAMILIES: dict[str, Family] = {
                             textdiffseg3d.retrained_parameters, textdiffseg3d.card_text),
     "progidiff": Family(progidiff.ProGiDiffConfig, progidiff.ProGiDiffModel, progidiff.ProGiDiffPredictor,
                         ProGiDiffRecipe, progidiff.lora_targets, progidiff.retrained_parameters, progidiff.card_text),
+    "lcpdn": Family(lcpdn.LCPDNConfig, lcpdn.LCPDNModel, lcpdn.LCPDNPredictor, LCPDNRecipe, lcpdn.lora_targets,
+                    lcpdn.retrained_parameters, lcpdn.card_text),
 }

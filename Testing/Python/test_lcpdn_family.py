@@ -1,0 +1,231 @@
+"""The LCPDN family's own parts, on tiny random models (the conformance suite checks what every family must do)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_STRUCTURES
+from test_family_conformance import dataset  # noqa: F401 (a fixture)
+from torch import nn
+
+from TextDiffSegLib.errors import DataError, ModelError
+from TextDiffSegLib.families.lcpdn import (LTFR, CLIPPatchEncoder, CrossAttentionFusion, LCPDNConfig, LCPDNModel,
+                                           LCPDNPredictor, PatchEncoder, card_text, pixel_tokens, replicated_tokens)
+from TextDiffSegLib.families.lcpdn_training import LCPDNRecipe
+from TextDiffSegLib.text_encoders import TextEmbedding
+
+TINY = dict(name="tiny-lcpdn", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16), default_steps=2,
+            unet_channels=(8, 16), attention_heads=2, cross_attention=(False, True), encoder_channels=(8, 8),
+            prompt_dim=8, classifier_channels=8)
+
+
+def tiny(seed: int = 0, **overrides) -> LCPDNModel:
+    torch.manual_seed(seed)
+    return LCPDNModel(LCPDNConfig(**{**TINY, **overrides})).eval()
+
+
+def text(tokens: int = 3, dim: int = 384, seed: int = 1) -> TextEmbedding:
+    generator = torch.Generator().manual_seed(seed)
+    return TextEmbedding(torch.randn(1, tokens, dim, generator=generator), torch.ones(1, tokens),
+                         torch.randn(1, dim, generator=generator))
+
+
+def test_the_defaults_are_lightweight_and_read_the_papers_timesteps():
+    config = LCPDNConfig(name="default", structures=TINY_STRUCTURES)
+    parameters = sum(p.numel() for p in LCPDNModel(config).parameters())
+    assert 1.5e6 < parameters < 4.52e6  # the paper's LCPDN: 4.52 M
+    assert config.timesteps(config.default_steps).tolist() == [50, 150, 250]
+    assert config.timesteps(1).tolist() == [50]
+
+
+def test_cprfl_prompts_the_timestep_embedding_from_text_tokens_attending_image_tokens():
+    model, images = tiny(), torch.rand(3, 1, 32, 32)
+    visual = model.image_encoder(images)
+    assert isinstance(model.image_encoder, PatchEncoder) and visual.shape == (3, 4, 8)  # 16-pixel patches
+    prompt = text(tokens=5)
+    out = model.prompt(prompt.tokens.expand(3, -1, -1), prompt.mask.expand(3, -1), visual)
+    assert out.shape == (3, 4 * 8)  # diffusers' timestep-embedding width: 4 x the first level's
+    assert model.unet.config.class_embed_type == "identity"
+    # Eqs. 1-3 by hand: softmax(QK^T / sqrt(D)) V, tanh(Z) * Q, the mean over the tokens.
+    query, key, value = model.prompt.query(prompt.tokens[0]), model.prompt.key(visual[0]), model.prompt.value(visual[0])
+    attended = torch.softmax(query @ key.T / 8 ** 0.5, -1) @ value
+    expected = model.prompt.to_timestep_embedding((torch.tanh(attended) * query).mean(0))
+    torch.testing.assert_close(out[0], expected)
+    # Padding tokens do not count in the mean.
+    padded = model.prompt(torch.cat([prompt.tokens, torch.randn(1, 2, 384)], 1),
+                          torch.cat([prompt.mask, torch.zeros(1, 2)], 1), visual[:1])
+    torch.testing.assert_close(padded[0], out[0])
+    # The prompt reaches the U-Net: another image changes its features.
+    noisy = torch.randn(1, 1, 32, 32)
+    first = model.diffuse(noisy, images[:1], torch.tensor(50), prompt)[1][-1]
+    assert not torch.allclose(first, model.diffuse(noisy, images[1:2], torch.tensor(50), prompt)[1][-1])
+
+
+def test_the_unet_gives_a_noise_prediction_and_one_feature_map_per_decoder_block():
+    model = tiny()
+    noisy = torch.randn(2, 1, 32, 24)
+    prediction, features = model.diffuse(noisy, torch.rand(2, 1, 32, 24), torch.tensor([50, 250]), text())
+    assert prediction.shape == noisy.shape
+    assert [f.shape for f in features] == [(2, 16, 32, 24), (2, 8, 32, 24)]  # decoder blocks' outputs, upsampled
+    assert model.segment(noisy, torch.rand(2, 1, 32, 24), torch.tensor(50), text()).shape == (2, 1, 32, 24)
+
+
+def test_text_tokens_are_replicated_or_truncated_to_the_visual_tokens():
+    tokens = torch.arange(5.0).view(1, 5, 1).repeat(2, 1, 1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert replicated_tokens(tokens, mask, 7)[..., 0].tolist() == [[0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 3, 4, 0, 1]]
+    assert replicated_tokens(tokens, mask, 2)[..., 0].tolist() == [[0, 1], [0, 1]]
+
+
+def test_ltfr_gates_between_fused_and_visual_features_and_multiplies_by_the_visual_features():
+    torch.manual_seed(0)
+    fusion, features, prompt = LTFR(8, 384), torch.randn(2, 8, 4, 6), text(tokens=3)
+    tokens, mask = prompt.tokens.expand(2, -1, -1), prompt.mask.expand(2, -1)
+    out = fusion(features, tokens, mask)
+    assert out.shape == features.shape
+    visual = pixel_tokens(features)
+    aligned = replicated_tokens(fusion.align_text(tokens), mask, 24)
+    mixed, weight = fusion.mix(visual, aligned)
+    assert weight.shape == (2, 24, 1) and 0 < weight.min() and weight.max() < 1  # one lambda per position
+    joined = torch.cat([visual, aligned], -1)
+    torch.testing.assert_close(mixed, weight * fusion.mlp(joined) + (1 - weight) * visual)  # eq. 9
+    torch.testing.assert_close(out, (mixed * visual).transpose(1, 2).reshape(features.shape))  # eq. 10
+    assert not fusion(torch.zeros_like(features), tokens, mask).any()  # no visual features, nothing fused
+
+
+def test_the_ablations_change_the_modules_as_the_papers_table_2():
+    full = tiny()
+    assert {"image_encoder", "prompt"} <= dict(full.named_children()).keys()
+    assert all(isinstance(f, LTFR) for f in full.fusions)
+    without_cprfl = tiny(cprfl=False)
+    assert not {"image_encoder", "prompt"} & dict(without_cprfl.named_children()).keys()
+    assert without_cprfl.unet.config.class_embed_type is None
+    assert without_cprfl.segment(torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.tensor(50), text()).shape \
+        == (1, 1, 16, 16)
+    attention = tiny(fusion="cross_attention")
+    assert all(isinstance(f, CrossAttentionFusion) for f in attention.fusions)
+    assert not any(isinstance(m, LTFR) for m in attention.modules())
+    assert any(isinstance(m, nn.MultiheadAttention) for m in attention.fusions.modules())
+    assert attention.segment(torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.tensor(50), text()).shape \
+        == (1, 1, 16, 16)
+    assert "without CPRFL" in card_text(without_cprfl.config)[1]
+    assert "cross-attention in place of LTFR" in card_text(attention.config)[1]
+
+
+def test_the_config_refuses_what_the_family_cannot_do():
+    for options, message in ((dict(conditioning="learned"), "conditioning must be 'text'"),
+                             (dict(window=(17, 17)), "multiple of 2"), (dict(fusion="sum"), "fusion must be"),
+                             (dict(timestep_range=(300, 50)), "timestep_range"),
+                             (dict(cross_attention=(True,)), "cross_attention must say")):
+        with pytest.raises(ModelError, match=message):
+            LCPDNConfig(**{**TINY, **options})
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 36), (40, 16, 16)], ids=["sliding windows", "two slice batches"])
+def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(shape):
+    predictor = LCPDNPredictor(tiny(), torch.device("cpu"))
+    assert predictor.size_multiple == (1, 2, 2) and not predictor.mirrors
+    prepared = predictor.prepare(np.random.default_rng(0).random(shape, dtype=np.float32), (6.0, 6.0, 9.0))
+    condition = predictor.condition(text(), 0)
+    steps = []
+    first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
+    assert first.shape == shape and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
+    assert steps[-1][0] == steps[-1][1] == 2 * -(-shape[0] // 32)  # two timesteps per batch of 32 slices
+    np.testing.assert_array_equal(first, predictor.sample(prepared, condition, 3, 2, "ddim", lambda *a: None))
+    assert not np.array_equal(first, predictor.sample(prepared, condition, 4, 2, "ddim", lambda *a: None))
+
+
+# --- a CLIP vision model from a local folder -------------------------------------------------------------------
+
+
+@pytest.fixture
+def clip_vision_folder(tmp_path):
+    """A tiny random CLIP vision model saved with ``save_pretrained``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(5)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_a_clip_vision_folder_gives_the_frozen_image_encoder(clip_vision_folder):
+    from transformers import CLIPVisionModel
+
+    model = tiny(clip_vision=str(clip_vision_folder))
+    assert isinstance(model.image_encoder, CLIPPatchEncoder) and model.prompt.key.in_features == 16
+    saved = CLIPVisionModel.from_pretrained(clip_vision_folder).state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in model.image_encoder.clip.state_dict().items())
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    recipe = LCPDNRecipe(model.train(), settings(), trainer())
+    assert not {id(p) for p in model.image_encoder.parameters()} & {id(p) for p in recipe.trainable_parameters()}
+    calls = []
+    model.image_encoder.clip.register_forward_hook(lambda module, inputs, output: calls.append(inputs))
+    images = torch.rand(2, 1, 16, 16)
+    model.segment(torch.randn(2, 1, 16, 16), images, torch.tensor(50), text())
+    assert len(calls) == 1
+    assert model.image_encoder(images).shape == (2, 1 + (32 // 8) ** 2, 16)  # the class token and 16 patches
+
+
+def test_a_missing_clip_vision_folder_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="has no config.json"):
+        tiny(clip_vision=str(tmp_path))
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+def trainer() -> SimpleNamespace:
+    return SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+
+
+def settings(**overrides) -> SimpleNamespace:
+    values = dict(crop=(16, 16), autoencoder_steps=2, diffusion_steps=3, lr=1e-2)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_training_denoises_the_images_first_then_segments_with_ce_and_dice():
+    model = tiny().train()
+    with pytest.raises(DataError, match="multiples of 2"):
+        LCPDNRecipe(model, settings(crop=(15, 15)), trainer())
+    recipe = LCPDNRecipe(model, settings(), trainer())
+    assert [(s.name, s.steps, s.new_models_only, s.averaged) for s in recipe.stages()] == [
+        ("denoiser", 2, True, False), ("segmentation", 3, False, True)]
+    recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
+    batch = (torch.rand(2, 1, 16, 16), (torch.rand(2, 1, 16, 16) > 0.5).float(), torch.tensor([0, 3]))
+    denoiser, segmentation = recipe.stages()
+    denoiser.loss(batch).backward()
+    with_gradients = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
+    assert with_gradients == {"unet", "image_encoder", "prompt"}
+    model.zero_grad(set_to_none=True)
+    segmentation.loss(batch).backward()
+    assert all(p.grad is not None for name, p in model.named_parameters()
+               if not name.startswith(("unet.conv_norm_out", "unet.conv_out")))  # the noise prediction is not read
+
+
+@pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scan is not a real CT
+def test_textdiffseg_train_family_lcpdn_writes_a_model_the_segmenter_samples(dataset, tmp_path, capsys):  # noqa: F811
+    from TextDiffSegLib import cli
+    from TextDiffSegLib.modelio import load_model
+    from TextDiffSegLib.segmenter import Segmenter
+    from TextDiffSegLib.volume import read_volume
+
+    options = ["spacing=6,6,9", "window=16,16", "unet_channels=8,16", "attention_heads=2", "cross_attention=false,true",
+               "encoder_channels=8,8", "prompt_dim=8", "classifier_channels=8", "default_steps=2"]
+    output = tmp_path / "run"
+    assert cli.main(["train", "--family", "lcpdn", "--data", str(dataset), "--output", str(output), "--steps", "2",
+                     "--autoencoder-steps", "2", "--batch-size", "2", "--crop", "16", "--device", "cpu",
+                     *[arg for option in options for arg in ("--model-option", option)]]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {output / 'model'}"
+    model = load_model(output / "model")
+    assert model.config.family == "lcpdn" and model.config.unet_channels == (8, 16)
+    assert "timesteps read by default" in (output / "model" / "README.md").read_text()
+    scan = read_volume(json.loads(dataset.read_text())["training"][0]["image"])
+    result = Segmenter(model, "tiny-lcpdn", torch.device("cpu")).propose(scan, "liver", num_proposals=2, steps=2)
+    assert result.fused.shape == scan.array.shape and len(result.proposals) == 2
+    assert 0 <= result.mean_probability.min() and result.mean_probability.max() <= 1

@@ -1,0 +1,80 @@
+"""How LCPDN trains (papers/001): a DDPM on the images, then the segmentation through its features.
+
+The paper reads the features of a pretrained diffusion U-Net; none exists here, so a new model trains in two
+stages. First the U-Net, prompted through CPRFL, learns to denoise the images (the DDPM objective: the MSE of
+the noise, timesteps drawn over the whole schedule), ``--autoencoder-steps`` steps, the length of every
+family's first stage. Then everything but a frozen CLIP vision model trains end to end on the paper's loss,
+cross-entropy and Dice of the pixel-wise classifier's output (``losses.mask_loss``: binary, as a prompt names
+one structure), each sample's image noised at a timestep drawn from ``timestep_range``; ``--steps`` steps,
+whose moving average is saved. A model trained on from another (``init_from``) trains the second stage alone.
+
+Samples are the universal family's 2D slice crops, one slice each (the paper's input is one image).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..datasets import PreparedCase
+from ..errors import DataError
+from ..losses import mask_loss
+from ..sampler import make_scheduler
+from ..text_encoders import TextEmbedding
+from .base import Recipe, Stage
+from .lcpdn import noised
+from .universal_training import NEAR_NEGATIVE_MM, SliceSampler
+
+
+class LCPDNRecipe(Recipe):
+    """The denoiser and segmentation stages."""
+
+    def __init__(self, model, settings, trainer):
+        super().__init__(model, settings, trainer)
+        multiple = self.config.size_multiple
+        if len(settings.crop) != 2 or any(side <= 0 or side % multiple for side in settings.crop):
+            raise DataError(f"training crops need two sides (y, x) that are positive multiples of {multiple} (the "
+                            f"U-Net's downsampling), not {tuple(settings.crop)}")
+        self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
+        self.text = None  # the structures' prompts, one row each: set with the batch source
+
+    def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
+        settings = self.settings
+        self.text = TextEmbedding(*(tensor.to(self.trainer.device) for tensor in (text.tokens, text.mask, text.pooled)))
+        return SliceSampler(cases, structures, tuple(settings.crop), 0, settings.present_fraction, settings.seed,
+                            settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
+                            near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])), gamma=settings.gamma)
+
+    def stages(self) -> list[Stage]:
+        settings = self.settings
+        return [
+            Stage("denoiser", settings.autoencoder_steps, settings.lr, self.trainable_parameters, self.denoiser_loss,
+                  new_models_only=True),
+            Stage("segmentation", settings.diffusion_steps, settings.lr, self.trainable_parameters,
+                  self.segmentation_loss, averaged=True),
+        ]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Those not frozen: all but a CLIP vision model's (and, when adapting, but the base weights)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _prompts(self, labels: torch.Tensor) -> TextEmbedding:
+        return TextEmbedding(self.text.tokens[labels], self.text.mask[labels], self.text.pooled[labels])
+
+    def denoiser_loss(self, batch) -> torch.Tensor:
+        images, _, labels = (tensor.to(self.trainer.device) for tensor in batch)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=images.device)
+        noise = torch.randn_like(images)
+        with self.trainer.autocast():
+            prediction, _ = self.model.diffuse(noised(self.scheduler, images, noise, timesteps), images, timesteps,
+                                               self._prompts(labels))
+        return F.mse_loss(prediction.float(), noise)
+
+    def segmentation_loss(self, batch) -> torch.Tensor:
+        images, masks, labels = (tensor.to(self.trainer.device) for tensor in batch)
+        first, last = self.config.timestep_range
+        timesteps = torch.randint(first, last + 1, (len(labels),), device=images.device)
+        noisy = noised(self.scheduler, images, torch.randn_like(images), timesteps)
+        with self.trainer.autocast():
+            logits = self.model.segment(noisy, images, timesteps, self._prompts(labels))
+        return mask_loss(logits.float(), masks).mean()
