@@ -365,7 +365,9 @@ def _segment_cohort(args, prompts, structures) -> int:
         _remove_empty(created)
         raise
     bar = tqdm(total=len(scans), unit="scan", file=sys.stderr, disable=args.progress != "bar")
-    echo = lambda line, file=sys.stdout: tqdm.write(line, file=file)  # noqa: E731 - lines above the bar
+
+    def echo(line: str, file=sys.stdout) -> None:  # a line above the bar
+        tqdm.write(line, file=file)
 
     def report(scan: Path, event: dict) -> None:
         if args.progress == "json":
@@ -373,8 +375,14 @@ def _segment_cohort(args, prompts, structures) -> int:
         bar.set_description(f"{names[scan]}: {event.get('message', '')}"[:60])
 
     def segment(scan: Path) -> None:
-        shown = warnings.showwarning  # a warning names its scan
-        warnings.showwarning = lambda message, category, *rest: shown(f"{scan}: {message}", category, *rest)
+        shown = warnings.showwarning
+
+        def show(message, category, *rest) -> None:  # a warning names its scan, on a line above the bar
+            with tqdm.external_write_mode(file=sys.stderr):
+                shown(f"{scan}: {message}", category, *rest)
+
+        warnings.showwarning = show
+        bar.set_description(names[scan])
         try:
             written, results = _segment_scan(scan_args(scan), prompts, structures,
                                              contextlib.nullcontext(lambda event: report(scan, event)), lambda: segmenter)

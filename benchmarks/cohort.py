@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "btcv"
 
 from TextDiffSegLib.machine import device_name  # noqa: E402
-from TextDiffSegLib.registry import default_model_name  # noqa: E402
+from TextDiffSegLib.modelio import read_config  # noqa: E402
+from TextDiffSegLib.registry import resolve_model  # noqa: E402
 from TextDiffSegLib.volume import read_volume  # noqa: E402
 
 
@@ -60,9 +61,10 @@ def main() -> None:
 
         same = all(np.array_equal(read_volume(work / "loop" / scan.name).array, read_volume(work / "cohort" / scan.name).array)
                    for scan in scans)
+    config = read_config(resolve_model(args.model))
     figures = {
-        "cases": len(scans), "prompt": args.prompt, "model": args.model or default_model_name(),
-        "proposals": args.proposals, "steps": args.steps, "device": args.device, "device_name": device_name(args.device),
+        "cases": len(scans), "prompt": args.prompt, "model": config.name, "proposals": args.proposals,
+        "steps": args.steps or config.default_steps, "device": args.device, "device_name": device_name(args.device),
         "threads": torch.get_num_threads(),
         "loop_seconds_per_scan": round(loop_seconds / len(scans), 2),
         "cohort_seconds_per_scan": round(cohort_seconds / len(scans), 2),
