@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -19,6 +21,7 @@ from .fusion import FUSION_METHODS
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped with Ctrl-C
+COHORT_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd", "dcm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             say.error(str(error))
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            kept = ("the checkpoint in the run folder is kept: run the same command again to resume"
-                    if args.command == "train" else "nothing was written")
-            say.error(f"interrupted; {kept}")
+            say.error(f"interrupted; {getattr(args, 'on_interrupt', 'nothing was written')}")
             return EXIT_INTERRUPTED
         except Exception as error:  # noqa: BLE001 - the last resort: one line and the trace in a file
-            say.error(f"unexpected {type(error).__name__}: {' '.join(str(error).split())[:300]}. This is a bug in "
-                      f"TextDiffSeg; the full trace is in {_write_trace()}: please report it with that file")
+            say.error(_unexpected(error))
             return EXIT_BUG
 
 
@@ -70,11 +70,17 @@ class _Say:
             print(f"textdiffseg: {kind}: {message}", file=sys.stderr, flush=True)
 
 
-def _write_trace() -> str:
-    """The current exception's traceback, written to a new file in the temporary folder; the file's path."""
+def _unexpected(error: Exception) -> str:
+    """One line naming an unexpected failure (a bug) and the file in the temporary folder that holds its trace."""
+    return (f"unexpected {type(error).__name__}: {' '.join(str(error).split())[:300]}. This is a bug in "
+            f"TextDiffSeg; the full trace is in {_write_trace(error)}: please report it with that file")
+
+
+def _write_trace(error: Exception) -> str:
+    """The error's traceback, written to a new file in the temporary folder; the file's path."""
     handle, path = tempfile.mkstemp(prefix=f"textdiffseg-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
     with open(handle, "w") as file:
-        file.write(traceback.format_exc())
+        file.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     return path
 
 
@@ -82,18 +88,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textdiffseg", description="Text-prompted diffusion segmentation of CT and MR.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    segment = commands.add_parser("segment", help="segment structures named by prompts in a scan")
-    segment.add_argument("-i", "--input", required=True, help="NIfTI, NRRD or MHA file, or a DICOM series folder")
+    segment = commands.add_parser("segment", help="segment structures named by prompts in a scan, or in a cohort")
+    segment.add_argument("-i", "--input", required=True,
+                         help="NIfTI, NRRD or MHA file, or a DICOM series folder; for a cohort (with -o a folder), a "
+                              "folder of such files and DICOM series folders, or a LIST.txt of one scan path per line")
     segment.add_argument("-p", "--prompt", required=True, action="append", help="what to segment, e.g. 'liver' (repeatable)")
     segment.add_argument("-o", "--output", required=True,
                          help="OUTPUT.seg.nrrd (Slicer segmentation), OUTPUT.nii.gz (label map) or OUTPUT.dcm "
-                              "(DICOM SEG, for a DICOM series folder input)")
+                              "(DICOM SEG, for a DICOM series folder input); for a cohort, the folder to write one "
+                              "file per scan to, named as the scan (see --format)")
+    segment.add_argument("--format", choices=COHORT_FORMATS,
+                         help="a cohort's output files: seg.nrrd (default), a label map (nii.gz, nii, nrrd) or dcm "
+                              "(DICOM SEG, for DICOM series folders)")
+    segment.add_argument("--num-parts", type=int,
+                         help="split a cohort into this many parts, for as many processes (GPUs, SLURM array tasks)")
+    segment.add_argument("--part-id", type=int, help="the part of the cohort this process segments, from 0")
     _add_model_arguments(segment)
-    segment.add_argument("--proposals-dir", help="also write every proposal to this folder")
-    segment.add_argument("--uncertainty", help="write the uncertainty map here (one file per prompt when several)")
+    segment.add_argument("--proposals-dir",
+                         help="also write every proposal to this folder (for a cohort, to a folder per scan in it)")
+    segment.add_argument("--uncertainty", help="write the uncertainty map here (one file per prompt when several; for a "
+                                               "cohort, a folder for SCAN_uncertainty.nii.gz files)")
     segment.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                          help="bar: progress bar on stderr; json: one JSON object per line on stdout")
-    segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace existing output files (for a cohort: segment again the scans already written)")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="score a model on a Decathlon-style dataset.json")
@@ -152,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", default="", help="model folder or name to continue training from")
     train.add_argument("--lora-rank", type=int, default=0,
                        help="adapt the --init-from model to this dataset's modality with LoRA of this rank (e.g. 8)")
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_train, on_interrupt="the checkpoint in the run folder is kept: run the same command "
+                                                "again to resume")
 
     models = commands.add_parser("models", help="list the available models")
     models.add_argument("--json", action="store_true", help="print a JSON list")
@@ -205,12 +224,11 @@ def _option_value(text: str) -> object:
 
 
 def _segment(args) -> int:
-    from .errors import PromptError
+    from .cohort import is_cohort
+    from .errors import PromptError, SettingsError
     from .machine import resolve_device
-    from .outputs import SegmentOutput, check_outputs_apart, check_scalar_path, labelmap_sidecar, write_scalar
     from .segmenter import Segmenter, check_sampling_settings
     from .terminology import resolve_prompts, split_prompts
-    from .volume import read_volume
 
     # Everything that can be checked without the model is checked first: bad prompts, settings and outputs
     # fail before anything slow, and before anything is written.
@@ -219,25 +237,38 @@ def _segment(args) -> int:
         raise PromptError("empty prompt: type the structure to segment, such as 'liver' or 'left kidney'.")
     structures = resolve_prompts(prompts)
     check_sampling_settings(args.proposals, args.seed, args.steps)
-    output = Path(args.output)
-    suffix = next((s for s in (".seg.nrrd", ".dcm") if output.name.lower().endswith(s)), ".nii.gz")  # proposals' too
-    uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
-    proposals_dir = Path(args.proposals_dir) if args.proposals_dir else None
-    proposal_paths = [[proposals_dir / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
-                      for s in structures] if proposals_dir is not None else []
+    if is_cohort(args.input, args.output):
+        return _segment_cohort(args, prompts, structures)
+    if args.format or args.num_parts is not None or args.part_id is not None:
+        raise SettingsError("--format, --num-parts and --part-id are for a cohort (-i FOLDER or LIST.txt, with -o a "
+                            "folder); for one scan, the name given to -o gives the format")
+    written, results = _segment_scan(args, prompts, structures, _progress(args.progress),
+                                     lambda: Segmenter.from_pretrained(args.model, device=resolve_device(args.device)))
+    _print_result(args, written, results)
+    return 0
+
+
+def _segment_scan(args, prompts, structures, progress, load_segmenter) -> tuple[dict, list]:
+    """Segment the scan ``args.input`` and write ``args.output`` (with the proposals and uncertainty maps asked
+    for); ``progress`` is a context giving the sampling's progress callback, and ``load_segmenter()`` the model,
+    called once the scan is read. Returns the paths written, and the ``segmenter.Proposals`` of each prompt."""
+    from .outputs import SegmentOutput, check_outputs_apart, check_scalar_path, labelmap_sidecar, write_scalar
+    from .volume import read_volume
+
+    output, suffix, uncertainty_paths, proposal_paths = _scan_outputs(args, structures)
     check_outputs_apart([args.input], [output, *uncertainty_paths, *(p for paths in proposal_paths for p in paths)])
     _check_segmentation_output(output, args)
     for path in uncertainty_paths:
         check_scalar_path(path, args.overwrite)
-    created = _make_folder(proposals_dir) if proposals_dir is not None else []
+    created = _make_folder(Path(args.proposals_dir), "proposals folder") if args.proposals_dir else []
     written = {"output": None, "label_names": None, "uncertainty": [], "proposals": []}
     try:  # a run that fails or is stopped half way removes what it wrote (each file itself is written atomically)
         for path in (p for paths in proposal_paths for p in paths):
             _check_segmentation_output(path, args)
         volume = read_volume(args.input)
         dicom_source = _dicom_source(args.input, volume) if suffix == ".dcm" else None
-        segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
-        with _progress(args.progress) as report:
+        segmenter = load_segmenter()
+        with progress as report:
             results = segmenter.propose_many(volume, prompts, args.proposals, args.seed, args.steps,
                                              fusion=args.fusion, largest_component=not args.all_components,
                                              separate=not args.allow_overlap, second_look=not args.no_second_look,
@@ -259,23 +290,140 @@ def _segment(args) -> int:
                 Path(path).unlink(missing_ok=True)
         for path in written["proposals"] if suffix == ".nii.gz" else []:
             labelmap_sidecar(path).unlink(missing_ok=True)
-        for folder in created:  # the deepest first; only if nothing else was put there
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_empty(created)
         raise
+    return written, results
+
+
+def _scan_outputs(args, structures) -> tuple[Path, str, list[Path], list[list[Path]]]:
+    """The files a scan's run writes: the segmentation, its format's file name ending (the proposals' too), the
+    uncertainty maps, and the proposals of each structure."""
+    output = Path(args.output)
+    suffix = next((s for s in (".seg.nrrd", ".dcm") if output.name.lower().endswith(s)), ".nii.gz")
+    uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
+    proposal_paths = [[Path(args.proposals_dir) / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
+                      for s in structures] if args.proposals_dir else []
+    return output, suffix, uncertainty_paths, proposal_paths
+
+
+def _print_result(args, written: dict, results: list, echo=print, **about) -> None:
+    """What a scan's run found and wrote: a JSON ``result`` object (with ``about``, such as the scan) under
+    ``--progress json``, else a line per structure and one naming the output, through ``echo``."""
     summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
                 "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum()), "warning": r.warning,
                 "sampling_scale": round(r.sampling_scale, 3)}
                for r in results]
     if args.progress == "json":
-        print(json.dumps({"type": "result", **written, "structures": summary}), flush=True)
+        print(json.dumps({"type": "result", **about, **written, "structures": summary}), flush=True)
+        return
+    for item in summary:
+        echo(f"{item['structure']}: {item['fused_voxels']} voxels, agreement {', '.join(map(str, item['scores']))}")
+        if item["warning"]:
+            echo(f"warning: {item['warning']}", file=sys.stderr)
+    label_names = written["label_names"]
+    echo(f"wrote {written['output']}" + (f" (label names in {label_names})" if label_names else ""))
+
+
+def _segment_cohort(args, prompts, structures) -> int:
+    """``textdiffseg segment -i FOLDER|LIST.txt -o OUT_FOLDER``: the model loaded once, every scan of this part of
+    the cohort not yet written segmented, going on past a scan that fails; the failures are listed at the end."""
+    from tqdm import tqdm
+
+    from .cohort import list_scans, part, run_cohort, scan_names
+    from .errors import OutputError, TextDiffSegError
+    from .machine import resolve_device
+    from .segmenter import Segmenter
+
+    folders = {"output folder": Path(args.output), "proposals folder": args.proposals_dir,
+               "uncertainty folder": args.uncertainty}
+    folders = {what: Path(folder) for what, folder in folders.items() if folder}
+    every_scan = list_scans(args.input, exclude=tuple(folders.values()))
+    names = scan_names(every_scan)
+    scans = part(every_scan, 1 if args.num_parts is None else args.num_parts, args.part_id or 0)
+    for what, folder in folders.items():
+        if Path(args.input).is_dir() and folder.resolve() == Path(args.input).resolve():
+            raise OutputError(f"the {what} {folder} is the input folder: give the outputs a folder of their own (in "
+                              "the input folder they would be taken for scans)")
+    created = [made for what, folder in folders.items() for made in _make_folder(folder, what)]
+    suffix = "." + (args.format or "seg.nrrd")
+
+    def scan_args(scan: Path):
+        name = names[scan]
+        return argparse.Namespace(**{
+            **vars(args), "input": str(scan), "output": str(folders["output folder"] / f"{name}{suffix}"),
+            "proposals_dir": str(folders["proposals folder"] / name) if args.proposals_dir else None,
+            "uncertainty": str(folders["uncertainty folder"] / f"{name}_uncertainty.nii.gz") if args.uncertainty else None})
+
+    def is_done(scan: Path) -> bool:
+        output, _, uncertainty_paths, proposal_paths = _scan_outputs(scan_args(scan), structures)
+        return not args.overwrite and all(path.exists() for path in [output, *uncertainty_paths, *sum(proposal_paths, [])])
+
+    try:
+        segmenter = (Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
+                     if not all(map(is_done, scans)) else None)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    bar = tqdm(total=len(scans), unit="scan", file=sys.stderr, disable=args.progress != "bar")
+
+    def echo(line: str, file=sys.stdout) -> None:  # a line above the bar
+        tqdm.write(line, file=file)
+
+    def report(scan: Path, event: dict) -> None:
+        if args.progress == "json":
+            print(json.dumps({**event, "scan": str(scan)}), flush=True)
+        bar.set_description(f"{names[scan]}: {event.get('message', '')}"[:60])
+
+    def segment(scan: Path) -> None:
+        shown = warnings.showwarning
+
+        def show(message, category, *rest) -> None:  # a warning names its scan, on a line above the bar
+            with tqdm.external_write_mode(file=sys.stderr):
+                shown(f"{scan}: {message}", category, *rest)
+
+        warnings.showwarning = show
+        bar.set_description(names[scan])
+        try:
+            written, results = _segment_scan(scan_args(scan), prompts, structures,
+                                             contextlib.nullcontext(lambda event: report(scan, event)), lambda: segmenter)
+        finally:
+            warnings.showwarning = shown
+        _print_result(args, written, results, echo, scan=str(scan))
+
+    reasons = {}  # scan: why it failed
+
+    def progress(scan: Path, outcome: str, error: Exception | None) -> None:
+        if error is not None:
+            reasons[scan] = str(error) if isinstance(error, TextDiffSegError) else _unexpected(error)
+        if outcome != "segmented":
+            report(scan, {"type": outcome, "message": reasons.get(scan, "written before")})
+        bar.update(1)
+
+    args.on_interrupt = ("the scans written so far are kept (the one under way was removed): run the same command "
+                         "again to go on")
+    stop = signal.signal(signal.SIGTERM, _interrupt)  # SLURM's time limit: the scan under way is removed too
+    try:
+        run = run_cohort(scans, is_done, segment, progress)
+    finally:
+        signal.signal(signal.SIGTERM, stop)
+        bar.close()
+    failures = [{"scan": str(scan), "message": reasons[scan]} for scan, _ in run.failed]
+    if args.progress == "json":
+        print(json.dumps({"type": "cohort", "segmented": len(run.segmented), "skipped": len(run.skipped),
+                          "failed": failures}), flush=True)
     else:
-        for item in summary:
-            print(f"{item['structure']}: {item['fused_voxels']} voxels, agreement {', '.join(map(str, item['scores']))}")
-            if item["warning"]:
-                print(f"warning: {item['warning']}", file=sys.stderr)
-        print(f"wrote {output}" + (f" (label names in {written['label_names']})" if written["label_names"] else ""))
-    return 0
+        share = f"part {args.part_id or 0} of {args.num_parts}: " if args.num_parts else ""
+        print(f"{share}{len(scans)} scans: {len(run.segmented)} segmented, {len(run.skipped)} skipped (written "
+              f"before; --overwrite segments them again), {len(failures)} failed")
+        for failure in failures:
+            print(f"textdiffseg: failed: {failure['scan']}: {failure['message']}", file=sys.stderr)
+    if any(not isinstance(error, TextDiffSegError) for _, error in run.failed):
+        return EXIT_BUG
+    return EXIT_USER_ERROR if failures else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_segmentation_output(path: Path, args) -> None:
@@ -310,17 +458,24 @@ def _write_segments(path: Path, segments, volume, dicom_source, model_name: str,
     return str(write_segmentation(path, volume, segments, overwrite=overwrite))
 
 
-def _make_folder(folder: Path) -> list[Path]:
+def _make_folder(folder: Path, what: str) -> list[Path]:
     """Create ``folder`` (and missing parents) after checking that the nearest existing one takes files; the
     folders created, the deepest first (a failed run removes them again where they stayed empty)."""
     from .volume import check_folder
 
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"the proposals folder {folder} is a file, not a folder")
-    check_folder(missing[-1].parent if missing else folder, f"cannot create the proposals folder {folder}: ")
+        raise OutputError(f"the {what} {folder} is a file, not a folder")
+    check_folder(missing[-1].parent if missing else folder, f"cannot create the {what} {folder}: ")
     folder.mkdir(parents=True, exist_ok=True)
     return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run created, the deepest first, where nothing else was put there."""
+    for folder in sorted(folders, key=lambda folder: len(folder.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _tags(result, args, proposal: str, seed: int | None = None) -> dict[str, str]:
