@@ -30,11 +30,11 @@ FUSED_SHA256 = {
         "pancreas": "3866482fe878b3809d4c4c7f6962569e075163246b53f38e3d59a362c36fbf96",
     },
     "textdiffseg3d-btcv": {  # btcv_0007, recorded when it was bundled (its evaluation's first case)
-        "liver": "87790dc05096bd00f12c3f120aa7bbfd498e280246a98e7c307ea84dab7d1053",
-        "spleen": "875ba18700f7246a8dfc81184fe8683e4619377f7da13c710f6135be468c88e5",
+        "liver": "decf99ff1e6c6801702ae3dfaccc8d43eaa5a48c5a1550c026fa3e234fe34ea7",
+        "spleen": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
         "kidney_left": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
         "kidney_right": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
-        "stomach": "ec6d3e7df2dde42b4f0734821b144b5dd28175767101e4c965182dc074dbb530",
+        "stomach": "ef45d2076d3ed3fb7d312a19b94c2966f8f790ba0e4dbfe3bd12e91dd3331ea3",
         "pancreas": "91f12fa5654e7d6197890907eedea17ea302b91e965b56df18fc6da0c8a7f39e",
     },
     "universal-chaos-t2-lora": {  # chaos_t2_03
