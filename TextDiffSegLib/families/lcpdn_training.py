@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
-from ..errors import DataError
 from ..losses import mask_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage
 from .lcpdn import noised
-from .universal_training import NEAR_NEGATIVE_MM, SliceSampler
+from .universal_training import NEAR_NEGATIVE_MM, SliceSampler, check_slice_crop
 
 
 class LCPDNRecipe(Recipe):
@@ -31,10 +30,7 @@ class LCPDNRecipe(Recipe):
 
     def __init__(self, model, settings, trainer):
         super().__init__(model, settings, trainer)
-        multiple = self.config.size_multiple
-        if len(settings.crop) != 2 or any(side <= 0 or side % multiple for side in settings.crop):
-            raise DataError(f"training crops need two sides (y, x) that are positive multiples of {multiple} (the "
-                            f"U-Net's downsampling), not {tuple(settings.crop)}")
+        check_slice_crop(settings.crop, self.config.size_multiple)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
         self.text = None  # the structures' prompts, one row each: set with the batch source
 

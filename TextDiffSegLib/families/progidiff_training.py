@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
-from ..errors import DataError
 from ..losses import diffusion_target, mask_loss
 from ..sampler import make_scheduler
 from ..terminology import get_structure
@@ -28,7 +27,7 @@ from ..text_encoders import TextEmbedding, conditioning_text, load_text_encoder
 from .base import Recipe, Stage
 from .progidiff import prompt_tokens
 from .progidiff_stable_diffusion import load_stable_diffusion
-from .universal_training import NEAR_NEGATIVE_MM, SliceSampler
+from .universal_training import NEAR_NEGATIVE_MM, SliceSampler, check_slice_crop
 
 TASKS = ("segment", "highlight", "show")  # the prompt's verb, drawn at random in training; sampling uses the first
 KL_WEIGHT = 1e-6  # SD's (LDM's) weight of its autoencoder's KL term, here per mask pixel
@@ -39,10 +38,7 @@ class ProGiDiffRecipe(Recipe):
 
     def __init__(self, model, settings, trainer):
         super().__init__(model, settings, trainer)
-        multiple = self.config.size_multiple
-        if len(settings.crop) != 2 or any(side <= 0 or side % multiple for side in settings.crop):
-            raise DataError(f"training crops need two sides (y, x) that are positive multiples of {multiple} (the "
-                            f"model's downsampling), not {tuple(settings.crop)}")
+        check_slice_crop(settings.crop, self.config.size_multiple)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
         self.prompts = None  # [tasks, structures, tokens, embedding]: set with the batch source
         if self.config.stable_diffusion and not settings.init_from:

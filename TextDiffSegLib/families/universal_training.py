@@ -24,6 +24,14 @@ from .base import Recipe, Stage, stacked
 NEAR_NEGATIVE_MM = 40.0  # how far past a structure's ends the near negative slices reach
 
 
+def check_slice_crop(crop: tuple[int, ...], multiple: int) -> None:
+    """Raise ``DataError`` unless ``crop`` is two in-plane sides (y, x), positive multiples of ``multiple`` (the
+    model's downsampling): the training crops of every 2D family."""
+    if len(crop) != 2 or any(side <= 0 or side % multiple for side in crop):
+        raise DataError(f"training crops need two sides (y, x) that are positive multiples of {multiple} (the "
+                        f"model's downsampling), not {tuple(crop)}")
+
+
 class ImportanceTimesteps:
     """Timesteps drawn in proportion to the loss they recently gave (papers/002, after Nichol & Dhariwal).
 
@@ -170,10 +178,7 @@ class UniversalRecipe(Recipe):
 
     def __init__(self, model, settings, trainer):
         super().__init__(model, settings, trainer)
-        multiple = self.config.size_multiple
-        if len(settings.crop) != 2 or any(side <= 0 or side % multiple for side in settings.crop):
-            raise DataError(f"training crops need two sides (y, x) that are positive multiples of {multiple} (the "
-                            f"model's downsampling), not {tuple(settings.crop)}")
+        check_slice_crop(settings.crop, self.config.size_multiple)
         model.to(memory_format=torch.channels_last)  # faster convolutions (see UniversalPredictor)
         self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
