@@ -31,6 +31,10 @@ class ModelConfig:
     adapter: dict | None = None  # for a LoRA adapter folder: base model, its weights' sha256, rank, alpha
 
     def __post_init__(self):
+        # config.json and --model-option give lists; every sequence field of a config is a tuple.
+        for field in dataclasses.fields(self):
+            if isinstance(getattr(self, field.name), list):
+                setattr(self, field.name, tuple(getattr(self, field.name)))
         self.structures = tuple(self.structures)
         self.spacing = tuple(float(s) for s in self.spacing)
         self.window = tuple(int(w) for w in self.window)

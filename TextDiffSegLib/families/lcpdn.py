@@ -105,11 +105,6 @@ class LCPDNConfig(ModelConfig):
             found.append("unet_layers, prompt_dim and classifier_channels must be at least 1")
         return found
 
-    def __post_init__(self):
-        for field in ("timestep_range", "unet_channels", "cross_attention", "encoder_channels"):
-            setattr(self, field, tuple(getattr(self, field)))
-        super().__post_init__()
-
     @property
     def size_multiple(self) -> int:
         """In-plane sizes (model-grid voxels) the U-Net accepts."""

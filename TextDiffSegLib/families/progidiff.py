@@ -113,11 +113,6 @@ class ProGiDiffConfig(ModelConfig):
             found.append("autoencoder_layers and unet_layers must be at least 1")
         return found
 
-    def __post_init__(self):
-        for field in ("autoencoder_channels", "unet_channels", "cross_attention", "conditioning_channels"):
-            setattr(self, field, tuple(getattr(self, field)))
-        super().__post_init__()
-
     @classmethod
     def from_options(cls, values: dict) -> "ProGiDiffConfig":
         """With ``stable_diffusion``, the backbone's, autoencoder's and text encoder's settings are that folder's."""

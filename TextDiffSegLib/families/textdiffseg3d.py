@@ -75,11 +75,6 @@ class TextDiffSeg3DConfig(ModelConfig):
             found.append(f"window must be three sizes (z, y, x), multiples of {self.size_multiple}, not {self.window}")
         return found
 
-    def __post_init__(self):
-        for field in ("label_channels", "image_channels", "unet_channels", "unet_attention"):
-            setattr(self, field, tuple(getattr(self, field)))
-        super().__post_init__()
-
     @property
     def size_multiple(self) -> int:
         """What each side of a window must be a multiple of: the latent downsampling times the U-Net's (and at
