@@ -66,12 +66,15 @@ def test_cprfl_prompts_the_timestep_embedding_from_text_tokens_attending_image_t
     assert not torch.allclose(first, model.diffuse(noisy, images[1:2], torch.tensor(50), prompt)[1][-1])
 
 
-def test_the_unet_gives_a_noise_prediction_and_one_feature_map_per_decoder_block():
-    model = tiny()
+@pytest.mark.parametrize("stem", [1, 2])
+def test_the_unet_gives_a_noise_prediction_and_one_feature_map_per_decoder_block(stem):
+    model = tiny(stem=stem)
+    assert model.unet.config.in_channels == model.unet.config.out_channels == stem ** 2  # slices folded by the stem
     noisy = torch.randn(2, 1, 32, 24)
     prediction, features = model.diffuse(noisy, torch.rand(2, 1, 32, 24), torch.tensor([50, 250]), text())
-    assert prediction.shape == noisy.shape
-    assert [f.shape for f in features] == [(2, 16, 32, 24), (2, 8, 32, 24)]  # decoder blocks' outputs, upsampled
+    assert prediction.shape == noisy.shape  # unfolded back to the slice
+    # The decoder blocks' outputs (upsampled within the U-Net) on the folded slice's grid.
+    assert [f.shape for f in features] == [(2, 16, 32 // stem, 24 // stem), (2, 8, 32 // stem, 24 // stem)]
     assert model.segment(noisy, torch.rand(2, 1, 32, 24), torch.tensor(50), text()).shape == (2, 1, 32, 24)
 
 
@@ -119,7 +122,8 @@ def test_the_ablations_change_the_modules_as_the_papers_table_2():
 
 def test_the_config_refuses_what_the_family_cannot_do():
     for options, message in ((dict(conditioning="learned"), "conditioning must be 'text'"),
-                             (dict(window=(17, 17)), "multiple of 2"), (dict(fusion="sum"), "fusion must be"),
+                             (dict(window=(18, 18)), "multiple of 4"), (dict(fusion="sum"), "fusion must be"),
+                             (dict(stem=0), "stem, unet_layers"),
                              (dict(timestep_range=(300, 50)), "timestep_range"),
                              (dict(cross_attention=(True,)), "cross_attention must say")):
         with pytest.raises(ModelError, match=message):
@@ -129,7 +133,7 @@ def test_the_config_refuses_what_the_family_cannot_do():
 @pytest.mark.parametrize("shape", [(3, 40, 36), (40, 16, 16)], ids=["sliding windows", "two slice batches"])
 def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(shape):
     predictor = LCPDNPredictor(tiny(), torch.device("cpu"))
-    assert predictor.size_multiple == (1, 2, 2) and not predictor.mirrors
+    assert predictor.size_multiple == (1, 4, 4) and not predictor.mirrors  # the stem of 2, one downsampling
     prepared = predictor.prepare(np.random.default_rng(0).random(shape, dtype=np.float32), (6.0, 6.0, 9.0))
     condition = predictor.condition(text(), 0)
     steps = []
@@ -191,7 +195,7 @@ def settings(**overrides) -> SimpleNamespace:
 
 def test_training_denoises_the_images_first_then_segments_with_ce_and_dice():
     model = tiny().train()
-    with pytest.raises(DataError, match="multiples of 2"):
+    with pytest.raises(DataError, match="multiples of 4"):  # the stem of 2 and one downsampling
         LCPDNRecipe(model, settings(crop=(15, 15)), trainer())
     recipe = LCPDNRecipe(model, settings(), trainer())
     assert [(s.name, s.steps, s.new_models_only, s.averaged) for s in recipe.stages()] == [

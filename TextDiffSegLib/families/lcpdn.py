@@ -19,6 +19,11 @@ A pixel-wise classifier turns them into the mask of the structure the prompt nam
   timestep embedding; the U-Net still cross-attends the prompt) and ``fusion="cross_attention"`` (each scale's
   pixels attend the prompt's tokens, with a residual connection, instead of LTFR).
 
+On this CPU the U-Net reads each slice folded ``stem`` x ``stem`` pixels into channels (a space-to-depth stem,
+``F.pixel_unshuffle``; its noise prediction unfolded back): at ``stem=2`` its finest level runs on 5 mm pixels of
+the 2.5 mm slice, which costs a quarter of the pixel-space U-Net; the features are upsampled to the slice for the
+classifier as every coarser scale is. ``stem=1`` is the paper's pixel-space U-Net.
+
 The paper does not say how its timesteps combine; here the classifier is shared by all timesteps and its
 logits are averaged over those read, with one noise field for all of them (the paper's "shared noise"). So
 ``steps``, when sampling, is **how many timesteps are read**: spread evenly over ``timestep_range`` (3 by
@@ -53,11 +58,9 @@ PATCH_SIZE = 16  # the default patch encoder's patches: two 4 x 4 strided convol
 class LCPDNConfig(ModelConfig):
     """Tiny-but-real defaults, to train on a 2-core CPU: 2.1 M parameters, 4.2 MB in fp16 (the paper's: 4.52 M).
 
-    The U-Net runs on the slice itself (pixel space, as the paper's 256 x 256 DDPM), so its full-resolution
-    level is narrow (16 channels) and only its two coarsest levels attend (self- and cross-attention over
-    48 x 48 and 24 x 24 pixels of a 192 x 192 window; at full resolution that would be 37,000 tokens). Of the
-    parameters, the U-Net has 1.9 M, the fusions 0.1 M. A timestep read costs about 9.5 GFLOP a 192 x 192 slice
-    (most of it the U-Net's full-resolution level); a proposal of an 80-slice scan at 3 timesteps about 2.3 TFLOP.
+    The U-Net's finest level is narrow (16 channels) and only its two coarsest levels attend (self- and
+    cross-attention over 24 x 24 and 12 x 12 tokens of a 192 x 192 window with the stem of 2). Of the parameters,
+    the U-Net has 1.9 M, the fusions 0.1 M.
     """
 
     family: str = "lcpdn"
@@ -66,6 +69,7 @@ class LCPDNConfig(ModelConfig):
     timestep_range: tuple[int, int] = (50, 250)  # the first and last timestep read
     # The diffusion U-Net: widths per level, residual blocks per level, whether a level attends (self- and
     # cross-attention on the prompt's tokens), attention heads, group-norm groups.
+    stem: int = 2  # the U-Net reads slices folded stem x stem pixels into channels (1: the pixel-space U-Net)
     unet_channels: tuple[int, ...] = (16, 32, 64, 64)
     unet_layers: int = 1
     cross_attention: tuple[bool, ...] = (False, False, True, True)
@@ -86,7 +90,7 @@ class LCPDNConfig(ModelConfig):
             found.append("conditioning must be 'text': LCPDN reads the prompt's token embeddings")
         if len(self.window) != 2:
             found.append(f"window must be two in-plane sizes (y, x) for this 2D family, not {self.window}")
-        elif any(w % self.size_multiple for w in self.window):
+        elif self.stem >= 1 and any(w % self.size_multiple for w in self.window):
             found.append(f"window must be a multiple of {self.size_multiple} (the U-Net's downsampling), not {self.window}")
         if any(c % self.norm_groups or c % self.attention_heads for c in self.unet_channels):
             found.append(f"unet_channels must be multiples of norm_groups ({self.norm_groups}) and attention_heads "
@@ -101,14 +105,14 @@ class LCPDNConfig(ModelConfig):
             found.append(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
         if len(self.encoder_channels) != 2 or min(self.encoder_channels) < 1:
             found.append(f"encoder_channels must be two positive widths, not {self.encoder_channels}")
-        if min(self.unet_layers, self.prompt_dim, self.classifier_channels) < 1:
-            found.append("unet_layers, prompt_dim and classifier_channels must be at least 1")
+        if min(self.stem, self.unet_layers, self.prompt_dim, self.classifier_channels) < 1:
+            found.append("stem, unet_layers, prompt_dim and classifier_channels must be at least 1")
         return found
 
     @property
     def size_multiple(self) -> int:
-        """In-plane sizes (model-grid voxels) the U-Net accepts."""
-        return 2 ** (len(self.unet_channels) - 1)
+        """In-plane sizes (model-grid voxels) the stem and the U-Net accept."""
+        return self.stem * 2 ** (len(self.unet_channels) - 1)
 
     def timesteps(self, count: int) -> torch.Tensor:
         """The ``count`` timesteps read, spread evenly over ``timestep_range``."""
@@ -238,8 +242,9 @@ class LCPDNModel(nn.Module):
         self.config = config
         levels = len(config.unet_channels)
         # diffusers' attention_head_dim of this class is the number of heads (its documented naming slip).
+        folded = config.stem ** 2  # channels of a slice folded by the stem
         self.unet = UNet2DConditionModel(
-            in_channels=1, out_channels=1, block_out_channels=config.unet_channels, layers_per_block=config.unet_layers,
+            in_channels=folded, out_channels=folded, block_out_channels=config.unet_channels, layers_per_block=config.unet_layers,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.cross_attention),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.cross_attention)),
             norm_num_groups=config.norm_groups, cross_attention_dim=config.text_embed_dim,
@@ -268,11 +273,12 @@ class LCPDNModel(nn.Module):
         hooks = [block.register_forward_hook(lambda module, inputs, output: features.append(output))
                  for block in self.unet.up_blocks]
         try:
-            prediction = self.unet(noisy, timestep, tokens, class_labels=prompt, encoder_attention_mask=mask).sample
+            prediction = self.unet(F.pixel_unshuffle(noisy, self.config.stem), timestep, tokens, class_labels=prompt,
+                                   encoder_attention_mask=mask).sample
         finally:
             for hook in hooks:
                 hook.remove()
-        return prediction, features
+        return F.pixel_shuffle(prediction, self.config.stem), features
 
     def segment(self, noisy: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor,
                 text: TextEmbedding) -> torch.Tensor:
