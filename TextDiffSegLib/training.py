@@ -238,7 +238,8 @@ class _Run:
         self.average: dict[str, torch.Tensor] | None = None  # the moving average, once an averaged stage runs
         self.skipped_steps = self.skipped_in_a_row = 0  # steps not applied: their gradients were not finite
         self._resume()
-        self.source.rng = np.random.default_rng(self.position_seed())
+        if self.rank:  # the main process draws as a run in one process does, the others from streams of their own
+            self.source.rng = np.random.default_rng(self.position_seed())
         self.share_main_state()
         self.worker_batches = None  # started at the first batch, after resuming has set the run's position
 
@@ -248,8 +249,8 @@ class _Run:
 
     def position_seed(self) -> list[int]:
         """The seed of the batches this process draws from the run's current position: a resumed run draws new
-        ones, and each process its own."""
-        return [self.settings.seed, self.step, len(self.stage), self.rank]
+        ones, and each process its own (the main process those of a run in one process)."""
+        return [self.settings.seed, self.step, len(self.stage)] + ([self.rank] if self.rank else [])
 
     def share_main_state(self) -> None:
         """Give every process the main one's weights and recipe state: they start from the same weights, and a
@@ -317,6 +318,7 @@ class _Run:
                     "Resume with the settings of that run, or choose a new output folder (or delete the checkpoint) "
                     "to start over."
                 ) from None
+            self.source.rng = np.random.default_rng(self.position_seed())
         self._trim_log()
 
     def _trim_log(self) -> None:
