@@ -562,6 +562,7 @@ def _evaluate(args) -> int:
 def _train(args) -> int:
     from tqdm import tqdm
 
+    from .distributed import rank
     from .machine import resolve_device
     from .training import TrainSettings, train
 
@@ -591,7 +592,8 @@ def _train(args) -> int:
     folder = train(settings, progress)
     for bar in bars.values():
         bar.close()
-    print(f"wrote {folder}")
+    if rank() == 0:  # one line, under torchrun too
+        print(f"wrote {folder}")
     return 0
 
 

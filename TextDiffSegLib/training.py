@@ -6,6 +6,11 @@ natively, batches drawn by worker processes, and for an averaged stage an expone
 of the trained weights, which is what is saved (steadier than the last step's weights, as diffusion
 models usually do). A checkpoint is written every few hundred steps; running the same command again
 resumes from it. Every step's loss goes to ``loss_log.csv``.
+
+Under ``torchrun`` (``distributed``) the same command trains in several processes, on one machine or many:
+each draws its own batches (of ``batch_size``: the step's batch is that times the processes), their gradients
+are averaged before every step, and the main process alone writes the checkpoint, the log and the model
+folder. The checkpoint holds one copy of the state, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import distributed
 from .adaptation import add_adapter, save_adapter, weights_sha256
 from .datasets import prepare_case, read_dataset, split_cases
 from .errors import DataError, ModelError, SettingsError
@@ -83,7 +89,7 @@ class TrainSettings:
 class WorkerBatches(torch.utils.data.IterableDataset):
     """Endless batches of a family's batch source for a ``DataLoader`` with worker processes.
 
-    Each worker draws from its own random stream, seeded by ``seed`` (the run's seed and position)
+    Each worker draws from its own random stream, seeded by ``seed`` (the run's seed, position and process)
     and the worker's number: forked with one copy of the source, they would otherwise all send
     the same batches.
     """
@@ -173,10 +179,11 @@ class _Run:
     """State of one training run: the model, its family's recipe, optimiser, stage and step, log."""
 
     def __init__(self, settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None):
-        self.settings, self.progress = settings, progress
+        self.rank = distributed.rank()
+        self.settings, self.progress = settings, progress if self.rank == 0 else None  # one progress bar
         _check_counts(settings)
         self.output = Path(settings.output)
-        self.device = torch.device(settings.device)
+        self.device = distributed.device_of_this_process(settings.device)
         # Weights and optimiser stay fp32; only the forward pass runs in bfloat16 (1.7x faster on a
         # CPU with AVX-512 BF16), and losses are computed in fp32.
         self.bf16 = _use_bf16(settings.precision, self.device)
@@ -223,13 +230,17 @@ class _Run:
         self.stage, self.step = self.stages[0].name, 0
         self.output.mkdir(parents=True, exist_ok=True)  # only once the settings are known to train a model
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
-        prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
+        with distributed.main_first():  # the others read the cases the main process put in the cache
+            prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
         self.source = self.recipe.batch_source(prepared, structures, self._text(structures))
         self.cases, self.structures = prepared, structures
         self.optimizer = self._optimizer()
         self.average: dict[str, torch.Tensor] | None = None  # the moving average, once an averaged stage runs
         self.skipped_steps = self.skipped_in_a_row = 0  # steps not applied: their gradients were not finite
         self._resume()
+        if self.rank:  # the main process draws as a run in one process does, the others from streams of their own
+            self.source.rng = np.random.default_rng(self.position_seed())
+        self.share_main_state()
         self.worker_batches = None  # started at the first batch, after resuming has set the run's position
 
     @property
@@ -237,8 +248,15 @@ class _Run:
         return next(stage for stage in self.stages if stage.name == self.stage)
 
     def position_seed(self) -> list[int]:
-        """The seed of the batches drawn from the run's current position (so that a resumed run draws new ones)."""
-        return [self.settings.seed, self.step, len(self.stage)]
+        """The seed of the batches this process draws from the run's current position: a resumed run draws new
+        ones, and each process its own (the main process those of a run in one process)."""
+        return [self.settings.seed, self.step, len(self.stage)] + ([self.rank] if self.rank else [])
+
+    def share_main_state(self) -> None:
+        """Give every process the main one's weights and recipe state: they start from the same weights, and a
+        stage's ``finish`` (the latent scale measured on each process's own batches, say) ends the same in all."""
+        distributed.copy_from_main(self.model.state_dict().values())
+        self.recipe.load_state(distributed.main_value(self.recipe.state()))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next batch of images, masks and structure indices, drawn here or by the worker processes."""
@@ -306,7 +324,7 @@ class _Run:
     def _trim_log(self) -> None:
         """Drop log rows past the resumed position (steps done after the last checkpoint are done again)."""
         path = self.output / LOG_NAME
-        if not path.is_file():
+        if self.rank != 0 or not path.is_file():
             return
         with path.open(newline="") as handle:
             rows = list(csv.reader(handle))
@@ -326,11 +344,15 @@ class _Run:
             write_atomically(path, lambda p: p.write_text(text.getvalue()), overwrite=True)
 
     def checkpoint(self) -> None:
+        if self.rank != 0:  # the others hold the same state
+            return
         state = {**self.recipe.state(), "stage": self.stage, "step": self.step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "average": self.average, "skipped_steps": self.skipped_steps}
         write_atomically(self.output / CHECKPOINT_NAME, lambda p: torch.save(state, p), overwrite=True)
 
     def log(self, loss: float, seconds: float) -> None:
+        if self.rank != 0:
+            return
         path = self.output / LOG_NAME
         new = not path.exists()
         with path.open("a", newline="") as handle:
@@ -349,6 +371,8 @@ class _Run:
             loss = stage.loss(self.batch())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Averaged over the processes before the check, so that all take (or all skip) the same step.
+            loss = distributed.average_gradients(self._optimized(), loss)
             if self._gradients_finite():
                 self.optimizer.step()
                 if stage.averaged:
@@ -368,8 +392,11 @@ class _Run:
             if self.step % self.settings.checkpoint_every == 0 or self.step == stage.steps:
                 self.checkpoint()
 
+    def _optimized(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _gradients_finite(self) -> bool:
-        gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        gradients = [p.grad for p in self._optimized() if p.grad is not None]
         return bool(torch.stack([g.isfinite().all() for g in gradients]).all()) if gradients else True
 
     def autocast(self):
@@ -401,30 +428,41 @@ class _Run:
 
 
 def train(settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None = None) -> Path:
-    """Train (or resume) and write the model folder ``<output>/model``; returns that folder."""
-    torch.manual_seed(settings.seed)
-    run = _Run(settings, progress)
-    run.model.train()
-    names = [stage.name for stage in run.stages]
-    for stage in run.stages[names.index(run.stage):]:
-        if stage.name != run.stage:  # the next stage starts
-            run.stage, run.step = stage.name, 0
-            run.optimizer = run._optimizer()
-            run.checkpoint()
-        run.run_stage()
-        if stage.finish is not None:
-            stage.finish()
-    run.use_average()
-    run.model.eval()
+    """Train (or resume) and write the model folder ``<output>/model``; returns that folder. Under torchrun every
+    process runs this, and returns once the main process has written the folder."""
+    with distributed.process_group(distributed.device_of_this_process(settings.device)):
+        # Each process draws its own noise; the weights of all are the main process's (share_main_state).
+        torch.manual_seed(settings.seed + distributed.rank())
+        run = _Run(settings, progress)
+        run.model.train()
+        names = [stage.name for stage in run.stages]
+        for stage in run.stages[names.index(run.stage):]:
+            if stage.name != run.stage:  # the next stage starts
+                run.stage, run.step = stage.name, 0
+                run.optimizer = run._optimizer()
+                run.checkpoint()
+            run.run_stage()
+            if stage.finish is not None:
+                stage.finish()
+                run.share_main_state()
+        run.use_average()
+        run.model.eval()
+        folder = run.output / "model"
+        if run.rank == 0:  # the others hold the same weights
+            _write_model(run, folder)
+        return folder
+
+
+def _write_model(run: _Run, folder: Path) -> None:
+    """The trained model (or adapter) and its training record."""
     split = {"training": [c.id for c in run.training_cases], "validation": [c.id for c in run.validation_cases]}
     # A run from init_from trains the family of the model it starts from, whatever settings.family says.
-    trained = sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
-    record = {"settings": {**dataclasses.asdict(settings), "family": run.config.family}, "split": split,
+    trained = sum(p.numel() for p in run._optimized())
+    record = {"settings": {**dataclasses.asdict(run.settings), "family": run.config.family}, "split": split,
               "skipped_steps": run.skipped_steps,
               VOLUME_RANGES: training_volume_ranges(run.cases, run.structures, run.config.spacing),
               TRAINED_PARAMETERS: {"stage": run.stage, "trained": trained,
                                    "of": sum(p.numel() for p in run.model.parameters())}}
     save = save_adapter if run.config.adapter is not None else save_model
-    folder = save(run.model, run.output / "model", card=render_card(run.config, record))
+    save(run.model, folder, card=render_card(run.config, record))
     (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    return folder
