@@ -66,25 +66,40 @@ class Ensemble:
                      steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
                      largest_component: bool = True, separate: bool = True, second_look: bool = True,
                      callback: ProgressCallback | None = None) -> list[ProposalSet]:
-        """``Segmenter.propose_many`` over all the models: each samples ``num_proposals`` of every structure it
-        knows from seeds ``seed`` to ``seed + num_proposals - 1`` (``steps`` None: each model's own default).
+        """``Segmenter.propose_many`` over all the models: ``propose_each``, then ``combine``.
+
+        Each model samples ``num_proposals`` of every structure it knows, from seeds ``seed`` to
+        ``seed + num_proposals - 1`` (``steps`` None: each model's own default). Each structure's set holds
+        the proposals of its models in their order; its mean probability, and so its uncertainty map and
+        mean fusion, is the mean over all those proposals; ``majority`` and ``staple`` fuse all of them.
+        """
+        volume = as_volume(volume)
+        each = self.propose_each(volume, prompts, num_proposals, seed, steps, scheduler, fusion, largest_component,
+                                 separate, second_look, callback)
+        results = self.combine(volume, each, fusion, largest_component, separate)
+        if callback is not None:
+            callback({"type": "progress", "stage": "done", "fraction": 1.0, "message": "finished"})
+        return results
+
+    def propose_each(self, volume: Volume | str | Path, prompts: list[str], num_proposals: int = 5, seed: int = 0,
+                     steps: int | None = None, scheduler: str = "ddim", fusion: str = "mean",
+                     largest_component: bool = True, separate: bool = True, second_look: bool = True,
+                     callback: ProgressCallback | None = None) -> list[dict[str, ProposalSet]]:
+        """For each prompt, the proposal sets of the models that know its structure, by model name: what each
+        model gives alone (``Segmenter.propose_many``, asked the structures it knows), so that an evaluation
+        scores each model and the ensemble on the same proposals.
 
         A structure that only some of the models know is asked of those, with an ``EnsembleWarning`` naming
-        the others; one that none knows raises ``PromptError`` before any sampling. Each structure's set
-        holds the proposals of its models in their order; its mean probability, and so its uncertainty map
-        and mean fusion, is the mean over all those proposals; ``majority`` and ``staple`` fuse all of them.
-        With ``separate`` the fused masks are kept apart by these mean probabilities. A set's
-        ``sampling_scale`` is the largest of its models' (where one looked again at an enlarged structure),
-        and its size is checked against the widest training range of its models. Progress events cover the
-        whole run, each message naming its model; the scan's warnings are given once, not once per model.
+        the others; one that none knows raises ``PromptError`` before any sampling. Progress events cover
+        all the models, each message naming its model; the scan's warnings are given once, after the
+        sampling, not once per model.
         """
         check_sampling_settings(num_proposals, seed, steps)
-        structures = resolve_prompt_list(prompts)
-        asked = self._models_asked(structures)
+        asked = self._models_asked(resolve_prompt_list(prompts))
         volume = as_volume(volume)
         report = callback or (lambda event: None)
         working = [segmenter for segmenter in self.segmenters if any(segmenter in models for models in asked)]
-        per_structure: list[list[ProposalSet]] = [[] for _ in structures]
+        each: list[dict[str, ProposalSet]] = [{} for _ in asked]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for index, segmenter in enumerate(working):
@@ -93,14 +108,22 @@ class Ensemble:
                                               steps, scheduler, fusion, largest_component, separate, second_look,
                                               _share(report, index, len(working), segmenter.name))
                 for number, proposal_set in zip(mine, sets):
-                    per_structure[number].append(proposal_set)
+                    each[number][segmenter.name] = proposal_set
         for message, category in dict.fromkeys((str(w.message), w.category) for w in caught):
             warnings.warn(message, category, stacklevel=2)
-        results = [_combined(sets, fusion, largest_component) for sets in per_structure]
+        return each
+
+    def combine(self, volume: Volume, each: list[dict[str, ProposalSet]], fusion: str = "mean",
+                largest_component: bool = True, separate: bool = True) -> list[ProposalSet]:
+        """The ensemble's sets of the ``propose_each`` sets of ``volume``: one per prompt, holding its models'
+        proposals, fused (``fusion``) and scored anew. With ``separate`` the fused masks are kept apart by the
+        ensemble's mean probabilities. A set's ``sampling_scale`` is the largest of its models' (where one
+        looked again at an enlarged structure), and its size is checked against the widest training range of
+        the models."""
+        results = [_combined(list(sets.values()), fusion, largest_component) for sets in each]
         if separate and len(results) > 1:
             keep_apart(results, [result.fused for result in results], largest_component)
         warn_of_sizes(results, float(np.prod(volume.spacing)) / 1000, self._widest_volume_ranges())
-        report({"type": "progress", "stage": "done", "fraction": 1.0, "message": "finished"})
         return results
 
     def _models_asked(self, structures: list[Structure]) -> list[list[Segmenter]]:
