@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="replace existing output files (for a cohort: segment again the scans already written)")
     segment.set_defaults(run=_segment)
 
-    evaluate = commands.add_parser("evaluate", help="score a model on a Decathlon-style dataset.json")
+    evaluate = commands.add_parser("evaluate", help="score a model, or an ensemble and each of its models, on a "
+                                                     "Decathlon-style dataset.json")
     evaluate.add_argument("--data", required=True, help="path to dataset.json")
     evaluate.add_argument("--split", default="training", help="list in dataset.json to read (default: training)")
     evaluate.add_argument("--cases", help="comma-separated case ids (default: all)")
@@ -550,16 +551,14 @@ class _progress:
 def _evaluate(args) -> int:
     from .datasets import read_dataset
     from .evaluation import evaluate
-    from .machine import resolve_device
     from .outputs import check_outputs_apart
     from .model_card import format_score
-    from .segmenter import Segmenter
     from .volume import check_output_path, write_atomically
 
     dataset = read_dataset(args.data, args.split)
     check_outputs_apart([args.data, *(path for case in dataset.cases for path in (case.image, case.label))], [args.report])
     report_path = check_output_path(args.report, args.overwrite)
-    segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
+    segmenter = _load_models(args)
     from tqdm import tqdm
 
     with tqdm(total=1, unit="case", file=sys.stderr) as bar:
@@ -576,14 +575,19 @@ def _evaluate(args) -> int:
     for name, scores in report["structures"].items():
         print(f"{name:28s} dice {format_score(scores['dice'], 3)}  single {format_score(scores['single_dice'], 3)}  "
               f"oracle {format_score(scores['oracle_dice'], 3)}  hd95 {format_score(scores['hd95_mm'], 1)} mm  "
-              f"nsd {format_score(scores['nsd'], 3)}")
+              f"nsd {format_score(scores['nsd'], 3)}  auroc {format_score(scores['uncertainty_auroc'], 3)}")
     if report["size_warnings"]:
         print(f"fused volume far outside the training cases' (size warning): {', '.join(report['size_warnings'])}")
     looked_again = [f"{row['case']} {row['structure']} ({row['sampling_scale']:.2f}x)"
                     for row in report["rows"] if row["sampling_scale"] > 1]
     if looked_again:
         print(f"sampled again on a coarser grid (enlarged): {', '.join(looked_again)}")
-    print(f"mean dice {format_score(report['mean_dice'], 3)}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
+    for name, scores in report.get("models", {}).items():
+        print(f"{name}: mean dice {format_score(scores['mean_dice'], 3)}, uncertainty auroc "
+              f"{format_score(scores['mean_uncertainty_auroc'], 3)}")
+    print(f"{'ensemble: ' if 'models' in report else ''}mean dice {format_score(report['mean_dice'], 3)}, "
+          f"uncertainty auroc {format_score(report['mean_uncertainty_auroc'], 3)}; "
+          f"{report['seconds_per_case']:.1f} s per case; wrote {report_path}")
     return 0
 
 

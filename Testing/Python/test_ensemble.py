@@ -7,15 +7,18 @@ exactly what it samples alone; the ensemble's set must be the fusion of all thos
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import slicerio
 import torch
 from conftest import TINY_STRUCTURES, rotation
 from test_cli import assert_same_geometry, ijk_to_lps, run
-from test_family_conformance import SCAN, TINY_FAMILIES, tiny_model
+from test_family_conformance import SCAN, TINY_FAMILIES, dataset, tiny_model  # noqa: F401 - dataset: a fixture
 
 from TextDiffSegLib.ensemble import Ensemble, model_names
+from TextDiffSegLib.evaluation import evaluate
 from TextDiffSegLib.errors import EnsembleWarning, PromptError, SettingsError
 from TextDiffSegLib.families import FAMILIES
 from TextDiffSegLib.fusion import agreement_scores, fuse, uncertainty_map
@@ -217,3 +220,29 @@ def test_the_worker_asks_a_list_of_models_together(tmp_path, scan_file, tiny_mod
     assert kidney["models"] == ["tiny", "tiny"] and "left kidney is asked only of tiny" in kidney["warning"]
     fractions = [event["fraction"] for event in events if event["type"] == "progress" and event["stage"] == "sample"]
     assert fractions == sorted(fractions)
+
+
+@pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scans are no real CTs
+def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsys, tmp_path, dataset, tiny_model_dir,
+                                                                           liver_only_dir):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(capsys, "evaluate", "--data", dataset, "--model", f"{tiny_model_dir},{liver_only_dir}",
+                         "--proposals", 2, "--steps", 2, "--report", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "tiny,tiny-progidiff" and report["steps"] == 2
+    assert list(report["structures"]) == list(TINY_STRUCTURES)
+    assert [row["structure"] for row in report["rows"]] == list(TINY_STRUCTURES) * 3  # three cases
+    aurocs = [row["uncertainty_auroc"] for row in report["rows"]]
+    assert all(value is None or 0 <= value <= 1 for value in aurocs) and any(value is not None for value in aurocs)
+    assert "ensemble: mean dice" in out and "tiny-progidiff: mean dice" in out and "uncertainty auroc" in out
+
+    # Each model's scores are those it gets alone, on the structures it knows.
+    assert list(report["models"]) == ["tiny", "tiny-progidiff"]
+    for folder, structures in ((tiny_model_dir, list(TINY_STRUCTURES)), (liver_only_dir, ["liver", "spleen"])):
+        alone = evaluate(Segmenter.from_pretrained(folder), str(dataset), structures=structures, num_proposals=2,
+                         steps=2)
+        scores = report["models"][alone["model"]]
+        assert scores["rows"] == json.loads(json.dumps(alone["rows"]))
+        assert list(scores["structures"]) == structures and scores["steps"] == 2
+        assert scores["mean_uncertainty_auroc"] == alone["mean_uncertainty_auroc"]
