@@ -14,9 +14,8 @@ on whole-body volumes when the structures are small.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage, stats

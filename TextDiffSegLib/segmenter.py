@@ -48,8 +48,9 @@ class ProposalSet:
     scores: list[float]  # agreement of each proposal with the others
     fusion: str = "mean"
     warning: str | None = None  # the fused mask's volume is far outside the training cases' (typical_size)
-    sampling_scale: float = 1.0  # > 1: sampled again on a grid this much coarser in-plane (an enlarged structure;
-    # of an ensemble's set, the coarsest of its models')
+    # > 1: sampled again on a grid this much coarser in-plane (an enlarged structure); of an ensemble's set, the
+    # largest of its models'
+    sampling_scale: float = 1.0
 
     @property
     def uncertainty(self) -> np.ndarray:
