@@ -15,7 +15,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .errors import OutputError, ScanWarning, TextDiffSegError
+from .errors import OutputError, TextDiffSegError, TextDiffSegWarning
 from .fusion import FUSION_METHODS
 
 EXIT_USER_ERROR = 2
@@ -26,13 +26,13 @@ COHORT_FORMATS = ("seg.nrrd", "nii.gz", "nii", "nrrd", "dcm")
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's error, an interrupt and an unexpected failure each end with one line (a JSON
-    object under ``--progress json``) and exit status 2, 130 and 1; a ``ScanWarning`` is one line too."""
+    object under ``--progress json``) and exit status 2, 130 and 1; a ``TextDiffSegWarning`` is one line too."""
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     say = _Say(getattr(args, "progress", None) == "json")
     with warnings.catch_warnings():
-        warnings.simplefilter("always", ScanWarning)
+        warnings.simplefilter("always", TextDiffSegWarning)
         warnings.showwarning = say.warning
         try:
             return args.run(args) or 0
@@ -58,7 +58,7 @@ class _Say:
         self._line("error", message)
 
     def warning(self, message, category, *rest) -> None:
-        if issubclass(category, ScanWarning):
+        if issubclass(category, TextDiffSegWarning):
             self._line("warning", str(message))
         else:
             self._showwarning(message, category, *rest)
@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="replace existing output files (for a cohort: segment again the scans already written)")
     segment.set_defaults(run=_segment)
 
-    evaluate = commands.add_parser("evaluate", help="score a model on a Decathlon-style dataset.json")
+    evaluate = commands.add_parser("evaluate", help="score a model, or an ensemble and each of its models, on a "
+                                                     "Decathlon-style dataset.json")
     evaluate.add_argument("--data", required=True, help="path to dataset.json")
     evaluate.add_argument("--split", default="training", help="list in dataset.json to read (default: training)")
     evaluate.add_argument("--cases", help="comma-separated case ids (default: all)")
@@ -180,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="registered model name or model folder (default: the bundled model)")
+    parser.add_argument("--model", help="registered model name or model folder (default: the bundled model), or "
+                                        "several as a,b,c: an ensemble, each model's proposals fused together")
     parser.add_argument("--proposals", type=int, default=5, help="proposals sampled per structure (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -226,8 +228,7 @@ def _option_value(text: str) -> object:
 def _segment(args) -> int:
     from .cohort import is_cohort
     from .errors import PromptError, SettingsError
-    from .machine import resolve_device
-    from .segmenter import Segmenter, check_sampling_settings
+    from .segmenter import check_sampling_settings
     from .terminology import resolve_prompts, split_prompts
 
     # Everything that can be checked without the model is checked first: bad prompts, settings and outputs
@@ -237,21 +238,22 @@ def _segment(args) -> int:
         raise PromptError("empty prompt: type the structure to segment, such as 'liver' or 'left kidney'.")
     structures = resolve_prompts(prompts)
     check_sampling_settings(args.proposals, args.seed, args.steps)
+    args.proposal_counts = _proposal_counts(args, structures) if args.proposals_dir else None
     if is_cohort(args.input, args.output):
         return _segment_cohort(args, prompts, structures)
     if args.format or args.num_parts is not None or args.part_id is not None:
         raise SettingsError("--format, --num-parts and --part-id are for a cohort (-i FOLDER or LIST.txt, with -o a "
                             "folder); for one scan, the name given to -o gives the format")
-    written, results = _segment_scan(args, prompts, structures, _progress(args.progress),
-                                     lambda: Segmenter.from_pretrained(args.model, device=resolve_device(args.device)))
+    written, results = _segment_scan(args, prompts, structures, _progress(args.progress), lambda: _load_models(args))
     _print_result(args, written, results)
     return 0
 
 
 def _segment_scan(args, prompts, structures, progress, load_segmenter) -> tuple[dict, list]:
     """Segment the scan ``args.input`` and write ``args.output`` (with the proposals and uncertainty maps asked
-    for); ``progress`` is a context giving the sampling's progress callback, and ``load_segmenter()`` the model,
-    called once the scan is read. Returns the paths written, and the ``segmenter.Proposals`` of each prompt."""
+    for); ``progress`` is a context giving the sampling's progress callback, and ``load_segmenter()`` the model
+    (or ensemble), called once the scan is read. Returns the paths written, and the ``segmenter.ProposalSet`` of
+    each prompt."""
     from .outputs import SegmentOutput, check_outputs_apart, check_scalar_path, labelmap_sidecar, write_scalar
     from .volume import read_volume
 
@@ -273,16 +275,16 @@ def _segment_scan(args, prompts, structures, progress, load_segmenter) -> tuple[
                                              fusion=args.fusion, largest_component=not args.all_components,
                                              separate=not args.allow_overlap, second_look=not args.no_second_look,
                                              callback=report)
-        segments = [SegmentOutput(r.structure, r.fused, _tags(r, args, "fused")) for r in results]
+        segments = [SegmentOutput(r.structure, r.fused, _tags(r)) for r in results]
         written["output"] = _write_segments(output, segments, volume, dicom_source, segmenter.name, args.overwrite)
         if suffix == ".nii.gz":
             written["label_names"] = str(labelmap_sidecar(output))
         for path, result in zip(uncertainty_paths, results):
             written["uncertainty"].append(str(write_scalar(path, volume.with_array(result.uncertainty), args.overwrite)))
         for paths, result in zip(proposal_paths, results):
-            for k, (path, mask, seed) in enumerate(zip(paths, result.proposals, result.seeds)):
-                segment = SegmentOutput(result.structure, mask, _tags(result, args, str(k + 1), seed))
-                written["proposals"].append(_write_segments(path, [segment], volume, dicom_source, segmenter.name,
+            for k, (path, mask) in enumerate(zip(paths, result.proposals)):
+                segment = SegmentOutput(result.structure, mask, _tags(result, k))
+                written["proposals"].append(_write_segments(path, [segment], volume, dicom_source, result.models[k],
                                                             args.overwrite))
     except BaseException:
         for path in [written["output"], written["label_names"], *written["uncertainty"], *written["proposals"]]:
@@ -301,15 +303,41 @@ def _scan_outputs(args, structures) -> tuple[Path, str, list[Path], list[list[Pa
     output = Path(args.output)
     suffix = next((s for s in (".seg.nrrd", ".dcm") if output.name.lower().endswith(s)), ".nii.gz")
     uncertainty_paths = _per_structure_paths(args.uncertainty, structures) if args.uncertainty else []
-    proposal_paths = [[Path(args.proposals_dir) / f"{s.name}_proposal{k + 1}{suffix}" for k in range(args.proposals)]
-                      for s in structures] if args.proposals_dir else []
+    proposal_paths = [[Path(args.proposals_dir) / f"{s.name}_proposal{k + 1}{suffix}" for k in range(count)]
+                      for s, count in zip(structures, args.proposal_counts)] if args.proposals_dir else []
     return output, suffix, uncertainty_paths, proposal_paths
+
+
+def _proposal_counts(args, structures) -> list[int]:
+    """How many proposals of each structure a run gives: ``--proposals``, times the number of the ensemble's
+    models that know it (read from their configs, before any model loads: the proposals' files are checked first)."""
+    from .ensemble import model_names
+    from .modelio import read_config
+    from .registry import resolve_model
+
+    names = model_names(args.model)
+    if len(names) == 1:
+        return [args.proposals] * len(structures)
+    known = [read_config(resolve_model(name)).structures for name in names]
+    return [args.proposals * sum(s.name in structures_known for structures_known in known) for s in structures]
+
+
+def _load_models(args):
+    """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
+    from .ensemble import Ensemble, model_names
+    from .machine import resolve_device
+    from .segmenter import Segmenter
+
+    names, device = model_names(args.model), resolve_device(args.device)
+    if len(names) == 1:
+        return Segmenter.from_pretrained(names[0], device=device)
+    return Ensemble.from_pretrained(names, device=device)
 
 
 def _print_result(args, written: dict, results: list, echo=print, **about) -> None:
     """What a scan's run found and wrote: a JSON ``result`` object (with ``about``, such as the scan) under
     ``--progress json``, else a line per structure and one naming the output, through ``echo``."""
-    summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds,
+    summary = [{"structure": r.structure.name, "prompt": r.prompt, "seeds": r.seeds, "models": r.models,
                 "scores": [round(s, 4) for s in r.scores], "fused_voxels": int(r.fused.sum()), "warning": r.warning,
                 "sampling_scale": round(r.sampling_scale, 3)}
                for r in results]
@@ -331,8 +359,6 @@ def _segment_cohort(args, prompts, structures) -> int:
 
     from .cohort import list_scans, part, run_cohort, scan_names
     from .errors import OutputError, TextDiffSegError
-    from .machine import resolve_device
-    from .segmenter import Segmenter
 
     folders = {"output folder": Path(args.output), "proposals folder": args.proposals_dir,
                "uncertainty folder": args.uncertainty}
@@ -359,8 +385,7 @@ def _segment_cohort(args, prompts, structures) -> int:
         return not args.overwrite and all(path.exists() for path in [output, *uncertainty_paths, *sum(proposal_paths, [])])
 
     try:
-        segmenter = (Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
-                     if not all(map(is_done, scans)) else None)
+        segmenter = _load_models(args) if not all(map(is_done, scans)) else None
     except BaseException:
         _remove_empty(created)
         raise
@@ -478,10 +503,14 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
-def _tags(result, args, proposal: str, seed: int | None = None) -> dict[str, str]:
-    return {"TextDiffSeg.prompt": result.prompt, "TextDiffSeg.model": result.model,
-            "TextDiffSeg.seed": str(result.seeds[0] if seed is None else seed),
-            "TextDiffSeg.proposal": proposal, "TextDiffSeg.proposals": str(len(result.proposals)),
+def _tags(result, k: int | None = None) -> dict[str, str]:
+    """The tags of proposal ``k`` of ``result`` (its model and seed), or of the fused mask (k None: every model
+    asked, and the first seed)."""
+    fused = k is None
+    return {"TextDiffSeg.prompt": result.prompt, "TextDiffSeg.model": result.model if fused else result.models[k],
+            "TextDiffSeg.seed": str(result.seeds[0 if fused else k]),
+            "TextDiffSeg.proposal": "fused" if fused else str(k + 1),
+            "TextDiffSeg.proposals": str(len(result.proposals)),
             "TextDiffSeg.fusion": result.fusion, "TextDiffSeg.samplingScale": f"{result.sampling_scale:.3g}"}
 
 
@@ -522,16 +551,14 @@ class _progress:
 def _evaluate(args) -> int:
     from .datasets import read_dataset
     from .evaluation import evaluate
-    from .machine import resolve_device
     from .outputs import check_outputs_apart
     from .model_card import format_score
-    from .segmenter import Segmenter
     from .volume import check_output_path, write_atomically
 
     dataset = read_dataset(args.data, args.split)
     check_outputs_apart([args.data, *(path for case in dataset.cases for path in (case.image, case.label))], [args.report])
     report_path = check_output_path(args.report, args.overwrite)
-    segmenter = Segmenter.from_pretrained(args.model, device=resolve_device(args.device))
+    segmenter = _load_models(args)
     from tqdm import tqdm
 
     with tqdm(total=1, unit="case", file=sys.stderr) as bar:
@@ -548,14 +575,19 @@ def _evaluate(args) -> int:
     for name, scores in report["structures"].items():
         print(f"{name:28s} dice {format_score(scores['dice'], 3)}  single {format_score(scores['single_dice'], 3)}  "
               f"oracle {format_score(scores['oracle_dice'], 3)}  hd95 {format_score(scores['hd95_mm'], 1)} mm  "
-              f"nsd {format_score(scores['nsd'], 3)}")
+              f"nsd {format_score(scores['nsd'], 3)}  auroc {format_score(scores['uncertainty_auroc'], 3)}")
     if report["size_warnings"]:
         print(f"fused volume far outside the training cases' (size warning): {', '.join(report['size_warnings'])}")
     looked_again = [f"{row['case']} {row['structure']} ({row['sampling_scale']:.2f}x)"
                     for row in report["rows"] if row["sampling_scale"] > 1]
     if looked_again:
         print(f"sampled again on a coarser grid (enlarged): {', '.join(looked_again)}")
-    print(f"mean dice {format_score(report['mean_dice'], 3)}; {report['seconds_per_case']:.1f} s per case; wrote {report_path}")
+    for name, scores in report.get("models", {}).items():
+        print(f"{name}: mean dice {format_score(scores['mean_dice'], 3)}, uncertainty auroc "
+              f"{format_score(scores['mean_uncertainty_auroc'], 3)}")
+    print(f"{'ensemble: ' if 'models' in report else ''}mean dice {format_score(report['mean_dice'], 3)}, "
+          f"uncertainty auroc {format_score(report['mean_uncertainty_auroc'], 3)}; "
+          f"{report['seconds_per_case']:.1f} s per case; wrote {report_path}")
     return 0
 
 

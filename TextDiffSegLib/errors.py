@@ -36,5 +36,16 @@ class SettingsError(TextDiffSegError, ValueError, TypeError):
     """
 
 
-class ScanWarning(UserWarning):
+class TextDiffSegWarning(UserWarning):
+    """Base class of every warning the engine gives on purpose: the run goes on, and the user should know why.
+
+    The CLI prints each as one line; the Slicer worker sends it with the results.
+    """
+
+
+class ScanWarning(TextDiffSegWarning):
     """The scan was read and will be segmented, but something about it is doubtful (``scan_checks``)."""
+
+
+class EnsembleWarning(TextDiffSegWarning):
+    """A structure is asked only of the models of an ensemble that know it (``ensemble.Ensemble``)."""

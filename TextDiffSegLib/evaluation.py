@@ -1,4 +1,5 @@
-"""Evaluating a model on a Decathlon-style dataset: Dice, IoU, HD95, NSD, Oracle@k and RandTop-3."""
+"""Evaluating a model, or an ensemble and each of its models, on a Decathlon-style dataset: Dice, IoU, HD95,
+NSD, Oracle@k, RandTop-3, and whether the uncertainty map points at the errors (its AUROC)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,37 @@ import numpy as np
 
 from .datasets import read_dataset
 from .errors import DataError
+from .ensemble import Ensemble
 from .machine import device_name
-from .metrics import dice, hd95_mm, iou, neighbouring_slice_dice, normalized_surface_dice, oracle_dice, randtop3_dice
-from .segmenter import Segmenter
+from .metrics import (dice, hd95_mm, iou, neighbouring_slice_dice, normalized_surface_dice, oracle_dice,
+                      randtop3_dice, uncertainty_auroc)
+from .segmenter import ProposalSet, Segmenter
 from .terminology import resolve_prompt
-from .volume import read_volume
+from .volume import Volume, read_volume
 
 METRICS = ("dice", "single_dice", "oracle_dice", "randtop3_dice", "iou", "hd95_mm", "nsd",
-           "proposal_slice_dice", "reference_slice_dice")
+           "proposal_slice_dice", "reference_slice_dice", "uncertainty_auroc")
 
 
-def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids: list[str] | None = None,
+def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training", case_ids: list[str] | None = None,
              structures: list[str] | None = None, num_proposals: int = 5, seed: int = 0, steps: int | None = None,
              fusion: str = "mean", largest_component: bool = True, separate: bool = True, second_look: bool = True,
              progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Segment every case and structure and score it against the manual labels.
 
     The structures of a case are segmented in one ``propose_many`` call, so with ``separate`` their
-    fused masks do not overlap.
+    fused masks do not overlap. ``uncertainty_auroc`` says how well the uncertainty map points at the
+    fused mask's errors (``metrics.uncertainty_auroc``: within 10 mm of the manual label).
+
+    An ``Ensemble`` is scored as one model, and each of its models on the same proposals, as it would be
+    alone (``Ensemble.propose_each``; RandTop-3 from its own generator seeded with ``seed``): the report's
+    ``models`` holds each model's scores of the structures it knows (its ``steps``, ``structures``,
+    ``mean_dice``, ``mean_uncertainty_auroc``, ``rows`` and ``size_warnings``), and its ``steps`` is None
+    where each model took its own default.
     """
     dataset = read_dataset(data, split)
     cases = dataset.select(case_ids)
+    ensemble = segmenter if isinstance(segmenter, Ensemble) else None
     available = set(dataset.labels.values()) & set(segmenter.structures)
     if structures is None:
         structures = [s for s in segmenter.structures if s in available]
@@ -45,53 +56,85 @@ def evaluate(segmenter: Segmenter, data: str, split: str = "training", case_ids:
     if absent:  # found before hours of work, not after
         raise DataError(f"{data} lists files that do not exist: {'; '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
     label_values = dataset.label_values()
-    rng = np.random.default_rng(seed)
+    models = ensemble.segmenters if ensemble is not None else []
+    rng, rngs = np.random.default_rng(seed), {model.name: np.random.default_rng(seed) for model in models}
     rows, seconds = [], []
+    rows_of = {model.name: [] for model in models}
+    settings = dict(fusion=fusion, largest_component=largest_component, separate=separate)
     for index, case in enumerate(cases):
         if progress is not None:
             progress(index, len(cases), case.id)
         image, label = read_volume(case.image), read_volume(case.label, "label map")
         started = time.perf_counter()
-        results = segmenter.propose_many(image, structures, num_proposals, seed, steps, fusion=fusion,
-                                         largest_component=largest_component, separate=separate,
-                                         second_look=second_look)
+        if ensemble is None:
+            results = segmenter.propose_many(image, structures, num_proposals, seed, steps, second_look=second_look,
+                                             **settings)
+        else:
+            each = ensemble.propose_each(image, structures, num_proposals, seed, steps, second_look=second_look,
+                                         **settings)
+            results = ensemble.combine(image, each, **settings)
         seconds.append(time.perf_counter() - started)
-        for result in results:
-            reference = label.array == label_values[result.structure.name]
-            rows.append({
-                "case": case.id, "structure": result.structure.name,
-                "dice": dice(result.fused, reference),
-                "single_dice": dice(result.proposals[0], reference),
-                "oracle_dice": oracle_dice(result.proposals, reference),
-                "randtop3_dice": randtop3_dice(result.proposals, reference, rng),
-                "iou": iou(result.fused, reference),
-                "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
-                "nsd": normalized_surface_dice(result.fused, reference, image.spacing),
-                # coherence along z: each proposal's, averaged, and the manual labels' own
-                "proposal_slice_dice": _mean_slice_dice(result.proposals),
-                "reference_slice_dice": _mean_slice_dice([reference]),
-                "size_warning": result.warning is not None,
-                "sampling_scale": result.sampling_scale,
-            })
+        references = {name: label.array == label_values[name] for name in structures}
+        rows += [_row(case.id, result, references[result.structure.name], image, rng) for result in results]
+        for name, model_rows in rows_of.items():
+            model_rows += [_row(case.id, sets[name], references[sets[name].structure.name], image, rngs[name])
+                           for sets in each if name in sets]
     if progress is not None:
         progress(len(cases), len(cases), "")
-    summary = {name: {metric: mean_of_defined([row[metric] for row in rows if row["structure"] == name]) for metric in METRICS}
-               for name in structures}
-    return {
+    device = (models[0] if models else segmenter).device
+    report = {
         "model": segmenter.name, "data": str(data), "split": split, "cases": [case.id for case in cases],
-        "num_cases": len(cases), "num_proposals": num_proposals, "steps": steps or segmenter.config.default_steps,
+        "num_cases": len(cases), "num_proposals": num_proposals,
+        "steps": steps or (None if ensemble is not None else segmenter.config.default_steps),
         "fusion": fusion, "largest_component": largest_component,
         "separate": separate, "second_look": second_look, "seed": seed,
-        "device": f"{segmenter.device.type} ({device_name(str(segmenter.device))})",
-        "seconds_per_case": float(np.mean(seconds)), "mean_dice": mean_of_defined([s["dice"] for s in summary.values()]),
+        "device": f"{device.type} ({device_name(str(device))})",
+        "seconds_per_case": float(np.mean(seconds)), **_scores(rows, structures),
+    }
+    if ensemble is not None:
+        report["models"] = {model.name: {"steps": steps or model.config.default_steps,
+                                         **_scores(rows_of[model.name], [s for s in structures if s in model.structures])}
+                            for model in models}
+    return report
+
+
+def _row(case_id: str, result: ProposalSet, reference, image: Volume, rng: np.random.Generator) -> dict:
+    """The scores of one structure's proposals and fused mask against its manual label."""
+    return {
+        "case": case_id, "structure": result.structure.name,
+        "dice": dice(result.fused, reference),
+        "single_dice": dice(result.proposals[0], reference),
+        "oracle_dice": oracle_dice(result.proposals, reference),
+        "randtop3_dice": randtop3_dice(result.proposals, reference, rng),
+        "iou": iou(result.fused, reference),
+        "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
+        "nsd": normalized_surface_dice(result.fused, reference, image.spacing),
+        # coherence along z: each proposal's, averaged, and the manual labels' own
+        "proposal_slice_dice": _mean_slice_dice(result.proposals),
+        "reference_slice_dice": _mean_slice_dice([reference]),
+        "uncertainty_auroc": _finite_or_none(uncertainty_auroc(result.uncertainty, result.fused, reference,
+                                                               image.spacing)),
+        "size_warning": result.warning is not None,
+        "sampling_scale": result.sampling_scale,
+    }
+
+
+def _scores(rows: list[dict], structures: list[str]) -> dict:
+    """A report's scores of ``rows``: each structure's mean of each metric, the means over the structures, the
+    rows, and the results whose fused volume was far outside the training cases' (``typical_size``)."""
+    summary = {name: {metric: mean_of_defined([row[metric] for row in rows if row["structure"] == name])
+                      for metric in METRICS} for name in structures}
+    return {
+        "mean_dice": mean_of_defined([s["dice"] for s in summary.values()]),
+        "mean_uncertainty_auroc": mean_of_defined([s["uncertainty_auroc"] for s in summary.values()]),
         "structures": summary, "rows": rows,
-        # where the fused volume was far outside the model's training cases' (typical_size)
         "size_warnings": [f"{row['case']} {row['structure']}" for row in rows if row["size_warning"]],
     }
 
 
 def _finite_or_none(value: float) -> float | None:
-    """HD95 is undefined (NaN) when exactly one mask is empty; reports hold ``null`` there (strict JSON)."""
+    """HD95 is undefined (NaN) when exactly one mask is empty, an AUROC where there is no error or nothing but
+    errors; reports hold ``null`` there (strict JSON)."""
     return None if math.isnan(value) else value
 
 

@@ -14,10 +14,11 @@ on whole-body volumes when the structures are small.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 __all__ = [
     "dice",
@@ -27,6 +28,8 @@ __all__ = [
     "oracle_dice",
     "randtop3_dice",
     "neighbouring_slice_dice",
+    "auroc",
+    "uncertainty_auroc",
 ]
 
 
@@ -253,3 +256,36 @@ def neighbouring_slice_dice(mask: np.ndarray) -> float:
     mask = mask[slice(*crop[0]), slice(*crop[1]), slice(*crop[2])]
     dices = [_dice_bool(mask[z], mask[z + 1]) for z in range(mask.shape[0] - 1) if mask[z].any() or mask[z + 1].any()]
     return float(np.mean(dices)) if dices else float("nan")
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` telling the ``positives`` (non-zero) from the others: the chance
+    that a random positive scores higher than a random negative, a tie counting half (the Mann-Whitney U over
+    the number of pairs, from the ranks, so millions of voxels take a sort); ``nan`` where either is absent."""
+    scores, positives = np.asarray(scores, dtype=np.float64).ravel(), _as_bool(positives).ravel()
+    if scores.shape != positives.shape:
+        raise ValueError(f"{scores.size} scores for {positives.size} labels")
+    n_positive = int(np.count_nonzero(positives))
+    n_negative = positives.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)  # ties share their mean rank
+    return float((ranks[positives].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
+
+
+def uncertainty_auroc(uncertainty: np.ndarray, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                      margin_mm: float = 10.0) -> float:
+    """Whether an uncertainty map points at the errors of ``pred``: the ``auroc`` of the uncertainty against the
+    voxels where ``pred`` and ``ref`` differ, within the bounding box of ``ref`` grown by ``margin_mm`` on every
+    side (clipped to the volume; far from the structure nearly every voxel is certain and right, which would
+    say little). ``nan`` where ``ref`` is empty, or the box holds no error or nothing else."""
+    pred, ref = _check_pair(pred, ref)
+    if np.shape(uncertainty) != ref.shape:
+        raise ValueError(f"uncertainty shape {np.shape(uncertainty)} differs from reference shape {ref.shape}")
+    box = _bounding_box(ref)
+    if box is None:
+        return float("nan")
+    margins = [math.ceil(margin_mm / step) for step in _sampling_zyx(spacing)]
+    crop = tuple(slice(max(0, start - margin), min(size, stop + margin))
+                 for (start, stop), margin, size in zip(box, margins, ref.shape))
+    return auroc(np.asarray(uncertainty)[crop], pred[crop] != ref[crop])

@@ -39,15 +39,18 @@ class ProposalSet:
 
     structure: Structure
     prompt: str
-    model: str
+    model: str  # the model; of an ensemble's set, the names of the models asked, joined by commas
     seeds: list[int]
+    models: list[str]  # the model of each proposal, beside its seed
     proposals: list[np.ndarray]  # uint8 masks [z, y, x] per proposal
     mean_probability: np.ndarray  # float32 in [0, 1]: the proposals' mean probability
     fused: np.ndarray  # uint8
     scores: list[float]  # agreement of each proposal with the others
     fusion: str = "mean"
     warning: str | None = None  # the fused mask's volume is far outside the training cases' (typical_size)
-    sampling_scale: float = 1.0  # > 1: sampled again on a grid this much coarser in-plane (an enlarged structure)
+    # > 1: sampled again on a grid this much coarser in-plane (an enlarged structure); of an ensemble's set, the
+    # largest of its models'
+    sampling_scale: float = 1.0
 
     @property
     def uncertainty(self) -> np.ndarray:
@@ -136,11 +139,9 @@ class Segmenter:
         finds more of the structure (``ProposalSet.sampling_scale`` says so), and otherwise the first
         stands, as it does when the excess was other tissue taken for the structure.
         """
-        if isinstance(prompts, str) or not prompts:
-            raise PromptError("no prompt given: pass a list naming at least one structure, e.g. ['liver']")
         check_sampling_settings(num_proposals, seed, steps)
         num_proposals, seed = int(num_proposals), int(seed)  # numpy integers too, which torch's generator refuses
-        structures = [self._check_known(structure) for structure in resolve_prompts(prompts)]
+        structures = [self._check_known(structure) for structure in resolve_prompt_list(prompts)]
         volume = self._checked_scan(as_volume(volume))
         steps = int(steps or self.config.default_steps)
         report = callback or (lambda event: None)
@@ -159,15 +160,13 @@ class Segmenter:
         unseparated = [result.fused for result in results]
         separate = separate and len(results) > 1
         if separate:
-            self._separate(results, unseparated, largest_component)
+            keep_apart(results, unseparated, largest_component)
         voxel_ml = float(np.prod(volume.spacing)) / 1000
         if second_look:
             replaced = self._look_again_at_enlarged(volume, results, unseparated, mirror, sampling, voxel_ml, report)
             if replaced and separate:
-                self._separate(results, unseparated, largest_component)
-        for result in results:
-            result.warning = size_warning(result.structure, float(result.fused.sum()) * voxel_ml, self.volume_ranges,
-                                          result.sampling_scale)
+                keep_apart(results, unseparated, largest_component)
+        warn_of_sizes(results, voxel_ml, self.volume_ranges)
         report(_event("done", 1.0, "finished"))
         return results
 
@@ -202,13 +201,6 @@ class Segmenter:
                 results[index], unseparated[index] = again, again.fused
                 replaced = True
         return replaced
-
-    @staticmethod
-    def _separate(results: list[ProposalSet], unseparated: list[np.ndarray], largest_component: bool) -> None:
-        """Each result's fused mask set to its ``unseparated`` mask less the voxels a more probable structure claims."""
-        separated = separate_overlaps(unseparated, [result.mean_probability for result in results])
-        for result, fused in zip(results, separated):
-            result.fused = keep_largest_component(fused) if largest_component else fused
 
     @torch.no_grad()
     def _prepare(self, volume: Volume, mirror: bool, scale: float = 1.0) -> _PreparedScan:
@@ -257,12 +249,44 @@ class Segmenter:
         proposals = [(from_model_grid(p, scan.grid, volume) >= 0.5).astype(np.uint8) for p in on_model_grid]
         mean_probability = from_model_grid(np.mean(on_model_grid, axis=0), scan.grid, volume)
         np.clip(mean_probability, 0, 1, out=mean_probability)  # interpolation can round past 1
-        fused = fuse([mean_probability] if fusion == "mean" else proposals, fusion)  # the others read masks
-        return ProposalSet(
-            structure=structure, prompt=prompt, model=self.name, seeds=seeds, proposals=proposals,
-            mean_probability=mean_probability, fused=keep_largest_component(fused) if largest_component else fused,
-            scores=agreement_scores(proposals), fusion=fusion,
-        )
+        return fused_proposal_set(structure, prompt, self.name, seeds, [self.name] * len(seeds), proposals,
+                                  mean_probability, fusion, largest_component)
+
+
+def fused_proposal_set(structure: Structure, prompt: str, model: str, seeds: list[int], models: list[str],
+                       proposals: list[np.ndarray], mean_probability: np.ndarray, fusion: str,
+                       largest_component: bool) -> ProposalSet:
+    """A structure's proposals with their fusion and agreement scores: one place for a model's proposals and
+    an ensemble's (``ensemble.Ensemble``), so that both are fused alike."""
+    fused = fuse([mean_probability] if fusion == "mean" else proposals, fusion)  # the others read masks
+    return ProposalSet(
+        structure=structure, prompt=prompt, model=model, seeds=seeds, models=models, proposals=proposals,
+        mean_probability=mean_probability, fused=keep_largest_component(fused) if largest_component else fused,
+        scores=agreement_scores(proposals), fusion=fusion,
+    )
+
+
+def keep_apart(results: list[ProposalSet], unseparated: list[np.ndarray], largest_component: bool) -> None:
+    """Each result's fused mask set to its ``unseparated`` mask less the voxels a more probable structure claims
+    (``postprocessing.separate_overlaps``), keeping its largest region with ``largest_component``."""
+    separated = separate_overlaps(unseparated, [result.mean_probability for result in results])
+    for result, fused in zip(results, separated):
+        result.fused = keep_largest_component(fused) if largest_component else fused
+
+
+def warn_of_sizes(results: list[ProposalSet], voxel_ml: float, volume_ranges: dict[str, list[float]]) -> None:
+    """Each result's ``warning`` set where its fused volume is far outside ``volume_ranges`` (``typical_size``)."""
+    for result in results:
+        result.warning = size_warning(result.structure, float(result.fused.sum()) * voxel_ml, volume_ranges,
+                                      result.sampling_scale)
+
+
+def resolve_prompt_list(prompts: list[str]) -> list[Structure]:
+    """The structures a list of prompts names (``terminology.resolve_prompts``); ``PromptError`` for a string
+    or an empty list, which would otherwise be read letter by letter or give nothing to do."""
+    if isinstance(prompts, str) or not prompts:
+        raise PromptError("no prompt given: pass a list naming at least one structure, e.g. ['liver']")
+    return resolve_prompts(prompts)
 
 
 def check_sampling_settings(num_proposals: int, seed: int, steps: int | None) -> None:

@@ -10,18 +10,22 @@ Each stdin line is one request::
      "output_dir": "/tmp/x/out", "thumbnails": {"size": 128, "window": [40, 400]}}
     {"command": "shutdown"}
 
-``model`` is a registered name or a model folder (``null``: the default model); ``device`` is
+``model`` is a registered name or a model folder (``null``: the default model), or a list of them: an ensemble
+(``ensemble.Ensemble``), whose proposals are numbered across its models in their order; ``device`` is
 ``"auto"``, ``"cpu"`` or ``"cuda"`` (or ``"mps"``, where torch has it: ``machine.resolve_device``);
 ``thumbnails`` (optional; ``window`` is centre and width, or ``null`` for automatic) asks for a PNG per proposal. Each stdout line is one event of a request::
 
     {"id": 1, "type": "progress", "stage": "sample", "fraction": 0.4, "message": "..."}
     {"id": 1, "type": "result", "results": [{"prompt": "liver", "structure": "liver", "model": "...",
-     "seeds": [0, 1], "scores": [0.9, 0.8], "proposals": ["<output_dir>/1-liver/proposal-1.nrrd", ...],
+     "seeds": [0, 1], "models": ["...", "..."], "scores": [0.9, 0.8],
+     "proposals": ["<output_dir>/1-liver/proposal-1.nrrd", ...],
      "fused": ".../fused.nrrd", "uncertainty": ".../uncertainty.nrrd", "thumbnails": [".../proposal-1.png", ...],
      "warning": null}]}
     {"id": 1, "type": "error", "message": "..."}
 
-Every volume file is on the input volume's grid (masks uint8, uncertainty float32). ``warning`` is a
+Every volume file is on the input volume's grid (masks uint8, uncertainty float32). ``model`` names the
+model (an ensemble's models asked for the structure, joined by commas), ``models`` each proposal's. ``warning``
+holds what was doubtful about the scan, which of an ensemble's models could not segment a structure, and a
 sentence where the fused mask's volume is far outside the model's training cases' (``typical_size``).
 An error a user can fix (``TextDiffSegError``) comes back with its message; anything else as a short
 message, with the traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
@@ -42,7 +46,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .errors import InputImageError, OutputError, ScanWarning, TextDiffSegError
+from .ensemble import Ensemble
+from .errors import InputImageError, OutputError, TextDiffSegError, TextDiffSegWarning
 from .machine import resolve_device
 from .registry import resolve_model
 from .segmenter import ProposalSet, Segmenter
@@ -89,20 +94,26 @@ class Worker:
         thumbnails = _thumbnail_options(request.get("thumbnails"))
 
         volume = read_volume(request["input"])
-        segmenter = self._segmenter(request.get("model"), str(request.get("device") or "auto"), report)
+        models = request.get("model")
+        if isinstance(models, list) and not (models and all(isinstance(m, str) and m.strip() for m in models)):
+            raise TextDiffSegError(f"model must be a model's name or folder, or a list of them, not {models!r}")
+        device = str(request.get("device") or "auto")
+        names = models if isinstance(models, list) else [models]
+        segmenters = [self._segmenter(name, device, report) for name in names]
+        segmenter = segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ScanWarning)
+            warnings.simplefilter("always", TextDiffSegWarning)
             proposal_sets = segmenter.propose_many(
                 volume, prompts, num_proposals=num_proposals, seed=seed, steps=steps, callback=report
             )
-        scan_notes = []
-        for caught_warning in caught:  # a doubtful scan is said with every result; other warnings go to stderr
-            if issubclass(caught_warning.category, ScanWarning):
-                scan_notes.append(str(caught_warning.message))
+        notes = []
+        for caught_warning in caught:  # the engine's warnings are said with every result; others go to stderr
+            if issubclass(caught_warning.category, TextDiffSegWarning):
+                notes.append(str(caught_warning.message))
             else:
                 warnings.showwarning(caught_warning.message, caught_warning.category, caught_warning.filename,
                                      caught_warning.lineno)
-        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails, scan_notes)
+        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails, notes)
                 for number, proposals in enumerate(proposal_sets, start=1)]
 
     def _segmenter(self, model, device: str, report: Callable[[dict], None]) -> Segmenter:
@@ -134,9 +145,9 @@ def _thumbnail_options(options) -> tuple[int, tuple[float, float] | None] | None
     return options["size"], None if window is None else (float(window[0]), float(window[1]))
 
 
-def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tuple | None, scan_notes: list[str]) -> dict:
+def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tuple | None, notes: list[str]) -> dict:
     """Write one prompt's masks, uncertainty and thumbnails on the input grid; their paths and metadata (with
-    ``scan_notes``, what was doubtful about the scan, before the size warning in ``warning``)."""
+    ``notes``, the engine's warnings of the run, before the size warning in ``warning``)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, pictures = [], []
     for number, mask in enumerate(proposals.proposals, start=1):
@@ -151,12 +162,13 @@ def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tup
         "structure": proposals.structure.name,
         "model": proposals.model,
         "seeds": [int(seed) for seed in proposals.seeds],
+        "models": list(proposals.models),
         "scores": [float(score) for score in proposals.scores],
         "proposals": paths,
         "fused": str(fused),
         "uncertainty": str(uncertainty),
         "thumbnails": pictures,
-        "warning": "; ".join(note for note in [*scan_notes, proposals.warning] if note) or None,
+        "warning": "; ".join(note for note in [*notes, proposals.warning] if note) or None,
     }
 
 

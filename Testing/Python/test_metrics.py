@@ -1,5 +1,5 @@
 """Segmentation metrics: exact values on hand-made masks, empty masks, axis order of the spacing,
-Oracle@k and RandTop-3, and a cross-check against MONAI on random blobs."""
+Oracle@k and RandTop-3, the AUROC of an uncertainty map, and cross-checks against MONAI."""
 
 import math
 
@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from TextDiffSegLib.metrics import (
+    auroc,
     dice,
     hd95_mm,
     iou,
@@ -15,6 +16,7 @@ from TextDiffSegLib.metrics import (
     neighbouring_slice_dice,
     oracle_dice,
     randtop3_dice,
+    uncertainty_auroc,
 )
 
 
@@ -314,3 +316,42 @@ def test_neighbouring_slice_dice_measures_coherence_along_z():
     gap[2:4] = False  # a pair of empty slices inside the mask is left out, not counted as agreeing
     assert neighbouring_slice_dice(gap) == 0.0
     assert np.isnan(neighbouring_slice_dice(np.zeros((4, 4, 4))))
+
+
+# --- AUROC of the uncertainty -------------------------------------------------------------------
+
+
+def test_auroc_counts_the_pairs_a_positive_wins_and_half_the_ties():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 0.35 beats 0.1, 0.8 beats both: 3 of 4 pairs
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    # positives 0.5 and 0.9 against 0.5 and 0.2: a tie (half) and three wins
+    assert auroc(np.array([0.5, 0.5, 0.2, 0.9]), np.array([True, False, False, True])) == 0.875
+    assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([0, 0])))  # no positive
+    assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))  # no negative
+
+
+def test_auroc_matches_monai_with_ties():
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 20, 500) / 20  # many ties, as an entropy map's zeros are
+    labels = rng.random(500) < scores
+    expected = compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(labels.astype(np.int64)))
+    assert auroc(scores, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_uncertainty_auroc_counts_the_errors_within_10_mm_of_the_structure():
+    """2 x 2 x 5 mm voxels: 10 mm is 5 voxels along x and y and 2 along z."""
+    ref = cube(shape=(20, 30, 30), start=(8, 10, 10), size=6)
+    pred = ref.copy()
+    uncertainty = np.zeros(ref.shape, np.float32)
+    near = (8, 10, 18)  # 3 voxels (6 mm) beyond the cube along x: inside the box
+    pred[near], uncertainty[near] = True, 1.0
+    assert uncertainty_auroc(uncertainty, pred, ref, (2.0, 2.0, 5.0)) == 1.0  # the one error is the most uncertain
+    far = (16, 10, 10)  # 3 slices (15 mm) beyond the cube along z: outside, not counted though certain
+    pred[far] = True
+    assert uncertainty_auroc(uncertainty, pred, ref, (2.0, 2.0, 5.0)) == 1.0
+    assert uncertainty_auroc(uncertainty, pred, ref, (2.0, 2.0, 2.0)) < 1.0  # 2 mm slices: 6 mm away, within
+    assert math.isnan(uncertainty_auroc(uncertainty, ref, ref, (2.0, 2.0, 5.0)))  # no error to find
+    assert math.isnan(uncertainty_auroc(uncertainty, pred, np.zeros_like(ref), (2.0, 2.0, 5.0)))  # no structure

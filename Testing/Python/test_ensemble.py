@@ -1,0 +1,248 @@
+"""Several models asked together (``ensemble.Ensemble``, ``textdiffseg segment --model a,b``).
+
+Tiny random models of two families, the universal one (its masks cover the scan) and a ProGiDiff one
+(its masks cover part of it), from ``test_family_conformance``. Each model must sample in the ensemble
+exactly what it samples alone; the ensemble's set must be the fusion of all those proposals.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import slicerio
+import torch
+from conftest import TINY_STRUCTURES, rotation
+from test_cli import assert_same_geometry, ijk_to_lps, run
+from test_family_conformance import SCAN, TINY_FAMILIES, dataset, tiny_model  # noqa: F401 - dataset: a fixture
+
+from TextDiffSegLib.ensemble import Ensemble, model_names
+from TextDiffSegLib.evaluation import evaluate
+from TextDiffSegLib.errors import EnsembleWarning, PromptError, SettingsError
+from TextDiffSegLib.families import FAMILIES
+from TextDiffSegLib.fusion import agreement_scores, fuse, uncertainty_map
+from TextDiffSegLib.modelio import save_model
+from TextDiffSegLib.segmenter import Segmenter
+from TextDiffSegLib.volume import Volume, read_volume, write_volume
+from TextDiffSegLib.worker import Worker
+
+FAST = dict(num_proposals=2, seed=3, steps=2)
+#: The scan on an oblique grid of its own (neither model's spacing), to keep the geometry honest.
+OBLIQUE = Volume(SCAN.array, spacing=(5.0, 5.5, 8.0), origin=(-80.0, 20.5, 100.0),
+                 direction=tuple(rotation("z", 20).ravel()))
+
+
+def progidiff(structures=TINY_STRUCTURES) -> torch.nn.Module:
+    """The tiny ProGiDiff model, knowing ``structures``."""
+    torch.manual_seed(0)
+    return FAMILIES["progidiff"].model(TINY_FAMILIES["progidiff"][0](structures=structures)).eval()
+
+
+@pytest.fixture(scope="module")
+def universal_model() -> Segmenter:
+    return Segmenter(tiny_model("universal"), "tiny", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def progidiff_model() -> Segmenter:
+    return Segmenter(progidiff(), "tiny-progidiff", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def liver_only(universal_model) -> Segmenter:
+    """A ProGiDiff model that knows the liver and spleen, not the kidneys."""
+    return Segmenter(progidiff(("liver", "spleen")), "tiny-progidiff", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def liver(universal_model, progidiff_model):
+    """The liver sampled by the ensemble (with its progress events), and by each model alone."""
+    events = []
+    together = Ensemble([universal_model, progidiff_model]).propose(
+        OBLIQUE, "liver", **FAST, largest_component=False, callback=events.append)
+    alone = [model.propose(OBLIQUE, "liver", **FAST, largest_component=False)
+             for model in (universal_model, progidiff_model)]
+    return together, alone, events
+
+
+def test_each_proposal_is_labelled_with_its_model_and_seed(liver):
+    together, alone, _ = liver
+    assert together.models == ["tiny", "tiny", "tiny-progidiff", "tiny-progidiff"]
+    assert together.seeds == [3, 4, 3, 4]
+    assert together.model == "tiny,tiny-progidiff"
+    for mask, expected in zip(together.proposals, alone[0].proposals + alone[1].proposals):
+        np.testing.assert_array_equal(mask, expected)  # each model samples in the ensemble what it samples alone
+    assert alone[0].models == ["tiny", "tiny"] and alone[0].model == "tiny"  # one model's set names it too
+
+
+def test_the_fusion_and_the_uncertainty_are_of_all_proposals_of_all_models(liver):
+    together, alone, _ = liver
+    np.testing.assert_allclose(together.mean_probability, (alone[0].mean_probability + alone[1].mean_probability) / 2,
+                               atol=1e-6)
+    np.testing.assert_array_equal(together.fused, fuse([together.mean_probability]))
+    np.testing.assert_array_equal(together.uncertainty, uncertainty_map([together.mean_probability]))
+    assert together.scores == agreement_scores(together.proposals)
+    assert not any(np.array_equal(together.fused, model.fused) for model in alone)  # neither model's alone
+
+
+@pytest.mark.parametrize("fusion", ["majority", "staple"])
+def test_majority_and_staple_fuse_every_proposal(fusion, universal_model, progidiff_model):
+    together = Ensemble([universal_model, progidiff_model]).propose(OBLIQUE, "liver", **FAST, fusion=fusion,
+                                                                     largest_component=False)
+    np.testing.assert_array_equal(together.fused, fuse(together.proposals, fusion))
+    assert together.fusion == fusion
+
+
+def test_progress_runs_once_from_start_to_end_over_the_models(liver):
+    *_, events = liver
+    fractions = [event["fraction"] for event in events]
+    assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1
+    assert [event["stage"] for event in events].count("done") == 1 and events[-1]["stage"] == "done"
+    assert any(event["message"].startswith("tiny: ") for event in events)
+    assert any(event["message"].startswith("tiny-progidiff: ") for event in events)
+    halfway = [event["fraction"] for event in events if event["message"].startswith("tiny-progidiff: ")]
+    assert min(halfway) == 0.5  # each model has its share of the run
+
+
+def test_a_structure_one_model_does_not_know_is_asked_of_the_other_only(universal_model, liver_only, monkeypatch):
+    asked = []
+    propose_many = Segmenter.propose_many
+
+    def recording(segmenter, volume, prompts, *args, **kwargs):
+        asked.append((segmenter.name, list(prompts)))
+        return propose_many(segmenter, volume, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "propose_many", recording)
+    with pytest.warns(EnsembleWarning, match="^left kidney is asked only of tiny: tiny-progidiff cannot segment it$"):
+        liver, kidney = Ensemble([universal_model, liver_only]).propose_many(OBLIQUE, ["liver", "L kidney"], **FAST)
+    assert asked == [("tiny", ["liver", "L kidney"]), ("tiny-progidiff", ["liver"])]
+    assert liver.models == ["tiny", "tiny", "tiny-progidiff", "tiny-progidiff"]
+    assert kidney.models == ["tiny", "tiny"] and kidney.model == "tiny"
+    alone = propose_many(universal_model, OBLIQUE, ["L kidney"], **FAST)[0]
+    np.testing.assert_array_equal(kidney.mean_probability, alone.mean_probability)  # one model's mean, unchanged
+
+
+def test_a_structure_no_model_knows_is_refused_before_sampling(universal_model, liver_only):
+    with pytest.raises(PromptError, match="none of the models tiny, tiny-progidiff can segment 'aorta'.*liver"):
+        Ensemble([universal_model, liver_only]).propose_many(OBLIQUE, ["liver", "aorta"], **FAST)
+
+
+def test_every_result_lies_on_the_input_grid(universal_model, liver_only):
+    with pytest.warns(EnsembleWarning):
+        results = Ensemble([universal_model, liver_only]).propose_many(OBLIQUE, ["spleen", "L kidney"], **FAST)
+    for result in results:
+        for array in (*result.proposals, result.mean_probability, result.fused, result.uncertainty):
+            assert array.shape == OBLIQUE.array.shape
+    assert not (results[0].fused & results[1].fused).any()  # kept apart
+
+
+def test_a_model_named_twice_is_refused(universal_model):
+    with pytest.raises(SettingsError, match="two of the ensemble's models are named 'tiny'"):
+        Ensemble([universal_model, universal_model])
+
+
+def test_model_names_split_at_commas_unless_a_folder_is_named(tmp_path):
+    assert model_names("a, b,c") == ["a", "b", "c"]
+    assert model_names("universal-btcv") == ["universal-btcv"] and model_names(None) == [None]
+    folder = tmp_path / "model,v2"
+    folder.mkdir()
+    assert model_names(str(folder)) == [str(folder)]
+    with pytest.raises(SettingsError, match="names no model"):
+        model_names(" , ")
+
+
+# --- the command line and the worker ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory):
+    return write_volume(tmp_path_factory.mktemp("scan") / "scan.nrrd", OBLIQUE)
+
+
+@pytest.fixture(scope="module")
+def liver_only_dir(tmp_path_factory):
+    """The ProGiDiff model of ``liver_only`` as a model folder."""
+    return save_model(progidiff(("liver", "spleen")), tmp_path_factory.mktemp("models") / "tiny-progidiff", half=False)
+
+
+def test_the_command_line_writes_each_proposals_model_on_the_input_grid(capsys, tmp_path, scan_file, tiny_model_dir,
+                                                                        liver_only_dir):
+    output, proposals = tmp_path / "result.seg.nrrd", tmp_path / "proposals"
+    code, out, err = run(capsys, "segment", "-i", scan_file, "-p", "liver", "-p", "L kidney", "-o", output,
+                         "--model", f"{tiny_model_dir},{liver_only_dir}", "--steps", 2, "--proposals", 2,
+                         "--proposals-dir", proposals, "--uncertainty", tmp_path / "uncertainty.nii.gz",
+                         "--progress", "none")
+    assert code == 0, err
+    assert "textdiffseg: warning: left kidney is asked only of tiny: tiny-progidiff cannot segment it" in err
+
+    segmentation = slicerio.read_segmentation(str(output))
+    np.testing.assert_allclose(segmentation["ijkToLPS"], ijk_to_lps(OBLIQUE), atol=1e-5)
+    assert segmentation["voxels"].shape[-3:] == tuple(reversed(OBLIQUE.array.shape))
+    fused = {segment["id"]: segment["tags"] for segment in segmentation["segments"]}
+    assert fused["liver"]["TextDiffSeg.model"] == "tiny,tiny-progidiff"
+    assert fused["kidney_left"]["TextDiffSeg.model"] == "tiny"
+    assert fused["liver"]["TextDiffSeg.proposals"] == "4" and fused["kidney_left"]["TextDiffSeg.proposals"] == "2"
+
+    written = sorted(path.name for path in proposals.iterdir())
+    assert written == [f"kidney_left_proposal{k}.seg.nrrd" for k in (1, 2)] + \
+        [f"liver_proposal{k}.seg.nrrd" for k in (1, 2, 3, 4)]
+    tags = [slicerio.read_segmentation(str(proposals / f"liver_proposal{k}.seg.nrrd"))["segments"][0]["tags"]
+            for k in (1, 2, 3, 4)]
+    assert [tag["TextDiffSeg.model"] for tag in tags] == ["tiny", "tiny", "tiny-progidiff", "tiny-progidiff"]
+    assert [tag["TextDiffSeg.seed"] for tag in tags] == ["0", "1", "0", "1"]
+    uncertainty = [tmp_path / f"uncertainty_{name}.nii.gz" for name in ("liver", "kidney_left")]
+    for path in [*proposals.iterdir(), *uncertainty]:
+        assert_same_geometry(read_volume(path), OBLIQUE)
+
+
+def test_one_model_on_the_command_line_gives_what_the_segmenter_gives(capsys, tmp_path, scan_file, tiny_model_dir):
+    output = tmp_path / "result.nii.gz"
+    code, _, err = run(capsys, "segment", "-i", scan_file, "-p", "liver", "-p", "spleen", "-o", output,
+                       "--model", tiny_model_dir, "--steps", 2, "--proposals", 2, "--progress", "none")
+    assert code == 0, err
+    liver, spleen = Segmenter.from_pretrained(tiny_model_dir).propose_many(OBLIQUE, ["liver", "spleen"], 2, 0, 2)
+    labels = read_volume(output).array
+    np.testing.assert_array_equal(labels == 1, liver.fused.astype(bool) & ~spleen.fused.astype(bool))
+    np.testing.assert_array_equal(labels == 2, spleen.fused.astype(bool))
+
+
+def test_the_worker_asks_a_list_of_models_together(tmp_path, scan_file, tiny_model_dir, liver_only_dir):
+    events = []
+    request = dict(id=1, command="segment", input=str(scan_file), prompts=["liver", "left kidney"], steps=2,
+                   model=[str(tiny_model_dir), str(liver_only_dir)], num_proposals=2, device="cpu",
+                   output_dir=str(tmp_path))
+    Worker(events.append).handle(request)
+    assert events[-1]["type"] == "result", events[-1]
+    liver, kidney = events[-1]["results"]
+    assert liver["models"] == ["tiny", "tiny", "tiny-progidiff", "tiny-progidiff"] and liver["seeds"] == [0, 1, 0, 1]
+    assert liver["model"] == "tiny,tiny-progidiff" and len(liver["proposals"]) == 4
+    assert kidney["models"] == ["tiny", "tiny"] and "left kidney is asked only of tiny" in kidney["warning"]
+    fractions = [event["fraction"] for event in events if event["type"] == "progress" and event["stage"] == "sample"]
+    assert fractions == sorted(fractions)
+
+
+@pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scans are no real CTs
+def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsys, tmp_path, dataset, tiny_model_dir,
+                                                                           liver_only_dir):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(capsys, "evaluate", "--data", dataset, "--model", f"{tiny_model_dir},{liver_only_dir}",
+                         "--proposals", 2, "--steps", 2, "--report", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "tiny,tiny-progidiff" and report["steps"] == 2
+    assert list(report["structures"]) == list(TINY_STRUCTURES)
+    assert [row["structure"] for row in report["rows"]] == list(TINY_STRUCTURES) * 3  # three cases
+    aurocs = [row["uncertainty_auroc"] for row in report["rows"]]
+    assert all(value is None or 0 <= value <= 1 for value in aurocs) and any(value is not None for value in aurocs)
+    assert "ensemble: mean dice" in out and "tiny-progidiff: mean dice" in out and "uncertainty auroc" in out
+
+    # Each model's scores are those it gets alone, on the structures it knows.
+    assert list(report["models"]) == ["tiny", "tiny-progidiff"]
+    for folder, structures in ((tiny_model_dir, list(TINY_STRUCTURES)), (liver_only_dir, ["liver", "spleen"])):
+        alone = evaluate(Segmenter.from_pretrained(folder), str(dataset), structures=structures, num_proposals=2,
+                         steps=2)
+        scores = report["models"][alone["model"]]
+        assert scores["rows"] == json.loads(json.dumps(alone["rows"]))
+        assert list(scores["structures"]) == structures and scores["steps"] == 2
+        assert scores["mean_uncertainty_auroc"] == alone["mean_uncertainty_auroc"]
