@@ -24,12 +24,15 @@ sys.path.insert(0, str(REPO))
 
 from TextDiffSegLib.evaluation import evaluate, mean_of_defined  # noqa: E402
 from TextDiffSegLib.model_card import format_score  # noqa: E402
+from TextDiffSegLib.modelio import load_model  # noqa: E402
+from TextDiffSegLib.registry import resolve_model  # noqa: E402
 from TextDiffSegLib.segmenter import Segmenter  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "btcv" / "dataset.json"
 ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
 COLUMNS = (("dice", "fused Dice", 3), ("single_dice", "single Dice", 3), ("oracle_dice", "Oracle@{k} Dice", 3),
-           ("hd95_mm", "HD95 (mm)", 1), ("nsd", "NSD (2 mm)", 3), ("proposal_slice_dice", "slice coherence", 3))
+           ("iou", "IoU", 3), ("hd95_mm", "HD95 (mm)", 1), ("nsd", "NSD (2 mm)", 3),
+           ("proposal_slice_dice", "slice coherence", 3))
 
 
 def table(reports: dict[str, dict]) -> list[str]:
@@ -46,6 +49,11 @@ def table(reports: dict[str, dict]) -> list[str]:
             format_score(mean_of_defined([report["structures"][o][key] for o in ORGANS]), digits) for key, _, digits in COLUMNS)
                      + " |")
     return lines
+
+
+def parameter_count(name: str) -> str:
+    """The parameters of a model (by name or folder), in millions."""
+    return f"{sum(p.numel() for p in load_model(resolve_model(name)).parameters()) / 1e6:.2f} M"
 
 
 def main() -> None:
@@ -85,6 +93,7 @@ def main() -> None:
         "Slice coherence: the mean Dice between neighbouring slices of each proposal (on the scan's own slices), "
         "averaged over proposals and cases. The manual labels' own, for comparison: "
         + ", ".join(f"{organ} {format_score(value, 3)}" for organ, value in reference.items()) + ".", "",
+        "Parameters: " + ", ".join(f"{name} {parameter_count(name)}" for name in reports) + ".", "",
         "Seconds per case (six organs, this machine's CPU): "
         + ", ".join(f"{name} {report['seconds_per_case']:.0f} s on {report['device']}" for name, report in reports.items())
         + ".",
