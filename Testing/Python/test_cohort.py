@@ -132,3 +132,14 @@ def test_cohort_mistakes_are_refused_before_any_work(capsys, tiny_model_dir, coh
         code, out, err = segment(capsys, tiny_model_dir, *arguments)
         assert code == 2 and out == "" and all(word in err for word in words), err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_states_the_cohort_benchmark():
+    """The README's cohort figures are those of ``benchmarks/cohort.py``'s last run."""
+    root = Path(__file__).resolve().parents[2]
+    figures = json.loads((root / "benchmarks" / "results" / "cohort.json").read_text())
+    flat = " ".join((root / "README.md").read_text().split())
+    assert figures["same_masks"] and figures["cases"] == 18
+    assert (f"the cohort took {figures['cohort_seconds_per_scan']:.1f} s a scan against "
+            f"{figures['loop_seconds_per_scan']:.1f} s for a new `textdiffseg segment` per scan (the loop "
+            f"{figures['loop_over_cohort']:.2f} times as long)") in flat
