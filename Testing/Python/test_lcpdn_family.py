@@ -116,8 +116,10 @@ def test_the_ablations_change_the_modules_as_the_papers_table_2():
     assert any(isinstance(m, nn.MultiheadAttention) for m in attention.fusions.modules())
     assert attention.segment(torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.tensor(50), text()).shape \
         == (1, 1, 16, 16)
-    assert "without CPRFL" in card_text(without_cprfl.config)[1]
-    assert "cross-attention in place of LTFR" in card_text(attention.config)[1]
+    assert "without CPRFL" in card_text(without_cprfl.config)[2]
+    assert "cross-attention in place of LTFR" in card_text(attention.config)[2]
+    assert "folded 2 x 2 pixels into channels" in card_text(attention.config)[1]
+    assert len(card_text(tiny(stem=1).config)) == 1  # the paper's pixel-space U-Net: nothing to add
 
 
 def test_the_config_refuses_what_the_family_cannot_do():

@@ -351,6 +351,8 @@ def card_text(config: LCPDNConfig) -> list[str]:
     first, last = config.timestep_range
     parts = [f"{config.default_steps} timesteps read by default (spread over {first}-{last}), slice by slice: a "
              "diffusion U-Net's features of the noised slice, fused with the prompt, classified pixel by pixel"]
+    if config.stem > 1:
+        parts.append(f"the U-Net reads each slice folded {config.stem} x {config.stem} pixels into channels (`stem`)")
     if not config.cprfl:
         parts.append("without CPRFL (`cprfl`: the image does not prompt the U-Net)")
     elif config.clip_vision:
