@@ -3,6 +3,10 @@ worker processes drawing the batches (`--workers`); prints and writes ms per ste
 
     python benchmarks/training_speed.py [--device cpu|cuda] [--settings 16x0,16x1] [--steps 60]
         [--output benchmarks/results/training_speed-cpu.json]
+    torchrun --standalone --nproc_per_node N benchmarks/training_speed.py --device cuda ...
+
+Under torchrun the batch size is each process's, the samples per second those of all N processes together,
+and the figures go to ``training_speed-DEVICE-Nprocesses.json``.
 
 Each setting (BATCHxWORKERS) is a short run of the bundled model's recipe (the settings in its
 training.json: 160 x 160 crops) into a temporary folder; the figure is the median of its steps after the first third (start-up left out).
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from TextDiffSegLib.distributed import process_count, rank
 from TextDiffSegLib.machine import device_name
 from TextDiffSegLib.model_card import TRAINING_RECORD
 from TextDiffSegLib.registry import resolve_model
@@ -32,18 +37,21 @@ def setting(text: str) -> tuple[int, int]:
     return int(batch_size), int(workers)
 
 
-def measure(batch_size: int, workers: int, args: argparse.Namespace) -> dict:
+def measure(batch_size: int, workers: int, args: argparse.Namespace) -> dict | None:
+    """The figures of one setting; None in all but the main process, which alone logs the steps."""
     recipe = json.loads((resolve_model(MODEL) / TRAINING_RECORD).read_text())["settings"]
     with tempfile.TemporaryDirectory() as output:
         train(TrainSettings(**{
             **recipe, "data": str(DATA), "output": output, "init_from": MODEL, "diffusion_steps": args.steps,
             "checkpoint_every": args.steps, "device": args.device, "batch_size": batch_size, "workers": workers,
             "cache_dir": args.cache_dir}))
+        if rank() != 0:
+            return None
         with open(Path(output) / "loss_log.csv") as handle:
             seconds = [float(row["seconds"]) for row in csv.DictReader(handle)][args.steps // 3:]
     step = statistics.median(seconds)
-    return {"batch_size": batch_size, "workers": workers, "ms_per_step": round(step * 1000, 1),
-            "samples_per_second": round(batch_size / step, 1)}
+    return {"batch_size": batch_size, "workers": workers, "processes": process_count(),
+            "ms_per_step": round(step * 1000, 1), "samples_per_second": round(batch_size * process_count() / step, 1)}
 
 
 def main() -> None:
@@ -57,9 +65,14 @@ def main() -> None:
 
     figures = {"device": device_name(args.device), "threads": torch.get_num_threads(), "steps": args.steps, "results": []}
     for batch_size, workers in map(setting, args.settings.split(",")):
-        figures["results"].append(measure(batch_size, workers, args))
-        print(figures["results"][-1], flush=True)
-    output = Path(args.output or Path(__file__).parent / "results" / f"training_speed-{args.device}.json")
+        result = measure(batch_size, workers, args)
+        if result is not None:
+            figures["results"].append(result)
+            print(result, flush=True)
+    if rank() != 0:
+        return
+    processes = f"-{process_count()}processes" if process_count() > 1 else ""
+    output = Path(args.output or Path(__file__).parent / "results" / f"training_speed-{args.device}{processes}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(figures, indent=2) + "\n")
 
