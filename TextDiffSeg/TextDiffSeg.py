@@ -406,7 +406,7 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from TextDiffSegHelpers.gallery import Gallery
 
         self._proposals, self._volumeNode = proposals, volumeNode
-        self._galleries = [Gallery(item.scores) for item in proposals]
+        self._galleries = [Gallery(item.scores, item.models) for item in proposals]
         combo = self.ui.structureComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
@@ -563,7 +563,8 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         """Sample ``numProposals`` segmentations per prompt of ``volumeNode``.
 
         :param prompts: ``"liver; spleen"`` or a list of prompts.
-        :param model: a registered model name or a model folder; None for the default model.
+        :param model: a registered model name or a model folder; None for the default model; a list of them for an
+            ensemble, whose proposals are numbered across its models (``Proposals.models`` names each one's).
         :param device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (or ``"mps"`` on a Mac), as the command line's ``--device``.
         :param segmentationNode: if given, each prompt's fusion of all proposals is added to it.
         :param steps: denoising steps per proposal; None for the model's default.
@@ -652,8 +653,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         volumeNode, segmentationNode = request[1], request[2]
         if segmentationNode:
             for item in proposals:
-                self._addSegment(item, item.fusedMask(), volumeNode, segmentationNode,
-                                 seeds=item.seeds, numbers=range(1, len(item) + 1))
+                self._addSegment(item, item.fusedMask(), volumeNode, segmentationNode, numbers=range(1, len(item) + 1))
         return proposals
 
     # --- results into the scene ---------------------------------------------------------------
@@ -662,8 +662,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         """Add proposal ``number`` (from 1) as a new segment; returns its ID. Existing segments are kept."""
         if not 1 <= number <= len(proposals):
             raise ValueError(_("There is no proposal {number}; there are {count}.").format(number=number, count=len(proposals)))
-        return self._addSegment(proposals, proposals.mask(number - 1), volumeNode, segmentationNode,
-                                seeds=[proposals.seeds[number - 1]], numbers=[number])
+        return self._addSegment(proposals, proposals.mask(number - 1), volumeNode, segmentationNode, numbers=[number])
 
     def fuseProposals(self, proposals, numbers, volumeNode, segmentationNode) -> str:
         """Add the fusion of proposals ``numbers`` (voxels at least half of them hold) as a new segment; returns its ID."""
@@ -673,18 +672,18 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         if len(numbers) < 2 or not all(1 <= number <= len(proposals) for number in numbers):
             raise ValueError(_("Select at least two of the {count} proposals to fuse.").format(count=len(proposals)))
         mask = fuse([proposals.mask(number - 1) for number in numbers], method="mean")
-        return self._addSegment(proposals, mask, volumeNode, segmentationNode,
-                                seeds=[proposals.seeds[number - 1] for number in numbers], numbers=numbers)
+        return self._addSegment(proposals, mask, volumeNode, segmentationNode, numbers=numbers)
 
-    def _addSegment(self, proposals, mask, volumeNode, segmentationNode, seeds, numbers) -> str:
+    def _addSegment(self, proposals, mask, volumeNode, segmentationNode, numbers) -> str:
+        """``mask``, made of proposals ``numbers``, as a new segment tagged with their seeds and models."""
         from TextDiffSegHelpers import mrml
 
         structure = terminology.get_structure(proposals.structure)
-        numbers, seeds = list(numbers), list(seeds)
+        numbers = list(numbers)
         tags = {
             "prompt": proposals.prompt,
-            "model": proposals.model,
-            "seed": ",".join(str(seed) for seed in seeds),
+            "model": ",".join(dict.fromkeys(proposals.models[number - 1] for number in numbers)),
+            "seed": ",".join(str(proposals.seeds[number - 1]) for number in numbers),
             "proposal": str(numbers[0]) if len(numbers) == 1 else "fused " + ",".join(str(n) for n in numbers),
         }
         return mrml.addSegment(segmentationNode, volumeNode, mask, structure.display_name, structure.color,
@@ -856,7 +855,7 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
             mask[8:16, 20:40, 20:30 + 5 * number] = 1
             paths.append(str(write_volume(folder / f"proposal-{number}.nrrd", volume.with_array(mask))))
         return Proposals(prompt="the liver", structure="liver", model="test", seeds=list(range(count)),
-                         scores=[0.8] * count, proposalPaths=paths, fusedPath=paths[0], uncertaintyPath=paths[0],
+                         models=["test"] * count, scores=[0.8] * count, proposalPaths=paths, fusedPath=paths[0], uncertaintyPath=paths[0],
                          thumbnailPaths=[])
 
     def test_ParametersSurviveSceneSaveAndReload(self):

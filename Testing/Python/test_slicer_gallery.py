@@ -75,9 +75,10 @@ def test_thumbnail_png_is_read_back_as_written(tmp_path):
 
 
 def test_gallery_orders_by_agreement_and_tracks_the_selection():
-    gallery = Gallery([0.5, 0.9, 0.7, 0.9])
+    gallery = Gallery([0.5, 0.9, 0.7, 0.9], ["tiny"] * 4)
     assert gallery.order() == [2, 4, 3, 1]
     assert gallery.label(2) == "#2  0.90"
+    assert Gallery([0.5, 0.9], ["universal-btcv", "lcpdn"]).label(2) == "#2  lcpdn  0.90"  # an ensemble's
     assert not gallery.canAccept() and not gallery.canFuse()
     gallery.select([3])
     assert gallery.selected == [3] and gallery.canAccept() and not gallery.canFuse()

@@ -9,6 +9,7 @@ uncertainty nodes, polling and cancel, one worker shared by every Logic. The mod
 ScriptedLoadableModuleTest covers the rest in Slicer.
 """
 
+import dataclasses
 import sys
 import time
 import types
@@ -153,6 +154,12 @@ def test_accept_and_fuse_add_new_segments_and_keep_the_old(env, console_run):
                                   fuse([liver.mask(0), liver.mask(1)]))
     np.testing.assert_array_equal(
         mrml.maskFromSegment(segmentationNode, segmentation.GetNthSegmentID(0), env.volumeNode), before)
+    # An ensemble's proposals: each segment names the models of the proposals it is made of.
+    ensemble = dataclasses.replace(liver, model="tiny,other", models=["tiny", "other"])
+    segment = segmentation.GetSegment(env.logic.acceptProposal(ensemble, 2, env.volumeNode, segmentationNode))
+    assert _tag(segment, "TextDiffSeg.model") == "other"
+    segment = segmentation.GetSegment(env.logic.fuseProposals(ensemble, [1, 2], env.volumeNode, segmentationNode))
+    assert _tag(segment, "TextDiffSeg.model") == "tiny,other"
     with pytest.raises(ValueError, match="at least two"):
         env.logic.fuseProposals(liver, [1], env.volumeNode, segmentationNode)
     with pytest.raises(ValueError, match="no proposal 3"):

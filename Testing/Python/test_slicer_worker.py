@@ -71,7 +71,7 @@ def test_proposals_come_back_on_the_inputs_grid_with_progress(client, ct_file, t
     assert [r.structure for r in results] == ["liver", "kidney_left"]
     assert [r.prompt for r in results] == ["liver", "left kidney"]
     for result in results:
-        assert result.model == "tiny" and result.seeds == [7, 8]
+        assert result.model == "tiny" and result.seeds == [7, 8] and result.models == ["tiny", "tiny"]
         assert len(result.scores) == 2 and all(0 <= s <= 1 for s in result.scores)
         for path in result.proposalPaths + [result.fusedPath, result.uncertaintyPath]:
             image = sitk.ReadImage(path)

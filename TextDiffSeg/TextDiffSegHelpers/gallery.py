@@ -7,11 +7,12 @@ class Gallery:
     """Which of one prompt's proposals are selected, and what can be done with them.
 
     Proposals are numbered from 1 as the user sees them. One selected proposal can be accepted;
-    two or more can be fused.
+    two or more can be fused. ``models`` names each proposal's model: the labels name it where the
+    proposals come from several (an ensemble).
     """
 
-    def __init__(self, scores: list[float]):
-        self.scores = list(scores)
+    def __init__(self, scores: list[float], models: list[str]):
+        self.scores, self.models = list(scores), list(models)
         self.selected: list[int] = []
 
     def order(self) -> list[int]:
@@ -19,7 +20,8 @@ class Gallery:
         return sorted(range(1, len(self.scores) + 1), key=lambda number: (-self.scores[number - 1], number))
 
     def label(self, number: int) -> str:
-        return f"#{number}  {self.scores[number - 1]:.2f}"
+        model = f"  {self.models[number - 1]}" if len(set(self.models)) > 1 else ""
+        return f"#{number}{model}  {self.scores[number - 1]:.2f}"
 
     def select(self, numbers: list[int]) -> None:
         """Make ``numbers`` the selection (kept in increasing order)."""

@@ -289,7 +289,7 @@ class Proposals:
     """The worker's proposals for one prompt: files on the input volume's grid, read on demand.
 
     ``structure`` is the canonical name the prompt resolved to; ``seeds[i]`` reproduces proposal
-    ``i``; ``scores[i]`` is its agreement with the others (mean Dice, 1 = all agree); ``warning`` says
+    ``i`` with ``models[i]``, the model that sampled it (an ensemble's ``model`` names all of them); ``scores[i]`` is its agreement with the others (mean Dice, 1 = all agree); ``warning`` says
     when the fused mask's volume is far outside the sizes the model was trained on.
     """
 
@@ -297,6 +297,7 @@ class Proposals:
     structure: str
     model: str
     seeds: list[int]
+    models: list[str]
     scores: list[float]
     proposalPaths: list[str]
     fusedPath: str
@@ -333,6 +334,7 @@ def proposalsFromResult(event: dict) -> list[Proposals]:
                 structure=str(result["structure"]),
                 model=str(result["model"]),
                 seeds=[int(seed) for seed in result["seeds"]],
+                models=[str(model) for model in result["models"]],
                 scores=[float(score) for score in result["scores"]],
                 proposalPaths=[str(path) for path in result["proposals"]],
                 fusedPath=str(result["fused"]),
@@ -345,6 +347,7 @@ def proposalsFromResult(event: dict) -> list[Proposals]:
     except (KeyError, TypeError, ValueError) as error:
         raise WorkerError(f"The TextDiffSeg worker sent a malformed result ({error!r}); update the extension.") from None
     for item in proposals:
-        if not (len(item.proposalPaths) == len(item.seeds) == len(item.scores) > 0):
-            raise WorkerError(f"The TextDiffSeg worker sent mismatched proposals, seeds and scores for {item.prompt!r}.")
+        if not (len(item.proposalPaths) == len(item.seeds) == len(item.models) == len(item.scores) > 0):
+            raise WorkerError(f"The TextDiffSeg worker sent mismatched proposals, seeds, models and scores for "
+                              f"{item.prompt!r}.")
     return proposals
