@@ -324,14 +324,12 @@ def _proposal_counts(args, structures) -> list[int]:
 
 def _load_models(args):
     """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
-    from .ensemble import Ensemble, model_names
+    from .ensemble import asked_together, model_names
     from .machine import resolve_device
     from .segmenter import Segmenter
 
-    names, device = model_names(args.model), resolve_device(args.device)
-    if len(names) == 1:
-        return Segmenter.from_pretrained(names[0], device=device)
-    return Ensemble.from_pretrained(names, device=device)
+    device = resolve_device(args.device)
+    return asked_together([Segmenter.from_pretrained(name, device=device) for name in model_names(args.model)])
 
 
 def _print_result(args, written: dict, results: list, echo=print, **about) -> None:

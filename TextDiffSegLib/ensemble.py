@@ -34,6 +34,11 @@ def model_names(text: str | None) -> list[str | None]:
     return names
 
 
+def asked_together(segmenters: list[Segmenter]) -> "Segmenter | Ensemble":
+    """The one model, or the ``Ensemble`` of several: what a run given one or more models asks."""
+    return segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)
+
+
 class Ensemble:
     """Several loaded models. ``Ensemble.from_pretrained(["a", "b"], device="cpu")``, then ``propose_many``."""
 

@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .ensemble import Ensemble
+from .ensemble import asked_together
 from .errors import InputImageError, OutputError, TextDiffSegError, TextDiffSegWarning
 from .machine import resolve_device
 from .registry import resolve_model
@@ -99,8 +99,7 @@ class Worker:
             raise TextDiffSegError(f"model must be a model's name or folder, or a list of them, not {models!r}")
         device = str(request.get("device") or "auto")
         names = models if isinstance(models, list) else [models]
-        segmenters = [self._segmenter(name, device, report) for name in names]
-        segmenter = segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)
+        segmenter = asked_together([self._segmenter(name, device, report) for name in names])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TextDiffSegWarning)
             proposal_sets = segmenter.propose_many(
