@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -18,6 +19,18 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE + Dice of each sample (the mask autoencoder's loss in papers/002)."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
     return bce + soft_dice_loss(logits, target)
+
+
+_BATCH_DICE_CE = DiceCELoss(sigmoid=True, batch=True)
+
+
+def batch_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + Dice of the whole batch as one (nnU-Net's batch Dice; MONAI's ``DiceCELoss(batch=True)``), for a model
+    whose logits answer a prompt directly. With Dice per sample, a sample without the structure costs as much as a
+    missed one unless its mask is empty to the last pixel, so a prompt the model cannot yet tell apart is driven to
+    an empty mask everywhere, and stays there (LCPDN's first run: logits below -9 for every structure but the liver).
+    Over the batch, a false positive costs in proportion to its size."""
+    return _BATCH_DICE_CE(logits, target)
 
 
 def diffusion_target(scheduler, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor,

@@ -214,6 +214,26 @@ def test_training_denoises_the_images_first_then_segments_with_ce_and_dice():
                if not name.startswith(("unet.conv_norm_out", "unet.conv_out")))  # the noise prediction is not read
 
 
+def test_the_segmentation_loss_prices_a_false_positive_by_its_size_not_as_a_miss():
+    """Dice over the batch: a sample without the structure, answered with a few stray pixels, costs little. With a
+    Dice per sample it cost as much as missing the structure outright, and LCPDN's first run answered every prompt
+    but the liver's with an empty mask."""
+    recipe = LCPDNRecipe(tiny(), settings(), trainer())
+    recipe.text = TextEmbedding(torch.randn(2, 3, 384), torch.ones(2, 3), torch.randn(2, 384))
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, :, 4:12, 4:12] = 1  # the first sample has the structure, the second none
+    stray = masks * 20 - 10
+    stray[1, :, 0, :2] = 10  # two stray pixels where the structure is absent
+    missed = torch.full_like(masks, -10.0)  # nothing anywhere
+    segmentation = recipe.stages()[1]
+
+    def loss(logits):
+        recipe.model.segment = lambda *args: logits
+        return segmentation.loss((torch.rand(2, 1, 16, 16), masks, torch.tensor([0, 1]))).item()
+
+    assert loss(stray) < 0.1 and loss(missed) > 0.5
+
+
 @pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scan is not a real CT
 def test_textdiffseg_train_family_lcpdn_writes_a_model_the_segmenter_samples(dataset, tmp_path, capsys):  # noqa: F811
     from TextDiffSegLib import cli
