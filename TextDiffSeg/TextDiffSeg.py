@@ -39,6 +39,7 @@ from TextDiffSegLib import registry, terminology  # noqa: E402
 from TextDiffSegLib.errors import ModelError  # noqa: E402
 
 CHOOSE_MODEL_FOLDER = "<choose folder>"
+CHOOSE_SEVERAL_MODELS = "<choose several>"
 THUMBNAIL_SIZE = 128
 ROLE_ATTRIBUTE = "TextDiffSeg.Role"
 
@@ -92,7 +93,8 @@ class TextDiffSegParameterNode:
 
     inputVolume - The CT or MR volume to segment.
     prompt - What to segment; several structures separated by ";".
-    model - A registered model name or a model folder; empty for the default model.
+    model - A registered model name or a model folder; empty for the default model; several names joined by
+        commas ("a,b") for an ensemble, as the command line's --model.
     numProposals - Proposals sampled per structure.
     steps - Denoising steps per proposal; 0 for the model's default.
     seed - Random seed of the first proposal.
@@ -295,14 +297,21 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         default = registry.default_model_name()
-        for info in registry.list_models():
-            combo.addItem(info.name + (_(" (default)") if info.name == default else ""), info.name)
-            combo.setItemData(combo.count - 1, self.logic.describeModel(info), qt.Qt.ToolTipRole)
+        descriptions = {info.name: self.logic.describeModel(info) for info in registry.list_models()}
+        for name, description in descriptions.items():
+            combo.addItem(name + (_(" (default)") if name == default else ""), name)
+            combo.setItemData(combo.count - 1, description, qt.Qt.ToolTipRole)
         chosen = self._chosenModel()
-        if combo.findData(chosen) < 0:  # a model folder on this computer
+        names = registry.model_names(chosen)
+        if len(names) > 1:  # an ensemble
+            combo.addItem(" + ".join(names), chosen)
+            combo.setItemData(combo.count - 1, "\n\n".join(f"{name}: {descriptions.get(name, name)}" for name in names),
+                              qt.Qt.ToolTipRole)
+        elif combo.findData(chosen) < 0:  # a model folder on this computer
             combo.addItem(_("{folder} (folder)").format(folder=os.path.basename(chosen.rstrip("/\\"))), chosen)
             combo.setItemData(combo.count - 1, chosen, qt.Qt.ToolTipRole)
         combo.addItem(_("Choose a model folder..."), CHOOSE_MODEL_FOLDER)
+        combo.addItem(_("Ask several models together..."), CHOOSE_SEVERAL_MODELS)
         combo.currentIndex = combo.findData(chosen)
         combo.blockSignals(wasBlocked)
         self.ui.modelInfoLabel.text = combo.itemData(combo.currentIndex, qt.Qt.ToolTipRole) or ""
@@ -311,9 +320,39 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.ui.modelComboBox.itemData(index)
         if model == CHOOSE_MODEL_FOLDER:
             model = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a TextDiffSeg model folder"))
+        elif model == CHOOSE_SEVERAL_MODELS:
+            model = self._chooseSeveralModels()
         if model and self._parameterNode:
             self._parameterNode.model = model
         self.populateModels()
+
+    def _chooseSeveralModels(self) -> str:
+        """The registered models the user ticks, joined by commas (an ensemble); empty when cancelled."""
+        dialog = qt.QDialog(slicer.util.mainWindow())
+        dialog.setWindowTitle(_("Ask several models together"))
+        layout = qt.QVBoxLayout(dialog)
+        explanation = qt.QLabel(_(
+            "Each structure is asked of every ticked model that segments it. Their proposals are shown together, "
+            "labelled with their model, and fused into one segmentation and one uncertainty map."))
+        explanation.wordWrap = True
+        layout.addWidget(explanation)
+        modelList = qt.QListWidget()
+        ticked = registry.model_names(self._chosenModel())
+        for info in registry.list_models():
+            item = qt.QListWidgetItem(info.name)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if info.name in ticked else qt.Qt.Unchecked)
+            item.setToolTip(self.logic.describeModel(info))
+            modelList.addItem(item)
+        layout.addWidget(modelList)
+        buttons = qt.QDialogButtonBox(qt.QDialogButtonBox.Ok | qt.QDialogButtonBox.Cancel)
+        buttons.connect("accepted()", dialog.accept)
+        buttons.connect("rejected()", dialog.reject)
+        layout.addWidget(buttons)
+        if not dialog.exec_():
+            return ""
+        return ",".join(modelList.item(row).text() for row in range(modelList.count)
+                        if modelList.item(row).checkState() == qt.Qt.Checked)
 
     def _updateButtons(self) -> None:
         running = self.logic.isRunning()
@@ -347,8 +386,8 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameters = self._parameterNode
             self.logic.segment(
                 parameters.inputVolume, parameters.prompt, numProposals=parameters.numProposals, seed=parameters.seed,
-                model=parameters.model or None, device=parameters.device, steps=parameters.steps or None,
-                waitForCompletion=False,
+                model=registry.model_request(parameters.model), device=parameters.device,
+                steps=parameters.steps or None, waitForCompletion=False,
             )
             self.ui.uncertaintyCheckBox.checked = False
             self.showResults([], None)

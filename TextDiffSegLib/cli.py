@@ -311,9 +311,8 @@ def _scan_outputs(args, structures) -> tuple[Path, str, list[Path], list[list[Pa
 def _proposal_counts(args, structures) -> list[int]:
     """How many proposals of each structure a run gives: ``--proposals``, times the number of the ensemble's
     models that know it (read from their configs, before any model loads: the proposals' files are checked first)."""
-    from .ensemble import model_names
     from .modelio import read_config
-    from .registry import resolve_model
+    from .registry import model_names, resolve_model
 
     names = model_names(args.model)
     if len(names) == 1:
@@ -324,8 +323,9 @@ def _proposal_counts(args, structures) -> list[int]:
 
 def _load_models(args):
     """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
-    from .ensemble import asked_together, model_names
+    from .ensemble import asked_together
     from .machine import resolve_device
+    from .registry import model_names
     from .segmenter import Segmenter
 
     device = resolve_device(args.device)

@@ -23,17 +23,6 @@ from .terminology import Structure
 from .volume import Volume, as_volume
 
 
-def model_names(text: str | None) -> list[str | None]:
-    """The models ``--model`` names: ``a,b,c`` for an ensemble, one name or folder, or None (the default
-    model). A folder whose name holds a comma is one model."""
-    if text is None or Path(text).expanduser().is_dir():
-        return [text]
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise SettingsError(f"--model {text!r} names no model: give a model name or folder, or several as a,b,c")
-    return names
-
-
 def asked_together(segmenters: list[Segmenter]) -> "Segmenter | Ensemble":
     """The one model, or the ``Ensemble`` of several: what a run given one or more models asks."""
     return segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)

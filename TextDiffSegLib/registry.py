@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelError
+from .errors import ModelError, SettingsError
 from .resources import resources_dir
 
 REGISTRY_NAME = "registry.json"
@@ -48,6 +48,24 @@ def list_models() -> list[ModelInfo]:
 
 def default_model_name() -> str:
     return json.loads(_registry_file().read_text())["default"]
+
+
+def model_names(text: str | None) -> list[str | None]:
+    """The models ``--model`` names: ``a,b,c`` for an ensemble, one name or folder, or None (the default
+    model). A folder whose name holds a comma is one model."""
+    if text is None or Path(text).expanduser().is_dir():
+        return [text]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise SettingsError(f"--model {text!r} names no model: give a model name or folder, or several as a,b,c")
+    return names
+
+
+def model_request(text: str) -> str | list[str] | None:
+    """What a ``--model`` text asks a ``Segmenter`` or the worker for: None (the default model), one model,
+    or a list of them (an ensemble)."""
+    names = model_names(text or None)
+    return names if len(names) > 1 else names[0]
 
 
 def cache_dir() -> Path:

@@ -17,7 +17,7 @@ from conftest import TINY_STRUCTURES, rotation
 from test_cli import assert_same_geometry, ijk_to_lps, run
 from test_family_conformance import SCAN, TINY_FAMILIES, dataset, tiny_model  # noqa: F401 - dataset: a fixture
 
-from TextDiffSegLib.ensemble import Ensemble, model_names
+from TextDiffSegLib.ensemble import Ensemble
 from TextDiffSegLib.evaluation import evaluate
 from TextDiffSegLib.errors import EnsembleWarning, PromptError, SettingsError
 from TextDiffSegLib.families import FAMILIES
@@ -140,16 +140,6 @@ def test_every_result_lies_on_the_input_grid(universal_model, liver_only):
 def test_a_model_named_twice_is_refused(universal_model):
     with pytest.raises(SettingsError, match="two of the ensemble's models are named 'tiny'"):
         Ensemble([universal_model, universal_model])
-
-
-def test_model_names_split_at_commas_unless_a_folder_is_named(tmp_path):
-    assert model_names("a, b,c") == ["a", "b", "c"]
-    assert model_names("universal-btcv") == ["universal-btcv"] and model_names(None) == [None]
-    folder = tmp_path / "model,v2"
-    folder.mkdir()
-    assert model_names(str(folder)) == [str(folder)]
-    with pytest.raises(SettingsError, match="names no model"):
-        model_names(" , ")
 
 
 # --- the command line and the worker ------------------------------------------------------------------

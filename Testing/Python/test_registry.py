@@ -7,9 +7,10 @@ import tarfile
 
 import pytest
 
-from TextDiffSegLib.errors import ModelError
+from TextDiffSegLib.errors import ModelError, SettingsError
 from TextDiffSegLib.modelio import load_model
-from TextDiffSegLib.registry import ModelInfo, default_model_name, download_model, list_models, resolve_model
+from TextDiffSegLib.registry import (ModelInfo, default_model_name, download_model, list_models, model_names, model_request,
+                                     resolve_model)
 
 
 def test_registry_lists_the_default_model_first():
@@ -21,6 +22,23 @@ def test_registry_lists_the_default_model_first():
 def test_listing_models_does_not_import_torch():
     code = "import sys; from TextDiffSegLib.registry import list_models; list_models(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_model_names_split_at_commas_unless_a_folder_is_named(tmp_path):
+    assert model_names("a, b,c") == ["a", "b", "c"]
+    assert model_names("universal-btcv") == ["universal-btcv"] and model_names(None) == [None]
+    folder = tmp_path / "model,v2"
+    folder.mkdir()
+    assert model_names(str(folder)) == [str(folder)]
+    with pytest.raises(SettingsError, match="names no model"):
+        model_names(" , ")
+
+
+def test_a_model_text_asks_for_the_default_model_one_model_or_an_ensemble():
+    """As the Slicer module passes its ``model`` parameter (``a,b`` when several models are ticked) to the worker."""
+    assert model_request("") is None
+    assert model_request("universal-btcv") == "universal-btcv"
+    assert model_request("universal-btcv, textdiffseg3d-btcv") == ["universal-btcv", "textdiffseg3d-btcv"]
 
 
 def test_a_folder_resolves_to_itself(tiny_model_dir):
