@@ -114,6 +114,7 @@ def write_dicom_seg(path: str | os.PathLike, source: list, segments: list[Segmen
         if np.shape(segment.mask) != shape:
             raise ValueError(f"mask of {segment.display_name!r} has shape {np.shape(segment.mask)}, not the DICOM "
                              f"series' {shape}")
+    algorithm_name = _long_string(algorithm_name)  # an ensemble's: its models' names, in full in each segment's tags
     descriptions = [_segment_description(number, segment, algorithm_name)
                     for number, segment in enumerate(segments, start=1)]
     pixels = np.stack([np.asarray(segment.mask) != 0 for segment in segments], axis=-1)  # [slice, row, column, segment]
@@ -130,7 +131,7 @@ def write_dicom_seg(path: str | os.PathLike, source: list, segments: list[Segmen
         manufacturer_model_name=MANUFACTURER,
         software_versions=__version__,
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        series_description=f"TextDiffSeg {algorithm_name}"[:64],
+        series_description=_long_string(f"TextDiffSeg {algorithm_name}"),
         omit_empty_frames=bool(pixels.any()),  # all empty: every frame is kept (highdicom would warn, then do so)
     )
     return write_atomically(path, lambda temp_path: seg.save_as(temp_path), overwrite)
@@ -154,6 +155,11 @@ def _segment_description(number: int, segment: SegmentOutput, algorithm_name: st
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             _coded(structure.type_modifier)]
     return description
+
+
+def _long_string(text: str) -> str:
+    """``text`` as a DICOM LO value: 64 characters at most, cut with "..." where longer."""
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _coded(code: tuple[str, str, str]):

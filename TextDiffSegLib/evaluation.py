@@ -116,6 +116,9 @@ def _row(case_id: str, result: ProposalSet, reference, image: Volume, rng: np.ra
                                                                image.spacing)),
         "size_warning": result.warning is not None,
         "sampling_scale": result.sampling_scale,
+        # each proposal's Dice and model, in order: Oracle@k and RandTop-3 over k (docs/proposal_curves.py)
+        "proposal_dice": [dice(proposal, reference) for proposal in result.proposals],
+        "proposal_models": list(result.models),
     }
 
 

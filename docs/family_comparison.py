@@ -2,14 +2,17 @@
 
 Every model segments the six organs of the project's targets in each case, in one call (kept apart),
 with the same proposals, seed and fusion, each at its own default number of sampling steps; the table
-gives per organ the fused, single-proposal and Oracle@k Dice, HD95 and NSD, and how coherent the
-proposals are along z (mean Dice of neighbouring slices) against the manual labels' own.
+gives per organ the fused, single-proposal and Oracle@k Dice, HD95 and NSD, how well the uncertainty map
+points at the fused mask's errors (AUROC), and how coherent the proposals are along z (mean Dice of
+neighbouring slices) against the manual labels' own.
 
     python docs/family_comparison.py [--models universal-btcv,textdiffseg3d-btcv] [--proposals 5]
         [--cases btcv_0007,btcv_0009,btcv_0028,btcv_0031]
 
 A model given as REPORT.json is not run again: that report of ``textdiffseg evaluate`` (or of this
-script) is used, and must cover the same cases, organs and proposals.
+script) is used, and must cover the same cases, organs and proposals. An ensemble's report
+(``textdiffseg evaluate --model a,b``) gives a row to each of its models, scored on the same proposals,
+and one to the ensemble.
 
 The default cases are the BTCV validation split that every bundled CT model kept out of training.
 """
@@ -25,14 +28,14 @@ sys.path.insert(0, str(REPO))
 from TextDiffSegLib.evaluation import evaluate, mean_of_defined  # noqa: E402
 from TextDiffSegLib.model_card import format_score  # noqa: E402
 from TextDiffSegLib.modelio import load_model  # noqa: E402
-from TextDiffSegLib.registry import resolve_model  # noqa: E402
+from TextDiffSegLib.registry import model_names, resolve_model  # noqa: E402
 from TextDiffSegLib.segmenter import Segmenter  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "btcv" / "dataset.json"
 ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
 COLUMNS = (("dice", "fused Dice", 3), ("single_dice", "single Dice", 3), ("oracle_dice", "Oracle@{k} Dice", 3),
            ("iou", "IoU", 3), ("hd95_mm", "HD95 (mm)", 1), ("nsd", "NSD (2 mm)", 3),
-           ("proposal_slice_dice", "slice coherence", 3))
+           ("uncertainty_auroc", "uncertainty AUROC", 3), ("proposal_slice_dice", "slice coherence", 3))
 
 
 def table(reports: dict[str, dict]) -> list[str]:
@@ -52,8 +55,20 @@ def table(reports: dict[str, dict]) -> list[str]:
 
 
 def parameter_count(name: str) -> str:
-    """The parameters of a model (by name or folder), in millions."""
-    return f"{sum(p.numel() for p in load_model(resolve_model(name)).parameters()) / 1e6:.2f} M"
+    """The parameters of a model (by name or folder), or of all an ensemble's (``a,b``), in millions."""
+    count = sum(p.numel() for part in model_names(name) for p in load_model(resolve_model(part)).parameters())
+    return f"{count / 1e6:.2f} M"
+
+
+def with_each_model(report: dict) -> dict[str, dict]:
+    """A report by the name of its row: an ensemble's as each of its models' (scored on the same proposals, its
+    seconds those of the ensemble) and the ensemble's own; any other as itself."""
+    if "models" not in report:
+        return {report["model"]: report}
+    shared = {key: report[key] for key in ("cases", "num_proposals", "seed", "fusion", "device")}
+    each = {name: {**shared, "model": name, "seconds_per_case": None, "command": report.get("command"), **scores}
+            for name, scores in report["models"].items()}
+    return {**each, "ensemble": report}
 
 
 def main() -> None:
@@ -70,7 +85,7 @@ def main() -> None:
             if (report["cases"], sorted(report["structures"]), report["num_proposals"]) != (
                     args.cases.split(","), sorted(ORGANS), args.proposals):
                 raise SystemExit(f"{model} covers other cases, organs or proposals than this comparison")
-            reports[report["model"]] = report
+            reports.update(with_each_model(report))
             continue
         report = evaluate(Segmenter.from_pretrained(model), str(DATA), case_ids=args.cases.split(","),
                           structures=list(ORGANS), num_proposals=args.proposals,
@@ -80,24 +95,31 @@ def main() -> None:
     reference = {organ: mean_of_defined([row["reference_slice_dice"] for row in next(iter(reports.values()))["rows"]
                                if row["structure"] == organ]) for organ in ORGANS}
     first = next(iter(reports.values()))
-    steps = ", ".join(f"{name}: {report['steps']}" for name, report in reports.items())
+    steps = ", ".join(f"{name}: {report['steps']}" for name, report in reports.items() if report["steps"])
     lines = [
         "# Model families side by side", "",
         f"BTCV validation cases {', '.join(first['cases'])} (kept out of every bundled CT model's training), "
         f"{first['num_proposals']} proposals from seed {first['seed']}, fusion `{first['fusion']}`, the six organs "
         "segmented together in one call and kept apart; each model at its own default number of sampling steps "
         f"({steps}). "
-        f"Written by `python docs/family_comparison.py --models {','.join(reports)} --cases {args.cases} "
+        f"Written by `python docs/family_comparison.py --models {args.models} --cases {args.cases} "
         f"--proposals {args.proposals}`; the full reports are in `{Path(args.output).with_suffix('.json').name}`.", "",
         *table(reports), "",
         "Slice coherence: the mean Dice between neighbouring slices of each proposal (on the scan's own slices), "
         "averaged over proposals and cases. The manual labels' own, for comparison: "
         + ", ".join(f"{organ} {format_score(value, 3)}" for organ, value in reference.items()) + ".", "",
-        "Parameters: " + ", ".join(f"{name} {parameter_count(name)}" for name in reports) + ".", "",
+        "Parameters: " + ", ".join(f"{name} {parameter_count(report['model'])}" for name, report in reports.items())
+        + ".", "",
         "Seconds per case (six organs, this machine's CPU): "
-        + ", ".join(f"{name} {report['seconds_per_case']:.0f} s on {report['device']}" for name, report in reports.items())
+        + ", ".join(f"{name} {report['seconds_per_case']:.0f} s on {report['device']}" for name, report in reports.items()
+                    if report["seconds_per_case"] is not None)
         + ".",
     ]
+    if "ensemble" in reports:
+        lines += ["", f"The ensemble is `{reports['ensemble']['model']}` (`textdiffseg evaluate --model "
+                      f"{reports['ensemble']['model']}`): each model's {first['num_proposals']} proposals of an organ, "
+                      "fused as one set; its Oracle@k is the best of all its models' proposals, its models' rows are their "
+                      "scores on the same proposals, and its seconds are those of all its models."]
     for name, report in reports.items():
         report.setdefault("command", f"python docs/family_comparison.py --models {name} --cases {args.cases} "
                                      f"--proposals {args.proposals}")

@@ -263,3 +263,12 @@ def test_segment_keeps_an_existing_dcm_unless_overwrite(capsys, tmp_path, series
     assert code == 0, err
     assert hd.seg.segread(output).SegmentSequence[0].SegmentLabel == "liver"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.dcm"]
+
+
+def test_an_ensemble_of_long_names_fits_dicoms_64_characters(source, segments, tmp_path):
+    """DICOM's AlgorithmName (LO) holds 64 characters; an ensemble's name joins its models' names."""
+    name = "universal-btcv,textdiffseg3d-btcv,progidiff-btcv,lcpdn-btcv,universal-chaos-t2-lora"
+    seg = hd.seg.segread(write_dicom_seg(tmp_path / "ensemble.dcm", source, segments, name))
+    (algorithm,) = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    assert algorithm.AlgorithmName == seg.SegmentSequence[0].SegmentAlgorithmName == name[:61] + "..."
+    assert len(seg.SeriesDescription) == 64

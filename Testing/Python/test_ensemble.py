@@ -226,6 +226,10 @@ def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsy
     aurocs = [row["uncertainty_auroc"] for row in report["rows"]]
     assert all(value is None or 0 <= value <= 1 for value in aurocs) and any(value is not None for value in aurocs)
     assert "ensemble: mean dice" in out and "tiny-progidiff: mean dice" in out and "uncertainty auroc" in out
+    for row in report["rows"]:  # each proposal's Dice and model, in order, for the curves over k
+        knows = ["tiny"] * 2 + (["tiny-progidiff"] * 2 if row["structure"] in ("liver", "spleen") else [])
+        assert row["proposal_models"] == knows and len(row["proposal_dice"]) == len(knows)
+        assert max(row["proposal_dice"]) == pytest.approx(row["oracle_dice"])
 
     # Each model's scores are those it gets alone, on the structures it knows.
     assert list(report["models"]) == ["tiny", "tiny-progidiff"]

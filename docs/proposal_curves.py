@@ -1,0 +1,92 @@
+"""Draw Oracle@k and RandTop-3 over the number of proposals k (the ProGiDiff paper's Fig. 3) for each model and
+ensemble of docs/family-comparison.json: docs/proposal-curves.png (+ .json).
+
+For each structure of each case, the evaluate report's rows keep every proposal's Dice and model in sampling
+order. At each k, the first k proposals of each model are taken (an ensemble of M models: k x M):
+Oracle@k is the best Dice among them, RandTop-3@k the expected Dice of one of the three best picked at random
+(the paper's simulated expert). Both are averaged over the cases of each organ, then over the organs, as the
+report's mean Dice is; the fused Dice of all the proposals is drawn at the last k.
+
+    python docs/proposal_curves.py [--comparison docs/family-comparison.json]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def first_of_each_model(row: dict, k: int) -> list[float]:
+    """The Dice of the first ``k`` proposals of each model in ``row``."""
+    taken, dices = {}, []
+    for dice, model in zip(row["proposal_dice"], row["proposal_models"]):
+        if taken.get(model, 0) < k:
+            taken[model] = taken.get(model, 0) + 1
+            dices.append(dice)
+    return dices
+
+
+def organ_mean(rows: list[dict], score) -> float:
+    """``score(row)`` averaged over the cases of each organ, then over the organs."""
+    organs = sorted({row["structure"] for row in rows})
+    return float(np.mean([np.mean([score(row) for row in rows if row["structure"] == organ]) for organ in organs]))
+
+
+def curves(report: dict) -> dict:
+    rows, count = report["rows"], report["num_proposals"]
+    ks = list(range(1, count + 1))
+    return {
+        "k": ks,
+        "oracle": [organ_mean(rows, lambda row, k=k: max(first_of_each_model(row, k))) for k in ks],
+        "randtop3": [organ_mean(rows, lambda row, k=k: float(np.mean(sorted(first_of_each_model(row, k))[-3:])))
+                     for k in ks],
+        "single": organ_mean(rows, lambda row: float(np.mean(row["proposal_dice"]))),
+        "fused": organ_mean(rows, lambda row: row["dice"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comparison", default=str(HERE / "family-comparison.json"))
+    parser.add_argument("--output", default=str(HERE / "proposal-curves.png"))
+    args = parser.parse_args()
+    reports = json.loads(Path(args.comparison).read_text())
+    missing = [name for name, report in reports.items() if "proposal_dice" not in report["rows"][0]]
+    if missing:
+        raise SystemExit(f"the reports of {', '.join(missing)} keep no Dice per proposal: evaluate them again "
+                         "(textdiffseg evaluate records proposal_dice since December 2026)")
+    figures = {name: curves(report) for name, report in reports.items()}
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for (name, values), colour in zip(figures.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        for axis, key in zip(axes, ("oracle", "randtop3")):
+            axis.plot(values["k"], values[key], "o-", color=colour, label=name)
+            axis.plot(values["k"][-1], values["fused"], "*", color=colour, markersize=12)
+    for axis, title in zip(axes, ("Oracle@k (best proposal)", "RandTop-3 (one of the three best, at random)")):
+        axis.set_title(title)
+        axis.set_xlabel("proposals per model, k")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice, mean of the organs")
+    axes[0].legend(title="star: fused, all proposals", fontsize=8)
+    first = next(iter(reports.values()))
+    figure.suptitle(f"BTCV validation cases {', '.join(first['cases'])}: {len(figures)} models and ensembles")
+    figure.tight_layout()
+    output = Path(args.output)
+    figure.savefig(output, dpi=120)
+    output.with_suffix(".json").write_text(json.dumps({"comparison": Path(args.comparison).name, "curves": figures},
+                                                      indent=2) + "\n")
+    print(f"wrote {output}")
+    for name, values in figures.items():
+        print(f"{name}: Oracle@k {' '.join(f'{v:.3f}' for v in values['oracle'])}; RandTop-3 "
+              f"{' '.join(f'{v:.3f}' for v in values['randtop3'])}; single {values['single']:.3f}; "
+              f"fused {values['fused']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
