@@ -1,6 +1,6 @@
 """Benchmark: segment one organ with 5 proposals on a BTCV case; print seconds and peak memory.
 
-    python benchmarks/segment_organ.py [--case btcv_0005] [--prompt liver] [--model NAME|DIR]
+    python benchmarks/segment_organ.py [--case btcv_0005] [--prompt liver] [--model NAME|DIR|A,B,...]
         [--proposals 5] [--device cpu] [--spacing X,Y,Z] [--repeats 3] [--output benchmarks/results/segment_organ.json]
 
 Model loading and reading the scan are timed apart from segmentation (what a warm Slicer worker
@@ -10,7 +10,8 @@ organ with 5 proposals.
 
 ``--prompt "liver; spleen"`` segments several organs in one run; ``--spacing 0.8,0.8,1`` first
 resamples the scan to that spacing, as a thin-slice CT of the same patient would come (many more
-voxels for every output on the input's grid, the same model grid).
+voxels for every output on the input's grid, the same model grid). ``--model a,b`` times an ensemble:
+each model's proposals, then their fusion (its peak memory holds every model).
 """
 
 import argparse
@@ -23,8 +24,10 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
+from TextDiffSegLib.ensemble import asked_together
 from TextDiffSegLib.machine import device_name
 from TextDiffSegLib.preprocessing import model_grid
+from TextDiffSegLib.registry import model_names
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.terminology import split_prompts
 from TextDiffSegLib.volume import Volume, from_sitk, read_volume, to_sitk
@@ -48,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    segmenter = Segmenter.from_pretrained(args.model, device=args.device)
+    names = model_names(args.model)
+    segmenter = asked_together([Segmenter.from_pretrained(name, device=args.device) for name in names])
     volume = read_volume(DATA / "imagesTr" / f"{args.case}.nii.gz")
     load_seconds = time.perf_counter() - started
     if args.spacing:
@@ -65,7 +69,8 @@ def main() -> None:
         seconds.append(round(time.perf_counter() - started, 2))
     figures = {
         "case": args.case, "prompt": args.prompt, "model": segmenter.name, "proposals": args.proposals,
-        "steps": args.steps or segmenter.config.default_steps, "device": args.device,
+        "steps": args.steps or (segmenter.config.default_steps if len(names) == 1 else "each model's default"),
+        "device": args.device,
         "cpu": device_name("cpu"), "threads": torch.get_num_threads(),
         "volume_shape": list(volume.array.shape), "spacing": list(volume.spacing), "load_seconds": round(load_seconds, 2),
         "segment_seconds": statistics.median(seconds), "segment_seconds_each": seconds,
