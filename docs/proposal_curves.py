@@ -66,16 +66,18 @@ def main() -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for (name, values), colour in zip(figures.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         for axis, key in zip(axes, ("oracle", "randtop3")):
-            axis.plot(values["k"], values[key], "o-", color=colour, label=name)
+            axis.plot(values["k"], values[key], "o--" if "models" in reports[name] else "o-", color=colour,
+                      label=name)
             axis.plot(values["k"][-1], values["fused"], "*", color=colour, markersize=12)
     for axis, title in zip(axes, ("Oracle@k (best proposal)", "RandTop-3 (one of the three best, at random)")):
         axis.set_title(title)
         axis.set_xlabel("proposals per model, k")
+        axis.set_xticks(range(1, max(len(values["k"]) for values in figures.values()) + 1))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("Dice, mean of the organs")
     axes[0].legend(title="star: fused, all proposals", fontsize=8)
     first = next(iter(reports.values()))
-    figure.suptitle(f"BTCV validation cases {', '.join(first['cases'])}: {len(figures)} models and ensembles")
+    figure.suptitle(f"BTCV validation cases {', '.join(first['cases'])}: Dice over the number of proposals")
     figure.tight_layout()
     output = Path(args.output)
     figure.savefig(output, dpi=120)

@@ -138,7 +138,8 @@ def test_the_readme_states_the_bundled_reports_and_benchmark():
 
 
 def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
-    """The README's summary of the 3D family is that of docs/family-comparison.json and of its benchmark."""
+    """The README's summary of the 3D family and of the ensemble is that of docs/family-comparison.json, and the
+    3D family's speed that of its benchmark."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "README.md").read_text().split())
     reports = json.loads((root / "docs" / "family-comparison.json").read_text())
@@ -152,6 +153,13 @@ def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
             f"{mean_of_six('universal-btcv'):.3f} for `universal-btcv` on the same cases") in flat
     assert (f"pancreas {three_d['pancreas']['dice']:.3f} and stomach {three_d['stomach']['dice']:.3f} "
             f"(`universal-btcv`: {universal['pancreas']['dice']:.3f} and {universal['stomach']['dice']:.3f})") in flat
+    ensemble = reports["ensemble"]
+    assert (f"The ensemble's mean fused Dice of the six organs is {ensemble['mean_dice']:.3f}, far below "
+            f"`universal-btcv`'s {mean_of_six('universal-btcv'):.3f} alone") in flat
+    assert (f"uncertainty AUROC {ensemble['mean_uncertainty_auroc']:.3f} against "
+            f"{reports['universal-btcv']['mean_uncertainty_auroc']:.3f} and "
+            f"{reports['textdiffseg3d-btcv']['mean_uncertainty_auroc']:.3f}") in flat
+    assert f"The run took {ensemble['seconds_per_case']:.0f} s per case" in flat
     benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ-textdiffseg3d-btcv.json").read_text())
     assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
             f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
