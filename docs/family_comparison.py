@@ -68,7 +68,12 @@ def with_each_model(report: dict) -> dict[str, dict]:
     shared = {key: report[key] for key in ("cases", "num_proposals", "seed", "fusion", "device")}
     each = {name: {**shared, "model": name, "seconds_per_case": None, "command": report.get("command"), **scores}
             for name, scores in report["models"].items()}
-    return {**each, "ensemble": report}
+    return {**each, ensemble_name(report["model"]): report}
+
+
+def ensemble_name(model: str) -> str:
+    """The row name of the ensemble ``a,b``."""
+    return f"ensemble ({' + '.join(model_names(model))})"
 
 
 def main() -> None:
@@ -115,11 +120,11 @@ def main() -> None:
                     if report["seconds_per_case"] is not None)
         + ".",
     ]
-    if "ensemble" in reports:
-        lines += ["", f"The ensemble is `{reports['ensemble']['model']}` (`textdiffseg evaluate --model "
-                      f"{reports['ensemble']['model']}`): each model's {first['num_proposals']} proposals of an organ, "
-                      "fused as one set; its Oracle@k is the best of all its models' proposals, its models' rows are their "
-                      "scores on the same proposals, and its seconds are those of all its models."]
+    if any("models" in report for report in reports.values()):
+        lines += ["", f"An ensemble (`textdiffseg evaluate --model a,b`) fuses each model's {first['num_proposals']} "
+                      "proposals of an organ as one set; its Oracle@k is the best of all its models' proposals, its "
+                      "models' rows are their scores on the same proposals (a model in two ensembles gets the same), "
+                      "and its seconds are those of all its models."]
     for name, report in reports.items():
         report.setdefault("command", f"python docs/family_comparison.py --models {name} --cases {args.cases} "
                                      f"--proposals {args.proposals}")

@@ -156,7 +156,7 @@ def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
             f"{mean_of_six('universal-btcv'):.3f} for `universal-btcv` on the same cases") in flat
     assert (f"pancreas {three_d['pancreas']['dice']:.3f} and stomach {three_d['stomach']['dice']:.3f} "
             f"(`universal-btcv`: {universal['pancreas']['dice']:.3f} and {universal['stomach']['dice']:.3f})") in flat
-    ensemble = reports["ensemble"]
+    ensemble = reports["ensemble (universal-btcv + textdiffseg3d-btcv)"]
     assert (f"The ensemble's mean fused Dice of the six organs is {ensemble['mean_dice']:.3f}, far below "
             f"`universal-btcv`'s {mean_of_six('universal-btcv'):.3f} alone") in flat
     assert (f"uncertainty AUROC {ensemble['mean_uncertainty_auroc']:.3f} against "
