@@ -142,7 +142,7 @@ def test_the_readme_states_the_bundled_reports_and_benchmark():
 
 def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
     """The README's summary of the 3D family and of the ensemble is that of docs/family-comparison.json, and the
-    3D family's speed that of its benchmark."""
+    speeds of the 3D and LCPDN families and of the ensemble of all CT models those of their benchmarks."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "README.md").read_text().split())
     reports = json.loads((root / "docs" / "family-comparison.json").read_text())
@@ -163,6 +163,12 @@ def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
             f"{reports['universal-btcv']['mean_uncertainty_auroc']:.3f} and "
             f"{reports['textdiffseg3d-btcv']['mean_uncertainty_auroc']:.3f}") in flat
     assert f"The run took {ensemble['seconds_per_case']:.0f} s per case" in flat
-    benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ-textdiffseg3d-btcv.json").read_text())
-    assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
+    for name in ("textdiffseg3d-btcv", "lcpdn-btcv"):
+        benchmark = json.loads((root / "benchmarks" / "results" / f"segment_organ-{name}.json").read_text())
+        assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
+                f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
+        assert f"`python benchmarks/segment_organ.py --model {name} --repeats 1" in flat
+    benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ-ensemble-ct.json").read_text())
+    assert benchmark["model"] == "universal-btcv,textdiffseg3d-btcv,lcpdn-btcv"
+    assert (f"one organ with 5 proposals of each takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
             f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
