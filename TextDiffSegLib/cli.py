@@ -323,13 +323,10 @@ def _proposal_counts(args, structures) -> list[int]:
 
 def _load_models(args):
     """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
-    from .ensemble import asked_together
+    from .ensemble import load_models
     from .machine import resolve_device
-    from .registry import model_names
-    from .segmenter import Segmenter
 
-    device = resolve_device(args.device)
-    return asked_together([Segmenter.from_pretrained(name, device=device) for name in model_names(args.model)])
+    return load_models(args.model, resolve_device(args.device))
 
 
 def _print_result(args, written: dict, results: list, echo=print, **about) -> None:

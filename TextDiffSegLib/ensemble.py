@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import EnsembleWarning, PromptError, SettingsError
+from .registry import model_names
 from .segmenter import (ProgressCallback, ProposalSet, Segmenter, check_sampling_settings, fused_proposal_set,
                         keep_apart, resolve_prompt_list, warn_of_sizes)
 from .terminology import Structure
@@ -26,6 +27,11 @@ from .volume import Volume, as_volume
 def asked_together(segmenters: list[Segmenter]) -> "Segmenter | Ensemble":
     """The one model, or the ``Ensemble`` of several: what a run given one or more models asks."""
     return segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)
+
+
+def load_models(text: str | None, device: str | torch.device = "cpu") -> "Segmenter | Ensemble":
+    """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
+    return asked_together([Segmenter.from_pretrained(name, device=device) for name in model_names(text)])
 
 
 class Ensemble:

@@ -24,10 +24,9 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from TextDiffSegLib.ensemble import asked_together
+from TextDiffSegLib.ensemble import load_models
 from TextDiffSegLib.machine import device_name
 from TextDiffSegLib.preprocessing import model_grid
-from TextDiffSegLib.registry import model_names
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.terminology import split_prompts
 from TextDiffSegLib.volume import Volume, from_sitk, read_volume, to_sitk
@@ -51,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    names = model_names(args.model)
-    segmenter = asked_together([Segmenter.from_pretrained(name, device=args.device) for name in names])
+    segmenter = load_models(args.model, device=args.device)
     volume = read_volume(DATA / "imagesTr" / f"{args.case}.nii.gz")
     load_seconds = time.perf_counter() - started
     if args.spacing:
@@ -69,7 +67,8 @@ def main() -> None:
         seconds.append(round(time.perf_counter() - started, 2))
     figures = {
         "case": args.case, "prompt": args.prompt, "model": segmenter.name, "proposals": args.proposals,
-        "steps": args.steps or (segmenter.config.default_steps if len(names) == 1 else "each model's default"),
+        "steps": args.steps or (segmenter.config.default_steps if isinstance(segmenter, Segmenter)
+                                  else "each model's default"),
         "device": args.device,
         "cpu": device_name("cpu"), "threads": torch.get_num_threads(),
         "volume_shape": list(volume.array.shape), "spacing": list(volume.spacing), "load_seconds": round(load_seconds, 2),
