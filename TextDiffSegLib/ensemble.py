@@ -109,8 +109,11 @@ class Ensemble:
                                               _share(report, index, len(working), segmenter.name))
                 for number, proposal_set in zip(mine, sets):
                     each[number][segmenter.name] = proposal_set
-        for message, category in dict.fromkeys((str(w.message), w.category) for w in caught):
-            warnings.warn(message, category, stacklevel=2)
+        once: dict = {}
+        for caught_warning in caught:
+            once.setdefault((str(caught_warning.message), caught_warning.category), caught_warning.message)
+        for message in once.values():
+            warnings.warn(message, stacklevel=2)
         return each
 
     def combine(self, volume: Volume, each: list[dict[str, ProposalSet]], fusion: str = "mean",
@@ -138,8 +141,9 @@ class Ensemble:
         for structure, models in zip(structures, asked):
             if len(models) < len(self.segmenters):
                 others = [s.name for s in self.segmenters if s not in models]
-                warnings.warn(f"{structure.display_name} is asked only of {', '.join(s.name for s in models)}: "
-                              f"{' and '.join(others)} cannot segment it", EnsembleWarning, stacklevel=3)
+                warnings.warn(EnsembleWarning(f"{structure.display_name} is asked only of "
+                                              f"{', '.join(s.name for s in models)}: {' and '.join(others)} cannot "
+                                              "segment it", structure.name), stacklevel=3)
         return asked
 
     def _widest_volume_ranges(self) -> dict[str, list[float]]:

@@ -48,4 +48,9 @@ class ScanWarning(TextDiffSegWarning):
 
 
 class EnsembleWarning(TextDiffSegWarning):
-    """A structure is asked only of the models of an ensemble that know it (``ensemble.Ensemble``)."""
+    """A structure is asked only of the models of an ensemble that know it (``ensemble.Ensemble``); ``structure``
+    names it, so that the Slicer worker says it with that structure's result alone."""
+
+    def __init__(self, message: str, structure: str):
+        super().__init__(message)
+        self.structure = structure

@@ -25,7 +25,7 @@ Each stdin line is one request::
 
 Every volume file is on the input volume's grid (masks uint8, uncertainty float32). ``model`` names the
 model (an ensemble's models asked for the structure, joined by commas), ``models`` each proposal's. ``warning``
-holds what was doubtful about the scan, which of an ensemble's models could not segment a structure, and a
+holds what was doubtful about the scan, which of an ensemble's models could not segment this structure, and a
 sentence where the fused mask's volume is far outside the model's training cases' (``typical_size``).
 An error a user can fix (``TextDiffSegError``) comes back with its message; anything else as a short
 message, with the traceback on stderr. The worker keeps serving after an error. Whatever libraries print goes to
@@ -105,14 +105,15 @@ class Worker:
             proposal_sets = segmenter.propose_many(
                 volume, prompts, num_proposals=num_proposals, seed=seed, steps=steps, callback=report
             )
-        notes = []
-        for caught_warning in caught:  # the engine's warnings are said with every result; others go to stderr
+        notes = []  # (the structure it concerns, or None for every one; the sentence)
+        for caught_warning in caught:  # the engine's warnings are said with the results; others go to stderr
             if issubclass(caught_warning.category, TextDiffSegWarning):
-                notes.append(str(caught_warning.message))
+                notes.append((getattr(caught_warning.message, "structure", None), str(caught_warning.message)))
             else:
                 warnings.showwarning(caught_warning.message, caught_warning.category, caught_warning.filename,
                                      caught_warning.lineno)
-        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails, notes)
+        return [_write(volume, proposals, output_dir / f"{number}-{proposals.structure.name}", thumbnails,
+                       [note for structure, note in notes if structure in (None, proposals.structure.name)])
                 for number, proposals in enumerate(proposal_sets, start=1)]
 
     def _segmenter(self, model, device: str, report: Callable[[dict], None]) -> Segmenter:
@@ -146,7 +147,8 @@ def _thumbnail_options(options) -> tuple[int, tuple[float, float] | None] | None
 
 def _write(volume: Volume, proposals: ProposalSet, folder: Path, thumbnails: tuple | None, notes: list[str]) -> dict:
     """Write one prompt's masks, uncertainty and thumbnails on the input grid; their paths and metadata (with
-    ``notes``, the engine's warnings of the run, before the size warning in ``warning``)."""
+    ``notes``, the engine's warnings of the run that concern this structure, before the size warning in
+    ``warning``)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, pictures = [], []
     for number, mask in enumerate(proposals.proposals, start=1):
