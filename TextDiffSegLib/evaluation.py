@@ -13,7 +13,7 @@ from .datasets import read_dataset
 from .errors import DataError
 from .ensemble import Ensemble
 from .machine import device_name
-from .metrics import (dice, hd95_mm, iou, neighbouring_slice_dice, normalized_surface_dice, oracle_dice,
+from .metrics import (dice, hd95_mm, iou, neighbouring_slice_dice, normalized_surface_dice, proposal_dices,
                       randtop3_dice, uncertainty_auroc)
 from .segmenter import ProposalSet, Segmenter
 from .terminology import resolve_prompt
@@ -100,11 +100,12 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
 
 def _row(case_id: str, result: ProposalSet, reference, image: Volume, rng: np.random.Generator) -> dict:
     """The scores of one structure's proposals and fused mask against its manual label."""
+    each_dice = [float(value) for value in proposal_dices(result.proposals, reference)]
     return {
         "case": case_id, "structure": result.structure.name,
         "dice": dice(result.fused, reference),
-        "single_dice": dice(result.proposals[0], reference),
-        "oracle_dice": oracle_dice(result.proposals, reference),
+        "single_dice": each_dice[0],
+        "oracle_dice": max(each_dice),
         "randtop3_dice": randtop3_dice(result.proposals, reference, rng),
         "iou": iou(result.fused, reference),
         "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
@@ -117,7 +118,7 @@ def _row(case_id: str, result: ProposalSet, reference, image: Volume, rng: np.ra
         "size_warning": result.warning is not None,
         "sampling_scale": result.sampling_scale,
         # each proposal's Dice and model, in order: Oracle@k and RandTop-3 over k (docs/proposal_curves.py)
-        "proposal_dice": [dice(proposal, reference) for proposal in result.proposals],
+        "proposal_dice": each_dice,
         "proposal_models": list(result.models),
     }
 

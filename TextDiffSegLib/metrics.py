@@ -194,8 +194,8 @@ def normalized_surface_dice(
     return within / (d_pred_ref.size + d_ref_pred.size)
 
 
-def _proposal_dices(proposals: Sequence[np.ndarray], ref: np.ndarray) -> np.ndarray:
-    """Dice of each proposal against the reference, after validating the inputs."""
+def proposal_dices(proposals: Sequence[np.ndarray], ref: np.ndarray) -> np.ndarray:
+    """Dice of each proposal against the reference (within the box of all the masks), after validating the inputs."""
     if isinstance(proposals, np.ndarray) or len(proposals) == 0:
         raise ValueError("proposals must be a non-empty list of masks")
     ref = np.asarray(ref)
@@ -214,7 +214,7 @@ def _proposal_dices(proposals: Sequence[np.ndarray], ref: np.ndarray) -> np.ndar
 
 def oracle_dice(proposals: Sequence[np.ndarray], ref: np.ndarray) -> float:
     """Oracle@k: the best Dice among the k proposals (ProGiDiff §4.5, an upper bound)."""
-    return float(_proposal_dices(proposals, ref).max())
+    return float(proposal_dices(proposals, ref).max())
 
 
 def randtop3_dice(
@@ -236,7 +236,7 @@ def randtop3_dice(
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
         raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
-    ranked = np.sort(_proposal_dices(proposals, ref))[::-1]
+    ranked = np.sort(proposal_dices(proposals, ref))[::-1]
     top = ranked[: min(3, ranked.size)]
     picks = rng.integers(0, top.size, size=int(n_draws))
     return float(top[picks].mean())
