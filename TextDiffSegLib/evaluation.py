@@ -35,7 +35,7 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
 
     An ``Ensemble`` is scored as one model, and each of its models on the same proposals, as it would be
     alone (``Ensemble.propose_each``; RandTop-3 from its own generator seeded with ``seed``): the report's
-    ``models`` holds each model's scores of the structures it knows (its ``steps``, ``structures``,
+    ``models`` holds each model's scores of the structures it knows (its ``steps``, ``parameters``, ``structures``,
     ``mean_dice``, ``mean_uncertainty_auroc``, ``rows`` and ``size_warnings``), and its ``steps`` is None
     where each model took its own default.
     """
@@ -89,13 +89,21 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
         "fusion": fusion, "largest_component": largest_component,
         "separate": separate, "second_look": second_look, "seed": seed,
         "device": f"{device.type} ({device_name(str(device))})",
-        "seconds_per_case": float(np.mean(seconds)), **_scores(rows, structures),
+        "seconds_per_case": float(np.mean(seconds)),
+        "parameters": sum(_parameters(model) for model in models) if ensemble is not None else _parameters(segmenter),
+        **_scores(rows, structures),
     }
     if ensemble is not None:
         report["models"] = {model.name: {"steps": steps or model.config.default_steps,
+                                         "parameters": _parameters(model),
                                          **_scores(rows_of[model.name], [s for s in structures if s in model.structures])}
                             for model in models}
     return report
+
+
+def _parameters(segmenter: Segmenter) -> int:
+    """How many parameters a loaded model has (a frozen CLIP vision model's included)."""
+    return sum(parameter.numel() for parameter in segmenter.model.parameters())
 
 
 def _row(case_id: str, result: ProposalSet, reference, image: Volume, rng: np.random.Generator) -> dict:

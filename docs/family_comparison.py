@@ -10,7 +10,8 @@ neighbouring slices) against the manual labels' own.
         [--cases btcv_0007,btcv_0009,btcv_0028,btcv_0031]
 
 A model given as REPORT.json is not run again: that report of ``textdiffseg evaluate`` (or of this
-script) is used, and must cover the same cases, organs and proposals. An ensemble's report
+script) is used, and must cover the same cases, organs and proposals; REPORT.json=ROW names its rows
+otherwise than by its model (an ablation, or an earlier model of the same name). An ensemble's report
 (``textdiffseg evaluate --model a,b``) gives a row to each of its models, scored on the same proposals,
 and one to the ensemble.
 
@@ -54,17 +55,19 @@ def table(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
-def parameter_count(name: str) -> str:
-    """The parameters of a model (by name or folder), or of all an ensemble's (``a,b``), in millions."""
-    count = sum(p.numel() for part in model_names(name) for p in load_model(resolve_model(part)).parameters())
+def parameter_count(report: dict) -> str:
+    """The parameters of a report's model, or of all an ensemble's, in millions: as the report says, or counted
+    from the model it names (reports written before evaluate recorded them)."""
+    count = report.get("parameters") or sum(p.numel() for part in model_names(report["model"])
+                                            for p in load_model(resolve_model(part)).parameters())
     return f"{count / 1e6:.2f} M"
 
 
-def with_each_model(report: dict) -> dict[str, dict]:
+def with_each_model(report: dict, row: str = "") -> dict[str, dict]:
     """A report by the name of its row: an ensemble's as each of its models' (scored on the same proposals, its
-    seconds those of the ensemble) and the ensemble's own; any other as itself."""
+    seconds those of the ensemble) and the ensemble's own; any other as itself, its row ``row`` or its model."""
     if "models" not in report:
-        return {report["model"]: report}
+        return {row or report["model"]: report}
     shared = {key: report[key] for key in ("cases", "num_proposals", "seed", "fusion", "device")}
     each = {name: {**shared, "model": name, "seconds_per_case": None, "command": report.get("command"), **scores}
             for name, scores in report["models"].items()}
@@ -84,13 +87,14 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).parent / "family-comparison.md"))
     args = parser.parse_args()
     reports = {}
-    for model in args.models.split(","):
+    for entry in args.models.split(","):
+        model, _, row = entry.partition("=")
         if model.endswith(".json"):
             report = json.loads(Path(model).read_text())
             if (report["cases"], sorted(report["structures"]), report["num_proposals"]) != (
                     args.cases.split(","), sorted(ORGANS), args.proposals):
                 raise SystemExit(f"{model} covers other cases, organs or proposals than this comparison")
-            reports.update(with_each_model(report))
+            reports.update(with_each_model(report, row))
             continue
         report = evaluate(Segmenter.from_pretrained(model), str(DATA), case_ids=args.cases.split(","),
                           structures=list(ORGANS), num_proposals=args.proposals,
@@ -113,7 +117,7 @@ def main() -> None:
         "Slice coherence: the mean Dice between neighbouring slices of each proposal (on the scan's own slices), "
         "averaged over proposals and cases. The manual labels' own, for comparison: "
         + ", ".join(f"{organ} {format_score(value, 3)}" for organ, value in reference.items()) + ".", "",
-        "Parameters: " + ", ".join(f"{name} {parameter_count(report['model'])}" for name, report in reports.items())
+        "Parameters: " + ", ".join(f"{name} {parameter_count(report)}" for name, report in reports.items())
         + ".", "",
         "Seconds per case (six organs, this machine's CPU): "
         + ", ".join(f"{name} {report['seconds_per_case']:.0f} s on {report['device']}" for name, report in reports.items()

@@ -241,3 +241,6 @@ def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsy
         assert scores["rows"] == json.loads(json.dumps(alone["rows"]))
         assert list(scores["structures"]) == structures and scores["steps"] == 2
         assert scores["mean_uncertainty_auroc"] == alone["mean_uncertainty_auroc"]
+        model = Segmenter.from_pretrained(folder).model
+        assert scores["parameters"] == alone["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["parameters"] == sum(scores["parameters"] for scores in report["models"].values())
