@@ -32,8 +32,8 @@ FUSED_SHA256 = {
     "textdiffseg3d-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE)
         "liver": "40674fe8862b89f44e3d8243847eca2e1ed6f7b4f82d9e437800046617b547bf",
     },
-    "lcpdn-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE): Dice 0.859
-        "liver": "4a9ee59922c9d3dd3d83ec5fae273c69b5b514919b243d6b3c0bbc6f41e870a6",
+    "lcpdn-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE): Dice 0.895
+        "liver": "5f900e2cfb1d567657813164c51a2b285b1cb3b56b9ed99a3857435cf558eea9",
     },
     "universal-chaos-t2-lora": {  # chaos_t2_03
         "liver": "05816038f4c09a9853ac47c1be16d379189e2838617a6660070b09c96025b3ae",
@@ -163,6 +163,16 @@ def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
             f"{reports['universal-btcv']['mean_uncertainty_auroc']:.3f} and "
             f"{reports['textdiffseg3d-btcv']['mean_uncertainty_auroc']:.3f}") in flat
     assert f"The run took {ensemble['seconds_per_case']:.0f} s per case" in flat
+    lcpdn = reports["lcpdn-btcv"]
+    assert lcpdn["rows"] == json.loads((resolve_model("lcpdn-btcv") / "evaluation.json").read_text())["rows"]
+    named = ("liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas")
+    assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: " + ", ".join(
+        f"{name} {lcpdn['structures'][organ]['dice']:.3f}" for name, organ in zip(named, organs))) in flat
+    ablated, first = reports["lcpdn-btcv-no-cprfl"]["structures"], reports["lcpdn-btcv first run (3400 steps)"]["structures"]
+    assert (f"the model scored {mean_of_six('lcpdn-btcv-no-cprfl'):.3f} against the first run's "
+            f"{mean_of_six('lcpdn-btcv first run (3400 steps)'):.3f} (" + ", ".join(
+                f"{name} {ablated[organ]['dice']:.3f} / {first[organ]['dice']:.3f}" for name, organ in zip(named, organs))
+            + ")") in flat
     for name in ("textdiffseg3d-btcv", "lcpdn-btcv"):
         benchmark = json.loads((root / "benchmarks" / "results" / f"segment_organ-{name}.json").read_text())
         assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
