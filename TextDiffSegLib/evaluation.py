@@ -14,7 +14,7 @@ from .errors import DataError
 from .ensemble import Ensemble
 from .machine import device_name
 from .metrics import (dice, hd95_mm, iou, neighbouring_slice_dice, normalized_surface_dice, proposal_dices,
-                      randtop3_dice, uncertainty_auroc)
+                      randtop3_of_dices, uncertainty_auroc)
 from .segmenter import ProposalSet, Segmenter
 from .terminology import resolve_prompt
 from .volume import Volume, read_volume
@@ -90,7 +90,7 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
         "separate": separate, "second_look": second_look, "seed": seed,
         "device": f"{device.type} ({device_name(str(device))})",
         "seconds_per_case": float(np.mean(seconds)),
-        "parameters": sum(_parameters(model) for model in models) if ensemble is not None else _parameters(segmenter),
+        "parameters": sum(_parameters(model) for model in models or [segmenter]),
         **_scores(rows, structures),
     }
     if ensemble is not None:
@@ -114,7 +114,7 @@ def _row(case_id: str, result: ProposalSet, reference, image: Volume, rng: np.ra
         "dice": dice(result.fused, reference),
         "single_dice": each_dice[0],
         "oracle_dice": max(each_dice),
-        "randtop3_dice": randtop3_dice(result.proposals, reference, rng),
+        "randtop3_dice": randtop3_of_dices(each_dice, rng),
         "iou": iou(result.fused, reference),
         "hd95_mm": _finite_or_none(hd95_mm(result.fused, reference, image.spacing)),
         "nsd": normalized_surface_dice(result.fused, reference, image.spacing),

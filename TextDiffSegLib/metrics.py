@@ -232,11 +232,16 @@ def randtop3_dice(
     picks drawn with ``rng``; it tends to the mean Dice of the top-3 proposals, so it lies between
     the third-best Dice and the oracle (``oracle_dice``).
     """
+    return randtop3_of_dices(proposal_dices(proposals, ref), rng, n_draws)
+
+
+def randtop3_of_dices(dices: Sequence[float], rng: np.random.Generator, n_draws: int = 1000) -> float:
+    """``randtop3_dice`` of proposals whose Dice against the reference is known (``proposal_dices``)."""
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
         raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
-    ranked = np.sort(proposal_dices(proposals, ref))[::-1]
+    ranked = np.sort(np.asarray(dices, dtype=float))[::-1]
     top = ranked[: min(3, ranked.size)]
     picks = rng.integers(0, top.size, size=int(n_draws))
     return float(top[picks].mean())
