@@ -32,8 +32,8 @@ FUSED_SHA256 = {
     "textdiffseg3d-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE)
         "liver": "40674fe8862b89f44e3d8243847eca2e1ed6f7b4f82d9e437800046617b547bf",
     },
-    "lcpdn-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE): Dice 0.895
-        "liver": "5f900e2cfb1d567657813164c51a2b285b1cb3b56b9ed99a3857435cf558eea9",
+    "lcpdn-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE): Dice 0.889
+        "liver": "1cb7662918f68cc009812ecc136f2029ec7bd7e846f4c07890848b28d6a88e0d",
     },
     "universal-chaos-t2-lora": {  # chaos_t2_03
         "liver": "05816038f4c09a9853ac47c1be16d379189e2838617a6660070b09c96025b3ae",

@@ -234,6 +234,21 @@ def test_the_segmentation_loss_prices_a_false_positive_by_its_size_not_as_a_miss
     assert loss(stray) < 0.1 and loss(missed) > 0.5
 
 
+def test_the_segmentation_loss_prices_a_missed_small_structure_as_a_missed_large_one():
+    """Beside a large structure found, a small one missed costs about half a missed Dice (the mean over the two
+    structures), not the small one's share of the batch's pixels."""
+    recipe = LCPDNRecipe(tiny(), settings(), trainer())
+    recipe.text = TextEmbedding(torch.randn(2, 3, 384), torch.ones(2, 3), torch.randn(2, 384))
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, :, 2:14, 2:14] = 1  # a large structure
+    masks[1, :, 7:9, 7:9] = 1  # a small one, 36 times smaller
+    found_large_only = masks * 20 - 10
+    found_large_only[1] = -10
+    recipe.model.segment = lambda *args: found_large_only
+    loss = recipe.stages()[1].loss((torch.rand(2, 1, 16, 16), masks, torch.tensor([0, 1]))).item()
+    assert loss > 0.5
+
+
 @pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scan is not a real CT
 def test_textdiffseg_train_family_lcpdn_writes_a_model_the_segmenter_samples(dataset, tmp_path, capsys):  # noqa: F811
     from TextDiffSegLib import cli

@@ -4,10 +4,11 @@ The paper reads the features of a pretrained diffusion U-Net; none exists here, 
 stages. First the U-Net, prompted through CPRFL, learns to denoise the images (the DDPM objective: the MSE of
 the noise, timesteps drawn over the whole schedule), ``--autoencoder-steps`` steps, the length of every
 family's first stage. Then everything but a frozen CLIP vision model trains end to end on the paper's loss,
-cross-entropy and Dice of the pixel-wise classifier's output (binary, as a prompt names one structure; the Dice
-of the whole batch, ``losses.batch_mask_loss``, as a Dice per sample collapses every prompt but the liver's to an
-empty mask), each sample's image noised at a timestep drawn from ``timestep_range``; ``--steps`` steps, whose
-moving average is saved. A model trained on from another (``init_from``) trains the second stage alone.
+cross-entropy and Dice of the pixel-wise classifier's output (binary, as a prompt names one structure). The Dice is
+of the whole batch (``losses.batch_mask_loss``), as a Dice per sample collapses every prompt but the liver's to an
+empty mask, plus the mean Dice of each structure's samples (``losses.structure_dice_loss``), so that a small
+structure counts as much as a large one. Each sample's image is noised at a timestep drawn from ``timestep_range``;
+``--steps`` steps, whose moving average is saved. A model trained on from another (``init_from``) trains the second stage alone.
 
 Samples are the universal family's 2D slice crops, one slice each (the paper's input is one image).
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
-from ..losses import batch_mask_loss
+from ..losses import batch_mask_loss, structure_dice_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage
@@ -74,4 +75,5 @@ class LCPDNRecipe(Recipe):
         noisy = noised(self.scheduler, images, torch.randn_like(images), timesteps)
         with self.trainer.autocast():
             logits = self.model.segment(noisy, images, timesteps, self._prompts(labels))
-        return batch_mask_loss(logits.float(), masks)
+        logits = logits.float()
+        return batch_mask_loss(logits, masks) + structure_dice_loss(logits, masks, labels)
