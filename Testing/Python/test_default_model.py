@@ -168,7 +168,18 @@ def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
     named = ("liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas")
     assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: " + ", ".join(
         f"{name} {lcpdn['structures'][organ]['dice']:.3f}" for name, organ in zip(named, organs))) in flat
-    ablated, first = reports["lcpdn-btcv-no-cprfl"]["structures"], reports["lcpdn-btcv first run (3400 steps)"]["structures"]
+    second, first_run = reports["lcpdn-btcv second run (batch Dice only)"], reports["lcpdn-btcv first run (3400 steps)"]
+    assert (f"(after the second run: {mean_of_six('lcpdn-btcv second run (batch Dice only)'):.3f} and "
+            f"{second['mean_uncertainty_auroc']:.3f}; after the first: "
+            f"{mean_of_six('lcpdn-btcv first run (3400 steps)'):.3f} and {first_run['mean_uncertainty_auroc']:.3f})") in flat
+    with_lcpdn = reports["ensemble (universal-btcv + lcpdn-btcv)"]
+    assert (f"the ensemble's mean fused Dice of the six organs is {with_lcpdn['mean_dice']:.3f}, between "
+            f"`universal-btcv`'s {mean_of_six('universal-btcv'):.3f} and `lcpdn-btcv`'s {mean_of_six('lcpdn-btcv'):.3f} "
+            f"alone") in flat
+    assert (f"Its uncertainty AUROC is {with_lcpdn['mean_uncertainty_auroc']:.3f} "
+            f"({reports['universal-btcv']['mean_uncertainty_auroc']:.3f} and {lcpdn['mean_uncertainty_auroc']:.3f} alone)") in flat
+    assert f"That run took {with_lcpdn['seconds_per_case']:.0f} s per case" in flat
+    ablated, first = reports["lcpdn-btcv-no-cprfl"]["structures"], first_run["structures"]
     assert (f"the model scored {mean_of_six('lcpdn-btcv-no-cprfl'):.3f} against the first run's "
             f"{mean_of_six('lcpdn-btcv first run (3400 steps)'):.3f} (" + ", ".join(
                 f"{name} {ablated[organ]['dice']:.3f} / {first[organ]['dice']:.3f}" for name, organ in zip(named, organs))
