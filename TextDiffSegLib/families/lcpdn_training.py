@@ -8,7 +8,8 @@ cross-entropy and Dice of the pixel-wise classifier's output (binary, as a promp
 of the whole batch (``losses.batch_mask_loss``), as a Dice per sample collapses every prompt but the liver's to an
 empty mask, plus the mean Dice of each structure's samples (``losses.structure_dice_loss``), so that a small
 structure counts as much as a large one. Each sample's image is noised at a timestep drawn from ``timestep_range``;
-``--steps`` steps, whose moving average is saved. A model trained on from another (``init_from``) trains the second stage alone.
+``--steps`` steps, whose moving average is saved. A model trained on from another (``init_from``) trains the
+second stage alone.
 
 Samples are the universal family's 2D slice crops, one slice each (the paper's input is one image).
 """
