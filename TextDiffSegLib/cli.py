@@ -183,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registered model name or model folder (default: the bundled model), or "
                                         "several as a,b,c: an ensemble, each model's proposals fused together")
+    parser.add_argument("--model-weights", metavar="FILE.json",
+                        help="an ensemble's weight of each model per structure in the mean probability: a JSON file "
+                             '({"pancreas": {"a": 1, "b": 0}, ...}), or the report of `textdiffseg evaluate` of the same '
+                             "models (the weights it chose); default: the models alike")
     parser.add_argument("--proposals", type=int, default=5, help="proposals sampled per structure (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -326,7 +330,25 @@ def _load_models(args):
     from .ensemble import load_models
     from .machine import resolve_device
 
-    return load_models(args.model, resolve_device(args.device))
+    return load_models(args.model, resolve_device(args.device), _model_weights(args.model_weights))
+
+
+def _model_weights(path: str | None) -> dict | None:
+    """``--model-weights``: each structure's model weights, from a JSON file of them or from an evaluate report."""
+    from .errors import SettingsError
+
+    if path is None:
+        return None
+    try:
+        weights = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"cannot read the model weights {path}: {error}") from None
+    if isinstance(weights, dict) and "weighting" in weights:  # an evaluate report of an ensemble
+        weights = weights["weighting"]["weights"]
+    if not isinstance(weights, dict) or not all(isinstance(value, dict) for value in weights.values()):
+        raise SettingsError(f"{path} holds no model weights: give each structure's weight of each model, "
+                            '{"pancreas": {"a": 1, "b": 0}, ...}, or an evaluate report of an ensemble')
+    return weights
 
 
 def _print_result(args, written: dict, results: list, echo=print, **about) -> None:
@@ -580,6 +602,10 @@ def _evaluate(args) -> int:
     for name, scores in report.get("models", {}).items():
         print(f"{name}: mean dice {format_score(scores['mean_dice'], 3)}, uncertainty auroc "
               f"{format_score(scores['mean_uncertainty_auroc'], 3)}")
+    cross_validated = report.get("weighting", {}).get("cross_validated")
+    if cross_validated:
+        print(f"ensemble weighed per structure, the weights chosen on the other cases: mean dice "
+              f"{format_score(cross_validated['mean_dice'], 3)}")
     print(f"{'ensemble: ' if 'models' in report else ''}mean dice {format_score(report['mean_dice'], 3)}, "
           f"uncertainty auroc {format_score(report['mean_uncertainty_auroc'], 3)}; "
           f"{report['seconds_per_case']:.1f} s per case; wrote {report_path}")

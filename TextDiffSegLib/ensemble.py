@@ -6,10 +6,15 @@ any one model's. Each model samples exactly as it does alone (``Segmenter.propos
 seeds and second look, and the results brought back to the input's grid); the ensemble then puts each
 structure's proposals of all its models in one ``ProposalSet`` (``models`` names each proposal's model),
 and fuses, scores, keeps apart and size-checks them as it would one model's.
+
+A model better at one structure than another can be given more say in it: ``weights`` (``--model-weights``) gives,
+per structure, each model's weight in the mean probability, which the mean fusion and the uncertainty map read;
+``textdiffseg evaluate`` measures which weights pay, cross-validated over the cases (``evaluation``).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from .errors import EnsembleWarning, PromptError, SettingsError
 from .registry import model_names
 from .segmenter import (ProgressCallback, ProposalSet, Segmenter, check_sampling_settings, fused_proposal_set,
                         keep_apart, resolve_prompt_list, warn_of_sizes)
-from .terminology import Structure
+from .terminology import Structure, resolve_prompt
 from .volume import Volume, as_volume
 
 
@@ -29,15 +34,27 @@ def asked_together(segmenters: list[Segmenter]) -> "Segmenter | Ensemble":
     return segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)
 
 
-def load_models(text: str | None, device: str | torch.device = "cpu") -> "Segmenter | Ensemble":
-    """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
-    return asked_together([Segmenter.from_pretrained(name, device=device) for name in model_names(text)])
+def load_models(text: str | None, device: str | torch.device = "cpu",
+                weights: dict[str, dict[str, float]] | None = None) -> "Segmenter | Ensemble":
+    """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``), with
+    ``weights`` (``Ensemble``'s), which only an ensemble takes."""
+    segmenters = [Segmenter.from_pretrained(name, device=device) for name in model_names(text)]
+    if weights and len(segmenters) == 1:
+        raise SettingsError("model weights weigh the models of an ensemble against each other: name several models "
+                            "(--model a,b), or leave the weights out")
+    return Ensemble(segmenters, weights) if weights else asked_together(segmenters)
 
 
 class Ensemble:
-    """Several loaded models. ``Ensemble.from_pretrained(["a", "b"], device="cpu")``, then ``propose_many``."""
+    """Several loaded models. ``Ensemble.from_pretrained(["a", "b"], device="cpu")``, then ``propose_many``.
 
-    def __init__(self, segmenters: list[Segmenter]):
+    ``weights``: per structure (a name or synonym), each model's weight in its mean probability, e.g.
+    ``{"pancreas": {"universal-btcv": 1, "lcpdn-btcv": 0}}`` (any scale, each model of the ensemble named); a
+    structure not listed weighs each model by its share of the proposals. Majority voting and STAPLE count every
+    proposal alike.
+    """
+
+    def __init__(self, segmenters: list[Segmenter], weights: dict[str, dict[str, float]] | None = None):
         names = [segmenter.name for segmenter in segmenters]
         if not names:
             raise SettingsError("an ensemble needs at least one model")
@@ -47,11 +64,13 @@ class Ensemble:
                                 "model asked twice gives the same proposals twice)")
         self.segmenters = list(segmenters)
         self.name = ",".join(names)
+        self.weights = checked_weights(weights or {}, names)
 
     @classmethod
-    def from_pretrained(cls, names_or_dirs: list[str | Path | None], device: str | torch.device = "cpu") -> "Ensemble":
+    def from_pretrained(cls, names_or_dirs: list[str | Path | None], device: str | torch.device = "cpu",
+                        weights: dict[str, dict[str, float]] | None = None) -> "Ensemble":
         """Load each model once (``Segmenter.from_pretrained``)."""
-        return cls([Segmenter.from_pretrained(name, device=device) for name in names_or_dirs])
+        return cls([Segmenter.from_pretrained(name, device=device) for name in names_or_dirs], weights)
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -117,13 +136,17 @@ class Ensemble:
         return each
 
     def combine(self, volume: Volume, each: list[dict[str, ProposalSet]], fusion: str = "mean",
-                largest_component: bool = True, separate: bool = True) -> list[ProposalSet]:
+                largest_component: bool = True, separate: bool = True,
+                weights: dict[str, dict[str, float]] | None = None) -> list[ProposalSet]:
         """The ensemble's sets of the ``propose_each`` sets of ``volume``: one per prompt, holding its models'
-        proposals, fused (``fusion``) and scored anew. With ``separate`` the fused masks are kept apart by the
-        ensemble's mean probabilities. A set's ``sampling_scale`` is the largest of its models' (where one
-        looked again at an enlarged structure), and its size is checked against the widest training range of
-        the models."""
-        results = [_combined(list(sets.values()), fusion, largest_component) for sets in each]
+        proposals, fused (``fusion``) and scored anew, the models' mean probabilities weighed by ``weights``
+        (structure names to model weights; None: the ensemble's). With ``separate`` the fused masks are kept
+        apart by the ensemble's mean probabilities. A set's ``sampling_scale`` is the largest of its models'
+        (where one looked again at an enlarged structure), and its size is checked against the widest training
+        range of the models."""
+        weights = self.weights if weights is None else weights
+        results = [_combined(list(sets.values()), fusion, largest_component,
+                             weights.get(next(iter(sets.values())).structure.name)) for sets in each]
         if separate and len(results) > 1:
             keep_apart(results, [result.fused for result in results], largest_component)
         warn_of_sizes(results, float(np.prod(volume.spacing)) / 1000, self._widest_volume_ranges())
@@ -157,14 +180,34 @@ class Ensemble:
         return ranges
 
 
-def _combined(sets: list[ProposalSet], fusion: str, largest_component: bool) -> ProposalSet:
+def checked_weights(weights: dict[str, dict[str, float]], names: list[str]) -> dict[str, dict[str, float]]:
+    """``Ensemble``'s ``weights`` by structure name, or ``SettingsError`` saying what is wrong with them."""
+    checked = {}
+    for structure, of_models in weights.items():
+        name = resolve_prompt(structure).name
+        if not isinstance(of_models, dict) or sorted(of_models) != sorted(names):
+            raise SettingsError(f"the model weights of {structure} must give each model of the ensemble a weight: "
+                                f"{', '.join(names)}; they give {of_models}")
+        values = list(of_models.values())
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values) or not sum(values):
+            raise SettingsError(f"the model weights of {structure} must be numbers, 0 or more, not all 0: {of_models}")
+        checked[name] = {model: float(weight) for model, weight in of_models.items()}
+    return checked
+
+
+def _combined(sets: list[ProposalSet], fusion: str, largest_component: bool,
+              weights: dict[str, float] | None = None) -> ProposalSet:
     """One structure's proposal sets, of the models asked, as one set: their proposals, seeds and models in
-    order, and the mean probability over all the proposals (each model's mean weighted by its share of
-    them; a single model's stays as it was), fused and scored anew."""
+    order, and the mean probability: of the models' means weighed by ``weights`` (model names to weights, the
+    models asked renormalised; where they all weigh 0, or without ``weights``: each model's mean by its share of
+    the proposals, so a single model's stays as it was), fused and scored anew."""
     proposals = [mask for proposal_set in sets for mask in proposal_set.proposals]
+    shares = [weights[proposal_set.model] for proposal_set in sets] if weights else []
+    if not sum(shares):
+        shares = [len(proposal_set.proposals) for proposal_set in sets]
     mean_probability = np.zeros_like(sets[0].mean_probability)
-    for proposal_set in sets:
-        mean_probability += np.float32(len(proposal_set.proposals) / len(proposals)) * proposal_set.mean_probability
+    for proposal_set, share in zip(sets, shares):
+        mean_probability += np.float32(share / sum(shares)) * proposal_set.mean_probability
     np.clip(mean_probability, 0, 1, out=mean_probability)  # shares like 1/3 can round past 1
     combined = fused_proposal_set(
         sets[0].structure, sets[0].prompt, ",".join(proposal_set.model for proposal_set in sets),

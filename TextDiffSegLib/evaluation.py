@@ -3,6 +3,7 @@ NSD, Oracle@k, RandTop-3, and whether the uncertainty map points at the errors (
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Callable
@@ -37,7 +38,9 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
     alone (``Ensemble.propose_each``; RandTop-3 from its own generator seeded with ``seed``): the report's
     ``models`` holds each model's scores of the structures it knows (its ``steps``, ``parameters``, ``structures``,
     ``mean_dice``, ``mean_uncertainty_auroc``, ``rows`` and ``size_warnings``), and its ``steps`` is None
-    where each model took its own default.
+    where each model took its own default. Its ``weighting`` says which model weights pay
+    (``cross_validated_weighting``): each row's ``weighted_dice`` is its fused Dice with every structure fused at
+    each of the ``weight_candidates``.
     """
     dataset = read_dataset(data, split)
     cases = dataset.select(case_ids)
@@ -59,6 +62,7 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
     models = ensemble.segmenters if ensemble is not None else []
     rng, rngs = np.random.default_rng(seed), {model.name: np.random.default_rng(seed) for model in models}
     rows, seconds = [], []
+    candidates = weight_candidates([model.name for model in models])
     rows_of = {model.name: [] for model in models}
     settings = dict(fusion=fusion, largest_component=largest_component, separate=separate)
     for index, case in enumerate(cases):
@@ -75,7 +79,13 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
             results = ensemble.combine(image, each, **settings)
         seconds.append(time.perf_counter() - started)
         references = {name: label.array == label_values[name] for name in structures}
-        rows += [_row(case.id, result, references[result.structure.name], image, rng) for result in results]
+        case_rows = [_row(case.id, result, references[result.structure.name], image, rng) for result in results]
+        if ensemble is not None:  # the same proposals fused at each candidate's weights
+            for weights in candidates:
+                weighted = ensemble.combine(image, each, weights={name: weights for name in structures}, **settings)
+                for row, result in zip(case_rows, weighted):
+                    row.setdefault("weighted_dice", []).append(dice(result.fused, references[result.structure.name]))
+        rows += case_rows
         for name, model_rows in rows_of.items():
             model_rows += [_row(case.id, sets[name], references[sets[name].structure.name], image, rngs[name])
                            for sets in each if name in sets]
@@ -94,11 +104,50 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
         **_scores(rows, structures),
     }
     if ensemble is not None:
+        report["weighting"] = {"weight_candidates": candidates,
+                               **cross_validated_weighting(rows, candidates, structures)}
         report["models"] = {model.name: {"steps": steps or model.config.default_steps,
                                          "parameters": _parameters(model),
                                          **_scores(rows_of[model.name], [s for s in structures if s in model.structures])}
                             for model in models}
     return report
+
+
+def weight_candidates(names: list[str], divisions: int = 4) -> list[dict[str, float]]:
+    """Every weighting of the models ``names`` in steps of 1 / ``divisions`` that sums to 1 (two models: 1 and 0,
+    0.75 and 0.25, ... 0 and 1)."""
+    return [dict(zip(names, (part / divisions for part in parts)))
+            for parts in itertools.product(range(divisions, -1, -1), repeat=len(names)) if sum(parts) == divisions]
+
+
+def cross_validated_weighting(rows: list[dict], candidates: list[dict[str, float]], structures: list[str]) -> dict:
+    """Which model weights pay, per structure, measured on cases the weights were not chosen on.
+
+    For each structure and case, the candidate whose mean ``weighted_dice`` over the **other** cases is highest (a
+    tie: the more even weights) is ``chosen``, and its fused Dice on this case counted (leave one case out): the
+    ``cross_validated`` ``mean_dice`` and each structure's ``dice`` are what weights chosen on some cases give on
+    another. ``weights`` are those chosen on all the cases, for ``--model-weights``. With one case, nothing is left
+    to choose on: ``cross_validated`` is None.
+    """
+    evenness = [-float(np.var(list(candidate.values()))) for candidate in candidates]
+    by_structure, cross_validated, weights = {}, {}, {}
+    for name in structures:
+        own = [row for row in rows if row["structure"] == name]
+        scores = np.array([row["weighted_dice"] for row in own])
+
+        def best(mask: np.ndarray) -> int:
+            means = scores[mask].mean(0)
+            return max(range(len(candidates)), key=lambda k: (round(float(means[k]), 6), evenness[k]))
+
+        weights[name] = candidates[best(np.ones(len(own), bool))]
+        if len(own) > 1:
+            chosen = [best(np.arange(len(own)) != i) for i in range(len(own))]
+            by_structure[name] = {"dice": float(np.mean([scores[i, k] for i, k in enumerate(chosen)])),
+                                  "chosen": [{"case": row["case"], **candidates[k]} for row, k in zip(own, chosen)]}
+    if by_structure:
+        cross_validated = {"mean_dice": mean_of_defined([s["dice"] for s in by_structure.values()]),
+                           "structures": by_structure}
+    return {"cross_validated": cross_validated or None, "weights": weights}
 
 
 def _parameters(segmenter: Segmenter) -> int:

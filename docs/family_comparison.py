@@ -55,6 +55,28 @@ def table(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def weighting_table(reports: dict[str, dict]) -> list[str]:
+    """Each weighed ensemble's fused Dice per organ: its models alike, and weighed per organ with the weights chosen
+    on the other cases (``evaluation.cross_validated_weighting``), with the weights chosen on all the cases."""
+    weighed = {name: report for name, report in reports.items() if (report.get("weighting") or {}).get("cross_validated")}
+    if not weighed:
+        return []
+    lines = ["| organ | ensemble | models alike | weighed, chosen on the other cases | weights chosen on all cases |",
+             "|---|---|---|---|---|"]
+    for organ in ORGANS:
+        for name, report in weighed.items():
+            weights = ", ".join(f"{model} {weight:g}" for model, weight in report["weighting"]["weights"][organ].items())
+            lines.append(f"| {organ} | {name} | {format_score(report['structures'][organ]['dice'], 3)} | "
+                         f"{format_score(report['weighting']['cross_validated']['structures'][organ]['dice'], 3)} | "
+                         f"{weights} |")
+    for name, report in weighed.items():
+        lines.append(f"| mean of the six | {name} | {format_score(report['mean_dice'], 3)} | "
+                     f"{format_score(report['weighting']['cross_validated']['mean_dice'], 3)} | |")
+    return ["", "An ensemble's models weighed per organ (`textdiffseg evaluate` fuses the same proposals at every "
+                "weighting in steps of 1/4): each case is scored with the weights whose mean fused Dice is highest "
+                "on the other cases, so no case is scored with weights chosen on it.", "", *lines]
+
+
 def parameter_count(report: dict) -> str:
     """The parameters of a report's model, or of all an ensemble's, in millions: as the report says, or counted
     from the model it names (reports written before evaluate recorded them)."""
@@ -113,7 +135,7 @@ def main() -> None:
         f"({steps}). "
         f"Written by `python docs/family_comparison.py --models {args.models} --cases {args.cases} "
         f"--proposals {args.proposals}`; the full reports are in `{Path(args.output).with_suffix('.json').name}`.", "",
-        *table(reports), "",
+        *table(reports), *weighting_table(reports), "",
         "Slice coherence: the mean Dice between neighbouring slices of each proposal (on the scan's own slices), "
         "averaged over proposals and cases. The manual labels' own, for comparison: "
         + ", ".join(f"{organ} {format_score(value, 3)}" for organ, value in reference.items()) + ".", "",

@@ -18,7 +18,7 @@ from test_cli import assert_same_geometry, ijk_to_lps, run
 from test_family_conformance import SCAN, TINY_FAMILIES, dataset, tiny_model  # noqa: F401 - dataset: a fixture
 
 from TextDiffSegLib.ensemble import Ensemble
-from TextDiffSegLib.evaluation import evaluate
+from TextDiffSegLib.evaluation import cross_validated_weighting, evaluate, weight_candidates
 from TextDiffSegLib.errors import EnsembleWarning, PromptError, SettingsError
 from TextDiffSegLib.families import FAMILIES
 from TextDiffSegLib.fusion import agreement_scores, fuse, uncertainty_map
@@ -137,6 +137,30 @@ def test_every_result_lies_on_the_input_grid(universal_model, liver_only):
     assert not (results[0].fused & results[1].fused).any()  # kept apart
 
 
+def test_weights_give_each_model_its_say_in_the_mean_probability(liver, universal_model, progidiff_model):
+    _, alone, _ = liver
+    weighed = Ensemble([universal_model, progidiff_model], {"Liver": {"tiny": 3, "tiny-progidiff": 1}}).propose(
+        OBLIQUE, "liver", **FAST, largest_component=False)
+    np.testing.assert_allclose(weighed.mean_probability,
+                               0.75 * alone[0].mean_probability + 0.25 * alone[1].mean_probability, atol=1e-6)
+    assert weighed.models == ["tiny", "tiny", "tiny-progidiff", "tiny-progidiff"]  # every proposal still shown
+    only_universal = Ensemble([universal_model, progidiff_model], {"liver": {"tiny": 1, "tiny-progidiff": 0}})
+    result = only_universal.propose(OBLIQUE, "liver", **FAST, largest_component=False)
+    np.testing.assert_array_equal(result.fused, alone[0].fused)
+    np.testing.assert_array_equal(result.uncertainty, alone[0].uncertainty)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"liver": {"tiny": 1}}, "must give each model of the ensemble a weight: tiny, tiny-progidiff"),
+    ({"liver": {"tiny": 1, "tiny-progidiff": -1}}, "numbers, 0 or more, not all 0"),
+    ({"liver": {"tiny": 0, "tiny-progidiff": 0}}, "numbers, 0 or more, not all 0"),
+    ({"liver": {"tiny": "a lot", "tiny-progidiff": 1}}, "numbers, 0 or more"),
+])
+def test_weights_that_do_not_fit_the_ensemble_are_refused(universal_model, progidiff_model, weights, message):
+    with pytest.raises(SettingsError, match=message):
+        Ensemble([universal_model, progidiff_model], weights)
+
+
 def test_a_model_named_twice_is_refused(universal_model):
     with pytest.raises(SettingsError, match="two of the ensemble's models are named 'tiny'"):
         Ensemble([universal_model, universal_model])
@@ -227,6 +251,7 @@ def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsy
     aurocs = [row["uncertainty_auroc"] for row in report["rows"]]
     assert all(value is None or 0 <= value <= 1 for value in aurocs) and any(value is not None for value in aurocs)
     assert "ensemble: mean dice" in out and "tiny-progidiff: mean dice" in out and "uncertainty auroc" in out
+    assert "the weights chosen on the other cases: mean dice" in out
     for row in report["rows"]:  # each proposal's Dice and model, in order, for the curves over k
         knows = ["tiny"] * 2 + (["tiny-progidiff"] * 2 if row["structure"] in ("liver", "spleen") else [])
         assert row["proposal_models"] == knows and len(row["proposal_dice"]) == len(knows)
@@ -244,3 +269,54 @@ def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsy
         model = Segmenter.from_pretrained(folder).model
         assert scores["parameters"] == alone["parameters"] == sum(p.numel() for p in model.parameters())
     assert report["parameters"] == sum(scores["parameters"] for scores in report["models"].values())
+
+    # The same proposals fused at each candidate weighting: the two models alike is the ensemble's own fusion, the
+    # first model alone what it gives alone.
+    weighting = report["weighting"]
+    assert [list(c.values()) for c in weighting["weight_candidates"]] == [[1, 0], [0.75, 0.25], [0.5, 0.5],
+                                                                          [0.25, 0.75], [0, 1]]
+    for row, alone in zip(report["rows"], report["models"]["tiny"]["rows"]):
+        assert len(row["weighted_dice"]) == 5 and row["weighted_dice"][2] == pytest.approx(row["dice"])
+        assert row["weighted_dice"][0] == pytest.approx(alone["dice"])
+    assert set(weighting["weights"]) == set(TINY_STRUCTURES)
+    assert set(weighting["cross_validated"]["structures"]) == set(TINY_STRUCTURES)
+
+    # The weights it chose segment with --model-weights REPORT.
+    code, out, err = run(capsys, "segment", "-i", dataset.parent / json.loads(dataset.read_text())["training"][0]["image"],
+                         "-p", "liver", "-o", tmp_path / "liver.seg.nrrd", "--model", f"{tiny_model_dir},{liver_only_dir}",
+                         "--model-weights", report_path, "--proposals", 2, "--steps", 2)
+    assert code == 0, err
+
+
+def test_cross_validated_weights_are_chosen_on_the_other_cases():
+    candidates = weight_candidates(["a", "b"], divisions=2)
+    assert candidates == [{"a": 1, "b": 0}, {"a": 0.5, "b": 0.5}, {"a": 0, "b": 1}]
+    rows = [{"case": case, "structure": "liver", "weighted_dice": dices}
+            for case, dices in (("c1", [0.9, 0.8, 0.1]), ("c2", [0.9, 0.8, 0.1]), ("c3", [0.2, 0.5, 0.9]))]
+    rows += [{"case": case, "structure": "spleen", "weighted_dice": [0.7, 0.7, 0.7]} for case in ("c1", "c2")]
+    weighting = cross_validated_weighting(rows, candidates, ["liver", "spleen"])
+    liver = weighting["cross_validated"]["structures"]["liver"]
+    # c1 and c2 are each scored with the weights best on the other two (a alone: 0.55, even: 0.65, b: 0.5); c3 with
+    # those best on c1 and c2 (a alone).
+    assert [(c["case"], c["a"]) for c in liver["chosen"]] == [("c1", 0.5), ("c2", 0.5), ("c3", 1)]
+    assert liver["dice"] == pytest.approx((0.8 + 0.8 + 0.2) / 3)
+    assert weighting["weights"]["liver"] == {"a": 0.5, "b": 0.5}  # on all three: 0.667, 0.7, 0.367
+    assert weighting["weights"]["spleen"] == {"a": 0.5, "b": 0.5}  # a tie goes to the even weights
+    assert weighting["cross_validated"]["mean_dice"] == pytest.approx((liver["dice"] + 0.7) / 2)
+    assert cross_validated_weighting(rows[:1], candidates, ["liver"])["cross_validated"] is None  # one case only
+
+
+def test_model_weights_that_cannot_be_used_are_refused_with_what_to_do(capsys, tmp_path, scan_file, tiny_model_dir,
+                                                                      liver_only_dir):
+    not_weights = tmp_path / "list.json"
+    not_weights.write_text("[1, 2]")
+    one_model = tmp_path / "weights.json"
+    one_model.write_text(json.dumps({"liver": {"tiny": 1}}))
+    for models, weights, message in ((f"{tiny_model_dir},{liver_only_dir}", tmp_path / "missing.json",
+                                      "cannot read the model weights"),
+                                     (f"{tiny_model_dir},{liver_only_dir}", not_weights, "holds no model weights"),
+                                     (str(tiny_model_dir), one_model, "name several models")):
+        code, out, err = run(capsys, "segment", "-i", scan_file, "-p", "liver", "-o", tmp_path / "out.seg.nrrd",
+                             "--model", models, "--model-weights", weights, "--proposals", 1, "--steps", 1)
+        assert code != 0 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out.seg.nrrd").exists()

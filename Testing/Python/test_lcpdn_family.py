@@ -15,7 +15,8 @@ from torch import nn
 
 from TextDiffSegLib.errors import DataError, ModelError
 from TextDiffSegLib.families.lcpdn import (LTFR, CLIPPatchEncoder, CrossAttentionFusion, LCPDNConfig, LCPDNModel,
-                                           LCPDNPredictor, PatchEncoder, card_text, pixel_tokens, replicated_tokens)
+                                           LCPDNPredictor, PatchEncoder, card_text, grown, pixel_tokens,
+                                           replicated_tokens)
 from TextDiffSegLib.families.lcpdn_training import LCPDNRecipe
 from TextDiffSegLib.text_encoders import TextEmbedding
 
@@ -126,17 +127,21 @@ def test_the_config_refuses_what_the_family_cannot_do():
     for options, message in ((dict(conditioning="learned"), "conditioning must be 'text'"),
                              (dict(window=(18, 18)), "multiple of 4"), (dict(fusion="sum"), "fusion must be"),
                              (dict(stem=0), "stem, unet_layers"),
+                             (dict(context_slices=-1), "context_slices must be 0 or more"),
                              (dict(timestep_range=(300, 50)), "timestep_range"),
                              (dict(cross_attention=(True,)), "cross_attention must say")):
         with pytest.raises(ModelError, match=message):
             LCPDNConfig(**{**TINY, **options})
 
 
+@pytest.mark.parametrize("inputs", [dict(), dict(context_slices=1, lateral_position=True)],
+                         ids=["one slice", "neighbours and position"])
 @pytest.mark.parametrize("shape", [(3, 40, 36), (40, 16, 16)], ids=["sliding windows", "two slice batches"])
-def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(shape):
-    predictor = LCPDNPredictor(tiny(), torch.device("cpu"))
+def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(shape, inputs):
+    predictor = LCPDNPredictor(tiny(**inputs), torch.device("cpu"))
     assert predictor.size_multiple == (1, 4, 4) and not predictor.mirrors  # the stem of 2, one downsampling
     prepared = predictor.prepare(np.random.default_rng(0).random(shape, dtype=np.float32), (6.0, 6.0, 9.0))
+    assert prepared.shape == (shape[0], predictor.config.image_channels, *shape[1:])
     condition = predictor.condition(text(), 0)
     steps = []
     first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
@@ -183,6 +188,42 @@ def test_a_missing_clip_vision_folder_is_refused(tmp_path):
         tiny(clip_vision=str(tmp_path))
 
 
+def test_neighbouring_slices_and_the_lateral_position_are_read_by_the_unet_and_the_patch_encoder():
+    model = tiny(context_slices=1, lateral_position=True)
+    assert (model.unet.config.in_channels, model.unet.config.out_channels) == (4 * 4, 3 * 4)  # folded by the stem
+    assert "1 neighbouring slices each side and the lateral position" in card_text(model.config)[1]
+    noisy, image, timestep = torch.randn(2, 3, 32, 24), torch.rand(2, 4, 32, 24), torch.tensor([50, 250])
+    with torch.no_grad():
+        prediction, _ = model.diffuse(noisy, image, timestep, text())
+        assert prediction.shape == noisy.shape  # the noise of the slice and of each neighbour
+        logits = model.segment(noisy, image, timestep, text())
+        assert logits.shape == (2, 1, 32, 24)
+        for changed in (noisy.clone(), image.clone()):  # a neighbour in the U-Net's input; the position
+            changed[:, -1] += 1
+            arguments = (changed, image) if changed.shape[1] == 3 else (noisy, changed)
+            assert not torch.allclose(model.segment(*arguments, timestep, text()), logits)
+
+
+@pytest.mark.parametrize("start, wider", [(dict(), dict(context_slices=1, lateral_position=True)),
+                                          (dict(context_slices=1, lateral_position=True), dict(context_slices=2))],
+                         ids=["one slice to three and the position", "three slices to five"])
+def test_a_grown_model_segments_as_the_model_it_grew_from(start, wider):
+    model = tiny(**start)
+    bigger = grown(model, LCPDNConfig(**{**TINY, **start, **wider})).eval()
+    old, new = model.config, bigger.config
+    image = torch.rand(2, new.image_channels, 32, 32)
+    noisy = torch.randn(2, new.slice_channels, 32, 32)
+    kept = list(range(new.context_slices - old.context_slices, new.context_slices + old.context_slices + 1))
+    old_image = torch.cat([image[:, kept], image[:, new.slice_channels:][:, :int(old.lateral_position)]], 1)
+    timestep = torch.tensor([50, 250])
+    with torch.no_grad():
+        torch.testing.assert_close(bigger.segment(noisy, image, timestep, text()),
+                                   model.segment(noisy[:, kept], old_image, timestep, text()))
+        prediction, _ = bigger.diffuse(noisy, image, timestep, text())
+        torch.testing.assert_close(prediction[:, kept], model.diffuse(noisy[:, kept], old_image, timestep, text())[0])
+        assert not prediction[:, [c for c in range(new.slice_channels) if c not in kept]].any()  # new slices: zero
+
+
 # --- training ----------------------------------------------------------------------------------------------------
 
 
@@ -212,6 +253,21 @@ def test_training_denoises_the_images_first_then_segments_with_ce_and_dice():
     segmentation.loss(batch).backward()
     assert all(p.grad is not None for name, p in model.named_parameters()
                if not name.startswith(("unet.conv_norm_out", "unet.conv_out")))  # the noise prediction is not read
+
+
+def test_training_noises_the_slice_and_its_neighbours_and_reads_the_position_clean():
+    model = tiny(context_slices=1, lateral_position=True).train()
+    recipe = LCPDNRecipe(model, settings(), trainer())
+    recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
+    images = torch.rand(2, 4, 16, 16)
+    seen = []
+    diffuse = model.diffuse
+    model.diffuse = lambda noisy, image, *args: seen.append((noisy, image)) or diffuse(noisy, image, *args)
+    batch = (images, (torch.rand(2, 1, 16, 16) > 0.5).float(), torch.tensor([0, 3]))
+    for stage in recipe.stages():
+        assert torch.isfinite(stage.loss(batch))
+    for noisy, image in seen:
+        assert noisy.shape == (2, 3, 16, 16) and torch.equal(image, images)
 
 
 def test_the_segmentation_loss_prices_a_false_positive_by_its_size_not_as_a_miss():

@@ -124,6 +124,24 @@ def test_training_wants_3d_patches_and_the_loss_trains_every_part():
         assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients), part
 
 
+def test_the_decoded_mask_loss_prices_a_false_positive_by_its_size_and_a_missed_small_structure_as_a_large_one():
+    masks = torch.zeros(3, 1, 8, 16, 16)
+    masks[0, :, 2:6, 2:14, 2:14] = 1  # a large structure
+    masks[1, :, 3:5, 7:9, 7:9] = 1  # a small one
+    reconstructed = masks * 20 - 10  # the autoencoder perfect
+    found = masks * 20 - 10
+    stray = found.clone()
+    stray[2, :, 0, 0, :2] = 10  # two stray voxels in the patch without the structure
+    missed_small = found.clone()
+    missed_small[1] = -10
+    labels = torch.tensor([0, 1, 2])
+
+    def loss(decoded):
+        return TextDiffSeg3DRecipe.segmentation_loss(decoded, reconstructed, masks, labels).item()
+
+    assert loss(stray) < 0.1 and loss(missed_small) > 0.4
+
+
 def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, capsys):
     """``textdiffseg train --family textdiffseg3d --crop Z,Y,X`` on two real CHAOS cases (tiny widths, 2 steps),
     then ``textdiffseg segment`` with the model it wrote."""

@@ -1,4 +1,5 @@
-"""scripts/widen_context.py: more neighbouring slices for the image encoder, same outputs until trained."""
+"""scripts/widen_context.py: more neighbouring slices for a 2.5D model, same outputs until trained (each family's
+``grown`` is checked on its own in its tests)."""
 
 import json
 import subprocess
@@ -11,9 +12,9 @@ from TextDiffSegLib.families.universal import UniversalModel
 from TextDiffSegLib.modelio import load_model, save_model
 
 
-def _model_folder(path, **config):
+def _model_folder(path, model=None, **config):
     torch.manual_seed(0)
-    folder = save_model(UniversalModel(tiny_config(**config)), path, half=False)
+    folder = save_model(model or UniversalModel(tiny_config(**config)), path, half=False)
     (folder / "training.json").write_text(json.dumps({"settings": {}, "split": {}, "notes": "run"}))
     return folder
 
@@ -66,3 +67,16 @@ def test_the_lateral_position_channel_starts_without_effect(tmp_path):
         torch.testing.assert_close(wide.image_encoder(widened_input), placed.image_encoder(slices), rtol=1e-3, atol=1e-3)
     again = _widen(tmp_path / "again", tmp_path / "placed", "--lateral-position")
     assert again.returncode != 0 and "already has that input" in again.stderr
+
+
+def test_an_lcpdn_model_is_widened_and_a_family_without_slices_refused(tmp_path):
+    from test_family_conformance import tiny_model
+
+    original = _model_folder(tmp_path / "lcpdn", tiny_model("lcpdn"))
+    done = _widen(tmp_path / "wide", original, "--context-slices", "1", "--lateral-position")
+    assert done.returncode == 0, done.stderr
+    wide = load_model(tmp_path / "wide")
+    assert (wide.config.family, wide.config.context_slices, wide.config.lateral_position) == ("lcpdn", 1, True)
+    assert wide.unet.config.in_channels == 4 * 4  # three slices and the position, folded by the stem of 2
+    refused = _widen(tmp_path / "3d", _model_folder(tmp_path / "a3d", tiny_model("textdiffseg3d")), "--context-slices", "1")
+    assert refused.returncode != 0 and "not a universal or LCPDN model" in refused.stderr

@@ -129,6 +129,9 @@ class Family:
     lora_targets: Callable[[nn.Module], list[str]]  # module names that get low-rank adapters
     retrained: Callable[[nn.Module], list[str]]  # parameter names retrained in full when adapting
     card_text: Callable[[ModelConfig], list[str]]  # how the model samples, for its card
+    # A model of a config that reads more of the scan (more context_slices, or a lateral_position it lacked)
+    # holding a trained model's weights, those of the new inputs zero (scripts/widen_context.py); None: cannot.
+    grown: Callable[[nn.Module, ModelConfig], nn.Module] | None = None
 
 
 def normalisation_parameters(model: nn.Module) -> list[str]:
@@ -136,3 +139,24 @@ def normalisation_parameters(model: nn.Module) -> list[str]:
     norms = {f"{name}." for name, module in model.named_modules()
              if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.BatchNorm3d))}
     return [name for name, _ in model.named_parameters() if any(name.startswith(n) for n in norms)]
+
+
+def widened_inputs(old: ModelConfig, new: ModelConfig) -> list[int]:
+    """Where each input channel of a 2.5D model reading ``old.context_slices`` neighbours each side (and
+    ``old.lateral_position``) goes in one of ``new``, which reads at least as much: the slices centred, the
+    lateral position after them (``preprocessing.slice_stacks``)."""
+    slices = [new.context_slices - old.context_slices + i for i in range(2 * old.context_slices + 1)]
+    return slices + ([2 * new.context_slices + 1] if old.lateral_position else [])
+
+
+def load_grown(bigger: nn.Module, model: nn.Module, placed: dict[str, tuple[int, torch.Tensor]]) -> nn.Module:
+    """``bigger`` holding ``model``'s weights, where the tensors named in ``placed`` (``name: (dim, index)``) have
+    grown along ``dim``: ``model``'s values at ``index``, zeros elsewhere (``Family.grown``)."""
+    state = bigger.state_dict()
+    for name, value in model.state_dict().items():
+        if name in placed and state[name].shape != value.shape:
+            dim, index = placed[name]
+            value = torch.zeros_like(state[name]).index_copy_(dim, index.to(value.device), value)
+        state[name] = value
+    bigger.load_state_dict(state)
+    return bigger

@@ -19,6 +19,13 @@ A pixel-wise classifier turns them into the mask of the structure the prompt nam
   timestep embedding; the U-Net still cross-attends the prompt) and ``fusion="cross_attention"`` (each scale's
   pixels attend the prompt's tokens, with a residual connection, instead of LTFR).
 
+With ``context_slices`` the U-Net reads each slice with that many neighbours each side, all noised (each with
+its own noise) and all denoised, and with ``lateral_position`` each pixel's left-right distance from the middle of the
+body, unnoised (``preprocessing.slice_stacks``, as the universal family's image encoder reads them); the patch encoder
+reads the same channels clean, a CLIP vision model the slice alone. The paper reads one slice: these are for the
+pancreas and stomach, which one slice shows poorly, and for telling left from right. ``grown`` turns a trained model
+into one that reads more of them, starting out exactly as it was.
+
 On this CPU the U-Net reads each slice folded ``stem`` x ``stem`` pixels into channels (a space-to-depth stem,
 ``F.pixel_unshuffle``; its noise prediction unfolded back): at ``stem=2`` its finest level runs on 5 mm pixels of
 the 2.5 mm slice, which costs a quarter of the pixel-space U-Net; the features are upsampled to the slice for the
@@ -47,7 +54,7 @@ from ..errors import ModelError
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler, windowed
 from ..text_encoders import TextEmbedding
-from .base import Predictor, StepCallback, normalisation_parameters
+from .base import Predictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
 from .universal import SLICE_BATCH
 
 FUSIONS = ("ltfr", "cross_attention")
@@ -67,6 +74,8 @@ class LCPDNConfig(ModelConfig):
     prediction_type: str = "epsilon"  # the U-Net is first trained as a DDPM on the images (the paper's pretrained one)
     default_steps: int = 3  # timesteps read (the paper's 50, 150, 250)
     timestep_range: tuple[int, int] = (50, 250)  # the first and last timestep read
+    context_slices: int = 0  # neighbouring slices on each side the U-Net and the patch encoder read (0: the paper's)
+    lateral_position: bool = False  # one more input channel: each pixel's left-right position in the body
     # The diffusion U-Net: widths per level, residual blocks per level, whether a level attends (self- and
     # cross-attention on the prompt's tokens), attention heads, group-norm groups.
     stem: int = 2  # the U-Net reads slices folded stem x stem pixels into channels (1: the pixel-space U-Net)
@@ -106,6 +115,8 @@ class LCPDNConfig(ModelConfig):
             found.append(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
         if len(self.encoder_channels) != 2 or min(self.encoder_channels) < 1:
             found.append(f"encoder_channels must be two positive widths, not {self.encoder_channels}")
+        if self.context_slices < 0:
+            found.append(f"context_slices must be 0 or more, not {self.context_slices}")
         if min(self.stem, self.unet_layers, self.prompt_dim, self.classifier_channels) < 1:
             found.append("stem, unet_layers, prompt_dim and classifier_channels must be at least 1")
         return found
@@ -115,19 +126,30 @@ class LCPDNConfig(ModelConfig):
         """In-plane sizes (model-grid voxels) the stem and the U-Net accept."""
         return self.stem * 2 ** (len(self.unet_channels) - 1)
 
+    @property
+    def slice_channels(self) -> int:
+        """The slice and its neighbours: the U-Net's noised input channels, whose noise it predicts."""
+        return 2 * self.context_slices + 1
+
+    @property
+    def image_channels(self) -> int:
+        """The input channels (``preprocessing.slice_stacks``): the slices, then the lateral position where asked."""
+        return self.slice_channels + int(self.lateral_position)
+
     def timesteps(self, count: int) -> torch.Tensor:
         """The ``count`` timesteps read, spread evenly over ``timestep_range``."""
         return torch.linspace(*self.timestep_range, count).round().long()
 
 
 class PatchEncoder(nn.Module):
-    """Slices [B, 1, H, W] to patch tokens [B, M, D] (16 x 16-pixel patches), trained here."""
+    """Slices [B, in_channels, H, W] to patch tokens [B, M, D] (16 x 16-pixel patches), trained here."""
 
-    def __init__(self, channels: tuple[int, int], norm_groups: int):
+    def __init__(self, in_channels: int, channels: tuple[int, int], norm_groups: int):
         super().__init__()
         self.width = channels[1]
-        self.layers = nn.Sequential(nn.Conv2d(1, channels[0], 4, stride=4), nn.GroupNorm(norm_groups, channels[0]),
-                                    nn.GELU(), nn.Conv2d(channels[0], channels[1], 4, stride=4))
+        self.layers = nn.Sequential(nn.Conv2d(in_channels, channels[0], 4, stride=4),
+                                    nn.GroupNorm(norm_groups, channels[0]), nn.GELU(),
+                                    nn.Conv2d(channels[0], channels[1], 4, stride=4))
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
         return self.layers(slices).flatten(2).transpose(1, 2)
@@ -135,10 +157,12 @@ class PatchEncoder(nn.Module):
 
 class CLIPPatchEncoder(nn.Module):
     """A frozen CLIP vision model from a local folder (saved with ``save_pretrained``): slices to its tokens
-    (the class token and the patches' [B, 1 + M, D]), each slice resized to its image size as three channels."""
+    (the class token and the patches' [B, 1 + M, D]), each slice (channel ``centre`` of the input) resized to its
+    image size as three channels."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, centre: int = 0):
         super().__init__()
+        self.centre = centre
         from transformers import CLIPVisionModel
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -153,6 +177,7 @@ class CLIPPatchEncoder(nn.Module):
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
         size = self.clip.config.image_size
+        slices = slices[:, self.centre:self.centre + 1]
         pixels = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
         return self.clip(pixel_values=(pixels - self.mean) / self.std).last_hidden_state
 
@@ -245,15 +270,16 @@ class LCPDNModel(nn.Module):
         # diffusers' attention_head_dim of this class is the number of heads (its documented naming slip).
         folded = config.stem ** 2  # channels of a slice folded by the stem
         self.unet = UNet2DConditionModel(
-            in_channels=folded, out_channels=folded, block_out_channels=config.unet_channels, layers_per_block=config.unet_layers,
+            in_channels=folded * config.image_channels, out_channels=folded * config.slice_channels,
+            block_out_channels=config.unet_channels, layers_per_block=config.unet_layers,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.cross_attention),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.cross_attention)),
             norm_num_groups=config.norm_groups, cross_attention_dim=config.text_embed_dim,
             attention_head_dim=config.attention_heads, class_embed_type="identity" if config.cprfl else None,
         )
         if config.cprfl:
-            self.image_encoder = (CLIPPatchEncoder(config.clip_vision) if config.clip_vision
-                                  else PatchEncoder(config.encoder_channels, config.norm_groups))
+            self.image_encoder = (CLIPPatchEncoder(config.clip_vision, config.context_slices) if config.clip_vision
+                                  else PatchEncoder(config.image_channels, config.encoder_channels, config.norm_groups))
             self.prompt = CPRFLPrompt(config.text_embed_dim, self.image_encoder.width, config.prompt_dim,
                                       4 * config.unet_channels[0])  # diffusers' timestep-embedding width
         widths = [config.unet_channels[levels - 1 - i] for i in range(levels)]  # the decoder blocks' outputs
@@ -265,8 +291,9 @@ class LCPDNModel(nn.Module):
 
     def diffuse(self, noisy: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor,
                 text: TextEmbedding) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The U-Net on ``noisy`` slices [B, 1, H, W] at ``timestep``, prompted by ``text`` (and, with CPRFL, the
-        clean ``image``): its noise prediction, and the outputs of its decoder blocks, coarsest first."""
+        """The U-Net on ``noisy`` slices [B, slice_channels, H, W] at ``timestep``, prompted by ``text`` (and, with
+        CPRFL, the clean ``image`` [B, image_channels, H, W], whose lateral position, where it has one, the U-Net
+        reads too): its noise prediction, and the outputs of its decoder blocks, coarsest first."""
         count = noisy.shape[0]
         tokens, mask = text.tokens.expand(count, -1, -1), text.mask.expand(count, -1)
         prompt = self.prompt(tokens, mask, self.image_encoder(image)) if self.config.cprfl else None
@@ -274,7 +301,8 @@ class LCPDNModel(nn.Module):
         hooks = [block.register_forward_hook(lambda module, inputs, output: features.append(output))
                  for block in self.unet.up_blocks]
         try:
-            prediction = self.unet(F.pixel_unshuffle(noisy, self.config.stem), timestep, tokens, class_labels=prompt,
+            inputs = torch.cat([noisy, image[:, self.config.slice_channels:]], 1)
+            prediction = self.unet(F.pixel_unshuffle(inputs, self.config.stem), timestep, tokens, class_labels=prompt,
                                    encoder_attention_mask=mask).sample
         finally:
             for hook in hooks:
@@ -305,8 +333,10 @@ class LCPDNPredictor(Predictor):
         return (1, self.config.size_multiple, self.config.size_multiple)
 
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
-        """The slices [z, 1, y, x], as training cuts them."""
-        return torch.from_numpy(slice_stacks(image, np.arange(image.shape[0]), 0))
+        """The slices [z, image_channels, y, x], as training cuts them."""
+        position_spacing = spacing[0] if self.config.lateral_position else 0.0
+        return torch.from_numpy(slice_stacks(image, np.arange(image.shape[0]), self.config.context_slices,
+                                             position_spacing))
 
     def condition(self, text: TextEmbedding | None, index: int) -> TextEmbedding:
         return TextEmbedding(text.tokens.to(self.device), text.mask.to(self.device), text.pooled.to(self.device))
@@ -322,15 +352,32 @@ class LCPDNPredictor(Predictor):
         for batch, start in enumerate(starts):
             slices = prepared[start:start + SLICE_BATCH].to(self.device)
             generator = torch.Generator().manual_seed(seed * 100003 + start)  # as universal.sample_slices seeds
-            noise = torch.randn(slices.shape, generator=generator).to(self.device)
-            logits = torch.zeros_like(slices)
+            count = config.slice_channels
+            noise = torch.randn((len(slices), count, *slices.shape[2:]), generator=generator).to(self.device)
+            logits = torch.zeros_like(slices[:, :1])
             for index, timestep in enumerate(timesteps):
-                inputs = torch.cat([noised(scheduler, slices, noise, timestep), slices], 1)
-                logits += windowed(lambda x, t=timestep: model.segment(x[:, :1], x[:, 1:], t, condition), inputs,
-                                   config.window)
+                inputs = torch.cat([noised(scheduler, slices[:, :count], noise, timestep), slices], 1)
+                logits += windowed(lambda x, t=timestep: model.segment(x[:, :count], x[:, count:], t, condition),
+                                   inputs, config.window)
                 on_step(batch * len(timesteps) + index + 1, len(starts) * len(timesteps))
             probabilities.append(torch.sigmoid(logits / len(timesteps)))
         return torch.cat(probabilities)[:, 0].float().cpu().numpy()
+
+
+def grown(model: LCPDNModel, config: LCPDNConfig) -> LCPDNModel:
+    """A model of ``config``, which reads more of the scan than ``model``, holding its weights (``Family.grown``):
+    the U-Net's first convolution and the patch encoder's have zero weights on the new inputs, the U-Net's last
+    predicts zero noise for the new slices, so it starts out segmenting exactly as ``model`` does."""
+    folded = config.stem ** 2
+
+    def unfolded(channels: list[int]) -> torch.Tensor:  # each channel's stem x stem pixels, as pixel_unshuffle folds them
+        return torch.tensor([channel * folded + k for channel in channels for k in range(folded)])
+
+    inputs = widened_inputs(model.config, config)
+    slices = inputs[:model.config.slice_channels]
+    return load_grown(LCPDNModel(config), model, {
+        "unet.conv_in.weight": (1, unfolded(inputs)), "unet.conv_out.weight": (0, unfolded(slices)),
+        "unet.conv_out.bias": (0, unfolded(slices)), "image_encoder.layers.0.weight": (1, torch.tensor(inputs))})
 
 
 def lora_targets(model: LCPDNModel) -> list[str]:
@@ -352,6 +399,10 @@ def card_text(config: LCPDNConfig) -> list[str]:
     first, last = config.timestep_range
     parts = [f"{config.default_steps} timesteps read by default (spread over {first}-{last}), slice by slice: a "
              "diffusion U-Net's features of the noised slice, fused with the prompt, classified pixel by pixel"]
+    if config.context_slices or config.lateral_position:
+        parts.append(f"the U-Net reads {config.context_slices} neighbouring slices each side"
+                     f"{' and the lateral position' if config.lateral_position else ''} (`context_slices`, "
+                     "`lateral_position`)")
     if config.stem > 1:
         parts.append(f"the U-Net reads each slice folded {config.stem} x {config.stem} pixels into channels (`stem`)")
     if not config.cprfl:

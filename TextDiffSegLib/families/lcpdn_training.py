@@ -11,7 +11,9 @@ structure counts as much as a large one. Each sample's image is noised at a time
 ``--steps`` steps, whose moving average is saved. A model trained on from another (``init_from``) trains the
 second stage alone.
 
-Samples are the universal family's 2D slice crops, one slice each (the paper's input is one image).
+Samples are the universal family's 2D slice crops: one slice each (the paper's input is one image), or the slice with
+its neighbours and lateral position as the config asks (``LCPDNConfig.context_slices``, ``lateral_position``); the
+U-Net denoises the slice and its neighbours, each noised with its own noise.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ class LCPDNRecipe(Recipe):
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
         settings = self.settings
         self.text = TextEmbedding(*(tensor.to(self.trainer.device) for tensor in (text.tokens, text.mask, text.pooled)))
-        return SliceSampler(cases, structures, tuple(settings.crop), 0, settings.present_fraction, settings.seed,
-                            settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
-                            near_slices=max(1, round(NEAR_NEGATIVE_MM / self.config.spacing[2])), gamma=settings.gamma)
+        config = self.config
+        return SliceSampler(cases, structures, tuple(settings.crop), config.context_slices, settings.present_fraction,
+                            settings.seed, settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
+                            near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])),
+                            position_spacing=config.spacing[0] if config.lateral_position else 0.0, gamma=settings.gamma)
 
     def stages(self) -> list[Stage]:
         settings = self.settings
@@ -60,20 +64,25 @@ class LCPDNRecipe(Recipe):
     def _prompts(self, labels: torch.Tensor) -> TextEmbedding:
         return TextEmbedding(self.text.tokens[labels], self.text.mask[labels], self.text.pooled[labels])
 
+    def _slices(self, images: torch.Tensor) -> torch.Tensor:
+        """The slice channels of a batch's images (its lateral position left out): what the U-Net denoises."""
+        return images[:, :self.config.slice_channels]
+
     def denoiser_loss(self, batch) -> torch.Tensor:
         images, _, labels = (tensor.to(self.trainer.device) for tensor in batch)
         timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=images.device)
-        noise = torch.randn_like(images)
+        noise = torch.randn_like(self._slices(images))
         with self.trainer.autocast():
-            prediction, _ = self.model.diffuse(noised(self.scheduler, images, noise, timesteps), images, timesteps,
-                                               self._prompts(labels))
+            prediction, _ = self.model.diffuse(noised(self.scheduler, self._slices(images), noise, timesteps), images,
+                                               timesteps, self._prompts(labels))
         return F.mse_loss(prediction.float(), noise)
 
     def segmentation_loss(self, batch) -> torch.Tensor:
         images, masks, labels = (tensor.to(self.trainer.device) for tensor in batch)
         first, last = self.config.timestep_range
         timesteps = torch.randint(first, last + 1, (len(labels),), device=images.device)
-        noisy = noised(self.scheduler, images, torch.randn_like(images), timesteps)
+        slices = self._slices(images)
+        noisy = noised(self.scheduler, slices, torch.randn_like(slices), timesteps)
         with self.trainer.autocast():
             logits = self.model.segment(noisy, images, timesteps, self._prompts(labels))
         logits = logits.float()

@@ -5,7 +5,10 @@ from the cross-modal embedding of the patch and the prompt what the model's pred
 clean latent, or the noise as in the paper. The loss is the MSE of that prediction (eq. 5: the noise MSE)
 plus BCE + Dice (eq. 4, binary per prompt) of the mask decoded from the clean latent the prediction
 implies, plus BCE + Dice of the mask decoded from the clean latent itself, so that the label decoder
-learns to read latents from the first step on. The noised latents are taken without gradient, so that
+learns to read latents from the first step on. The decoded mask answers the prompt, so its Dice is LCPDN's
+(``segmentation_loss``): of the whole batch, and of each structure's patches pooled, as a Dice per patch
+drives a prompt the model cannot yet place to an empty mask and lets it leave a small structure out; the
+autoencoder's reconstruction keeps the Dice per patch. The noised latents are taken without gradient, so that
 the label encoder is not pushed towards latents that are easy to denoise rather than faithful.
 """
 
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 
 from ..datasets import PreparedCase
 from ..errors import DataError
-from ..losses import clean_estimate, diffusion_target, mask_loss
+from ..losses import batch_mask_loss, clean_estimate, diffusion_target, mask_loss, structure_dice_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage, stacked
@@ -103,5 +106,12 @@ class TextDiffSeg3DRecipe(Recipe):
             decoded = model.label_autoencoder.decode(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP))
         target = diffusion_target(scheduler, self.config.prediction_type, clean.detach(), noise, timesteps)
         diffusion_loss = F.mse_loss(predicted.float(), target.float())
-        segmentation = mask_loss(decoded.float(), masks).mean() + mask_loss(reconstructed.float(), masks).mean()
+        segmentation = self.segmentation_loss(decoded.float(), reconstructed.float(), masks, labels)
         return self.settings.decoded_mask_weight * segmentation + diffusion_loss
+
+    @staticmethod
+    def segmentation_loss(decoded: torch.Tensor, reconstructed: torch.Tensor, masks: torch.Tensor,
+                          labels: torch.Tensor) -> torch.Tensor:
+        """The decoded mask's batch DiceCE and Dice per structure, and the reconstruction's BCE + Dice per patch."""
+        answer = batch_mask_loss(decoded, masks) + structure_dice_loss(decoded, masks, labels)
+        return answer + mask_loss(reconstructed, masks).mean()

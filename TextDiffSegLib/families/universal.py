@@ -23,7 +23,7 @@ from ..postprocessing import smooth_across_slices
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler, sample, windowed
 from ..text_encoders import TextEmbedding
-from .base import Predictor, StepCallback, normalisation_parameters
+from .base import Predictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
 
 SLICE_BATCH = 32  # slices sampled together (one noise field, one generator each)
 
@@ -284,6 +284,14 @@ class UniversalPredictor(Predictor):
         probability = torch.sigmoid(model.decode_mask(latents))[:, 0].float().cpu().numpy()
         # Each slice is sampled from its own noise: smoothed along z, where neighbours disagree more than anatomy.
         return smooth_across_slices(probability, config.slice_smoothing)
+
+
+def grown(model: UniversalModel, config: UniversalConfig) -> UniversalModel:
+    """A model of ``config``, whose image encoder reads more of the scan than ``model``'s, holding its weights
+    (``Family.grown``): the encoder's first convolution has zero weights on the new inputs, so it starts out
+    computing exactly what ``model`` does."""
+    inputs = torch.tensor(widened_inputs(model.config, config))
+    return load_grown(UniversalModel(config), model, {"image_encoder.layers.0.0.weight": (1, inputs)})
 
 
 def lora_targets(model: UniversalModel) -> list[str]:
