@@ -130,7 +130,7 @@ def cross_validated_weighting(rows: list[dict], candidates: list[dict[str, float
     to choose on: ``cross_validated`` is None.
     """
     evenness = [-float(np.var(list(candidate.values()))) for candidate in candidates]
-    by_structure, cross_validated, weights = {}, {}, {}
+    by_structure, weights = {}, {}
     for name in structures:
         own = [row for row in rows if row["structure"] == name]
         scores = np.array([row["weighted_dice"] for row in own])
@@ -144,10 +144,11 @@ def cross_validated_weighting(rows: list[dict], candidates: list[dict[str, float
             chosen = [best(np.arange(len(own)) != i) for i in range(len(own))]
             by_structure[name] = {"dice": float(np.mean([scores[i, k] for i, k in enumerate(chosen)])),
                                   "chosen": [{"case": row["case"], **candidates[k]} for row, k in zip(own, chosen)]}
+    cross_validated = None
     if by_structure:
         cross_validated = {"mean_dice": mean_of_defined([s["dice"] for s in by_structure.values()]),
                            "structures": by_structure}
-    return {"cross_validated": cross_validated or None, "weights": weights}
+    return {"cross_validated": cross_validated, "weights": weights}
 
 
 def _parameters(segmenter: Segmenter) -> int:
