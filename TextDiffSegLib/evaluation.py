@@ -113,6 +113,16 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
     return report
 
 
+def model_report(report: dict, name: str) -> dict:
+    """One model's scores in an ensemble's report (``report["models"][name]``) as a report of its own: scored on the
+    same proposals as alone, its seconds None (the run did not time its models apart), its ``ensemble`` named."""
+    if name not in report.get("models", {}):
+        raise DataError(f"the report of {report['model']} scores no model '{name}'; it scores "
+                        f"{', '.join(report.get('models', {})) or 'no ensemble'}")
+    alone = {key: value for key, value in report.items() if key not in ("models", "weighting")}
+    return {**alone, "model": name, "ensemble": report["model"], "seconds_per_case": None, **report["models"][name]}
+
+
 def weight_candidates(names: list[str], divisions: int = 4) -> list[dict[str, float]]:
     """Every weighting of the models ``names`` in steps of 1 / ``divisions`` that sums to 1 (two models: 1 and 0,
     0.75 and 0.25, ... 0 and 1)."""

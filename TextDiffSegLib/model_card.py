@@ -78,8 +78,7 @@ def _scores(report: dict) -> list[str]:
         f"On {report['num_cases']} validation cases ({', '.join(report['cases'])}), {report['num_proposals']} proposals, "
         f"{report['steps']} sampling steps, fusion `{report['fusion']}`"
         f"{' of each proposal’s largest connected region' if report['largest_component'] else ''}"
-        f"{_separation(report)}; {report['seconds_per_case']:.1f} s per case "
-        f"on {report['device']}. Mean fused Dice: {report['mean_dice']:.3f}.",
+        f"{_separation(report)}; {_timing(report)} on {report['device']}. Mean fused Dice: {report['mean_dice']:.3f}.",
         "",
         "| structure | Dice (fused) | Dice (single) | Oracle Dice | RandTop-3 Dice | HD95 (mm) | NSD (2 mm) |",
         "|---|---|---|---|---|---|---|",
@@ -90,6 +89,12 @@ def _scores(report: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *_per_case(report), "", *_size_warnings(report), f"Reproduce: `{report['command']}`", ""]
     return lines
+
+
+def _timing(report: dict) -> str:
+    if report["seconds_per_case"] is None:  # evaluation.model_report
+        return f"scored in a run of the ensemble {report['ensemble']} (not timed apart)"
+    return f"{report['seconds_per_case']:.1f} s per case"
 
 
 def _size_warnings(report: dict) -> list[str]:

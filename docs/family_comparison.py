@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from TextDiffSegLib.evaluation import evaluate, mean_of_defined  # noqa: E402
+from TextDiffSegLib.evaluation import evaluate, mean_of_defined, model_report  # noqa: E402
 from TextDiffSegLib.model_card import format_score  # noqa: E402
 from TextDiffSegLib.modelio import load_model  # noqa: E402
 from TextDiffSegLib.registry import model_names, resolve_model  # noqa: E402
@@ -90,10 +90,7 @@ def with_each_model(report: dict, row: str = "") -> dict[str, dict]:
     seconds those of the ensemble) and the ensemble's own; any other as itself, its row ``row`` or its model."""
     if "models" not in report:
         return {row or report["model"]: report}
-    shared = {key: report[key] for key in ("cases", "num_proposals", "seed", "fusion", "device")}
-    each = {name: {**shared, "model": name, "seconds_per_case": None, "command": report.get("command"), **scores}
-            for name, scores in report["models"].items()}
-    return {**each, ensemble_name(report["model"]): report}
+    return {**{name: model_report(report, name) for name in report["models"]}, ensemble_name(report["model"]): report}
 
 
 def ensemble_name(model: str) -> str:

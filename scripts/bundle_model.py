@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from TextDiffSegLib.adaptation import ADAPTER_WEIGHTS
+from TextDiffSegLib.evaluation import model_report
 from TextDiffSegLib.model_card import TRAINING_RECORD, render_card
 from TextDiffSegLib.modelio import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
 from TextDiffSegLib.resources import resources_dir
@@ -23,7 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="trained model folder (RUN/model)")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--report", type=Path, required=True, help="report of `textdiffseg evaluate` on the validation cases")
+    parser.add_argument("--report", type=Path, required=True,
+                        help="report of `textdiffseg evaluate` on the validation cases (of the model, or of an ensemble "
+                             "with it)")
     parser.add_argument("--description", help="one line for the model list (default: the registry's current one)")
     args = parser.parse_args()
 
@@ -37,6 +40,8 @@ def main() -> None:
         config.name = args.name
         config.save(target / CONFIG_NAME)
     report = json.loads(args.report.read_text())
+    if "models" in report:  # an ensemble's: the model's own scores in it
+        report = model_report(report, read_config(args.model).name)
     (target / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     training = json.loads((target / TRAINING_RECORD).read_text())
     (target / CARD_NAME).write_text(render_card(config, training, report))
