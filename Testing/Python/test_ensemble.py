@@ -18,11 +18,13 @@ from test_cli import assert_same_geometry, ijk_to_lps, run
 from test_family_conformance import SCAN, TINY_FAMILIES, dataset, tiny_model  # noqa: F401 - dataset: a fixture
 
 from TextDiffSegLib.ensemble import Ensemble
-from TextDiffSegLib.evaluation import cross_validated_weighting, evaluate, weight_candidates
-from TextDiffSegLib.errors import EnsembleWarning, PromptError, SettingsError
+from TextDiffSegLib.evaluation import cross_validated_weighting, evaluate, model_report, weight_candidates
+from TextDiffSegLib.errors import DataError, EnsembleWarning, PromptError, SettingsError
 from TextDiffSegLib.families import FAMILIES
 from TextDiffSegLib.fusion import agreement_scores, fuse, uncertainty_map
-from TextDiffSegLib.modelio import save_model
+from TextDiffSegLib.model_card import render_card
+from TextDiffSegLib.modelio import read_config, save_model
+from TextDiffSegLib.registry import resolve_model
 from TextDiffSegLib.segmenter import Segmenter
 from TextDiffSegLib.volume import Volume, read_volume, write_volume
 from TextDiffSegLib.worker import Worker
@@ -280,6 +282,16 @@ def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsy
         assert row["weighted_dice"][0] == pytest.approx(alone["dice"])
     assert set(weighting["weights"]) == set(TINY_STRUCTURES)
     assert set(weighting["cross_validated"]["structures"]) == set(TINY_STRUCTURES)
+
+    # A model's scores in it stand as a report of its own (scripts/bundle_model.py renders its card from one).
+    own = model_report(report, "tiny-progidiff")
+    assert (own["model"], own["ensemble"], own["seconds_per_case"]) == ("tiny-progidiff", "tiny,tiny-progidiff", None)
+    assert own["rows"] == report["models"]["tiny-progidiff"]["rows"] and "weighting" not in own
+    bundled = resolve_model("lcpdn-btcv")  # any model's config and training record: the card's scores are own's
+    card = render_card(read_config(bundled), json.loads((bundled / "training.json").read_text()), own)
+    assert "scored in a run of the ensemble tiny,tiny-progidiff (not timed apart)" in card
+    with pytest.raises(DataError, match="scores no model 'other'"):
+        model_report(report, "other")
 
     # The weights it chose segment with --model-weights REPORT.
     code, out, err = run(capsys, "segment", "-i", dataset.parent / json.loads(dataset.read_text())["training"][0]["image"],
