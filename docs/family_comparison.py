@@ -86,8 +86,8 @@ def parameter_count(report: dict) -> str:
 
 
 def with_each_model(report: dict, row: str = "") -> dict[str, dict]:
-    """A report by the name of its row: an ensemble's as each of its models' (scored on the same proposals, its
-    seconds those of the ensemble) and the ensemble's own; any other as itself, its row ``row`` or its model."""
+    """A report by the name of its row: an ensemble's as each of its models' (``evaluation.model_report``: scored on
+    the same proposals, not timed apart) and the ensemble's own; any other as itself, its row ``row`` or its model."""
     if "models" not in report:
         return {row or report["model"]: report}
     return {**{name: model_report(report, name) for name in report["models"]}, ensemble_name(report["model"]): report}

@@ -141,7 +141,7 @@ def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(sh
     predictor = LCPDNPredictor(tiny(**inputs), torch.device("cpu"))
     assert predictor.size_multiple == (1, 4, 4) and not predictor.mirrors  # the stem of 2, one downsampling
     prepared = predictor.prepare(np.random.default_rng(0).random(shape, dtype=np.float32), (6.0, 6.0, 9.0))
-    assert prepared.shape == (shape[0], predictor.config.image_channels, *shape[1:])
+    assert prepared.shape == (shape[0], predictor.config.image_in_channels, *shape[1:])
     condition = predictor.condition(text(), 0)
     steps = []
     first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
@@ -211,7 +211,7 @@ def test_a_grown_model_segments_as_the_model_it_grew_from(start, wider):
     model = tiny(**start)
     bigger = grown(model, LCPDNConfig(**{**TINY, **start, **wider})).eval()
     old, new = model.config, bigger.config
-    image = torch.rand(2, new.image_channels, 32, 32)
+    image = torch.rand(2, new.image_in_channels, 32, 32)
     noisy = torch.randn(2, new.slice_channels, 32, 32)
     kept = list(range(new.context_slices - old.context_slices, new.context_slices + old.context_slices + 1))
     old_image = torch.cat([image[:, kept], image[:, new.slice_channels:][:, :int(old.lateral_position)]], 1)

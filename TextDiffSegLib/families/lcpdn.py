@@ -132,7 +132,7 @@ class LCPDNConfig(ModelConfig):
         return 2 * self.context_slices + 1
 
     @property
-    def image_channels(self) -> int:
+    def image_in_channels(self) -> int:
         """The input channels (``preprocessing.slice_stacks``): the slices, then the lateral position where asked."""
         return self.slice_channels + int(self.lateral_position)
 
@@ -270,7 +270,7 @@ class LCPDNModel(nn.Module):
         # diffusers' attention_head_dim of this class is the number of heads (its documented naming slip).
         folded = config.stem ** 2  # channels of a slice folded by the stem
         self.unet = UNet2DConditionModel(
-            in_channels=folded * config.image_channels, out_channels=folded * config.slice_channels,
+            in_channels=folded * config.image_in_channels, out_channels=folded * config.slice_channels,
             block_out_channels=config.unet_channels, layers_per_block=config.unet_layers,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.cross_attention),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.cross_attention)),
@@ -278,8 +278,9 @@ class LCPDNModel(nn.Module):
             attention_head_dim=config.attention_heads, class_embed_type="identity" if config.cprfl else None,
         )
         if config.cprfl:
-            self.image_encoder = (CLIPPatchEncoder(config.clip_vision, config.context_slices) if config.clip_vision
-                                  else PatchEncoder(config.image_channels, config.encoder_channels, config.norm_groups))
+            self.image_encoder = (
+                CLIPPatchEncoder(config.clip_vision, config.context_slices) if config.clip_vision
+                else PatchEncoder(config.image_in_channels, config.encoder_channels, config.norm_groups))
             self.prompt = CPRFLPrompt(config.text_embed_dim, self.image_encoder.width, config.prompt_dim,
                                       4 * config.unet_channels[0])  # diffusers' timestep-embedding width
         widths = [config.unet_channels[levels - 1 - i] for i in range(levels)]  # the decoder blocks' outputs
@@ -292,7 +293,7 @@ class LCPDNModel(nn.Module):
     def diffuse(self, noisy: torch.Tensor, image: torch.Tensor, timestep: torch.Tensor,
                 text: TextEmbedding) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The U-Net on ``noisy`` slices [B, slice_channels, H, W] at ``timestep``, prompted by ``text`` (and, with
-        CPRFL, the clean ``image`` [B, image_channels, H, W], whose lateral position, where it has one, the U-Net
+        CPRFL, the clean ``image`` [B, image_in_channels, H, W], whose lateral position, where it has one, the U-Net
         reads too): its noise prediction, and the outputs of its decoder blocks, coarsest first."""
         count = noisy.shape[0]
         tokens, mask = text.tokens.expand(count, -1, -1), text.mask.expand(count, -1)
@@ -333,7 +334,7 @@ class LCPDNPredictor(Predictor):
         return (1, self.config.size_multiple, self.config.size_multiple)
 
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
-        """The slices [z, image_channels, y, x], as training cuts them."""
+        """The slices [z, image_in_channels, y, x], as training cuts them."""
         position_spacing = spacing[0] if self.config.lateral_position else 0.0
         return torch.from_numpy(slice_stacks(image, np.arange(image.shape[0]), self.config.context_slices,
                                              position_spacing))

@@ -71,10 +71,11 @@ class LCPDNRecipe(Recipe):
     def denoiser_loss(self, batch) -> torch.Tensor:
         images, _, labels = (tensor.to(self.trainer.device) for tensor in batch)
         timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=images.device)
-        noise = torch.randn_like(self._slices(images))
+        slices = self._slices(images)
+        noise = torch.randn_like(slices)
         with self.trainer.autocast():
-            prediction, _ = self.model.diffuse(noised(self.scheduler, self._slices(images), noise, timesteps), images,
-                                               timesteps, self._prompts(labels))
+            prediction, _ = self.model.diffuse(noised(self.scheduler, slices, noise, timesteps), images, timesteps,
+                                               self._prompts(labels))
         return F.mse_loss(prediction.float(), noise)
 
     def segmentation_loss(self, batch) -> torch.Tensor:
