@@ -95,6 +95,8 @@ class TextDiffSegParameterNode:
     prompt - What to segment; several structures separated by ";".
     model - A registered model name or a model folder; empty for the default model; several names joined by
         commas ("a,b") for an ensemble, as the command line's --model.
+    modelWeights - An ensemble's weight of each model per structure: a JSON file of them or the report of
+        `textdiffseg evaluate` of the same models, as the command line's --model-weights; empty: the models alike.
     numProposals - Proposals sampled per structure.
     steps - Denoising steps per proposal; 0 for the model's default.
     seed - Random seed of the first proposal.
@@ -105,6 +107,7 @@ class TextDiffSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     prompt: str = ""
     model: str = ""
+    modelWeights: str = ""
     numProposals: Annotated[int, WithinRange(1, 16)] = 5
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -179,6 +182,7 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.promptLineEdit.connect("textEdited(QString)", self.onPromptEdited)
         self.ui.modelComboBox.connect("activated(int)", self.onModelActivated)
+        self.ui.modelWeightsPathLineEdit.connect("currentPathChanged(QString)", self.onModelWeightsChanged)
         self.ui.generateButton.connect("clicked(bool)", self.onGenerateButton)
         self.ui.structureComboBox.connect("currentIndexChanged(int)", self.showGallery)
         self.ui.galleryListWidget.connect("itemSelectionChanged()", self.onGallerySelectionChanged)
@@ -273,9 +277,14 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
-        """The model selector (filled from the registry, not by connectGui) and the buttons follow the parameters."""
+        """The model selector (filled from the registry, not by connectGui), the model weights (asked for an
+        ensemble only) and the buttons follow the parameters."""
         if self.ui.modelComboBox.currentIndex < 0 or self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) != self._chosenModel():
             self.populateModels()
+        ensemble = len(registry.model_names(self._chosenModel())) > 1
+        self.ui.modelWeightsLabel.visible = self.ui.modelWeightsPathLineEdit.visible = ensemble
+        if self._parameterNode and self.ui.modelWeightsPathLineEdit.currentPath != self._parameterNode.modelWeights:
+            self.ui.modelWeightsPathLineEdit.currentPath = self._parameterNode.modelWeights
         self._updateButtons()
 
     # --- inputs -------------------------------------------------------------------------------
@@ -325,6 +334,10 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if model and self._parameterNode:
             self._parameterNode.model = model
         self.populateModels()
+
+    def onModelWeightsChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelWeights = path
 
     def _chooseSeveralModels(self) -> str:
         """The registered models the user ticks, joined by commas (an ensemble); empty when cancelled."""
@@ -384,9 +397,11 @@ class TextDiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureRequirements():
                 return
             parameters = self._parameterNode
+            model = registry.model_request(parameters.model)
             self.logic.segment(
                 parameters.inputVolume, parameters.prompt, numProposals=parameters.numProposals, seed=parameters.seed,
-                model=registry.model_request(parameters.model), device=parameters.device,
+                model=model, device=parameters.device,
+                modelWeights=(parameters.modelWeights or None) if isinstance(model, list) else None,
                 steps=parameters.steps or None, waitForCompletion=False,
             )
             self.ui.uncertaintyCheckBox.checked = False
@@ -598,7 +613,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
     # --- segmenting ---------------------------------------------------------------------------
 
     def segment(self, volumeNode, prompts, numProposals=5, seed=0, model=None, device="auto", segmentationNode=None,
-                waitForCompletion=True, steps=None, progressCallback=None):
+                waitForCompletion=True, steps=None, progressCallback=None, modelWeights=None):
         """Sample ``numProposals`` segmentations per prompt of ``volumeNode``.
 
         :param prompts: ``"liver; spleen"`` or a list of prompts.
@@ -608,6 +623,9 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
         :param segmentationNode: if given, each prompt's fusion of all proposals is added to it.
         :param steps: denoising steps per proposal; None for the model's default.
         :param progressCallback: called with each progress event (``stage``, ``fraction``, ``message``).
+        :param modelWeights: an ensemble's weight of each model per structure, ``{"pancreas": {"a": 1, "b": 0}}``, or
+            the path of a JSON file of them or of an evaluate report of the same models (``--model-weights``); None:
+            the models alike.
         :return: with ``waitForCompletion`` (which blocks Slicer until the worker is done), a list of
             ``Proposals``, one per prompt; otherwise the request's id, and the results come through
             ``pollEvents``.
@@ -641,6 +659,7 @@ class TextDiffSegLogic(ScriptedLoadableModuleLogic):
             "segment", input=str(requestDir / "volume.nrrd"), prompts=prompts, model=model,
             num_proposals=int(numProposals), seed=int(seed), steps=None if steps is None else int(steps),
             device=device.lower(), output_dir=str(requestDir / "out"),
+            model_weights=str(modelWeights) if isinstance(modelWeights, Path) else modelWeights,
             thumbnails={"size": THUMBNAIL_SIZE, "window": window},
         )
         self._request = (requestId, volumeNode, segmentationNode)

@@ -327,28 +327,11 @@ def _proposal_counts(args, structures) -> list[int]:
 
 def _load_models(args):
     """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
-    from .ensemble import load_models
+    from .ensemble import load_models, read_model_weights
     from .machine import resolve_device
 
-    return load_models(args.model, resolve_device(args.device), _model_weights(args.model_weights))
-
-
-def _model_weights(path: str | None) -> dict | None:
-    """``--model-weights``: each structure's model weights, from a JSON file of them or from an evaluate report."""
-    from .errors import SettingsError
-
-    if path is None:
-        return None
-    try:
-        weights = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as error:
-        raise SettingsError(f"cannot read the model weights {path}: {error}") from None
-    if isinstance(weights, dict) and "weighting" in weights:  # an evaluate report of an ensemble
-        weights = weights["weighting"]["weights"]
-    if not isinstance(weights, dict) or not all(isinstance(value, dict) for value in weights.values()):
-        raise SettingsError(f"{path} holds no model weights: give each structure's weight of each model, "
-                            '{"pancreas": {"a": 1, "b": 0}, ...}, or an evaluate report of an ensemble')
-    return weights
+    weights = None if args.model_weights is None else read_model_weights(args.model_weights)
+    return load_models(args.model, resolve_device(args.device), weights)
 
 
 def _print_result(args, written: dict, results: list, echo=print, **about) -> None:

@@ -14,6 +14,7 @@ per structure, each model's weight in the mean probability, which the mean fusio
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -29,20 +30,35 @@ from .terminology import Structure, resolve_prompt
 from .volume import Volume, as_volume
 
 
-def asked_together(segmenters: list[Segmenter]) -> "Segmenter | Ensemble":
-    """The one model, or the ``Ensemble`` of several: what a run given one or more models asks."""
-    return segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters)
+def asked_together(segmenters: list[Segmenter],
+                   weights: dict[str, dict[str, float]] | None = None) -> "Segmenter | Ensemble":
+    """The one model, or the ``Ensemble`` of several: what a run given one or more models asks; ``weights``
+    (``Ensemble``'s) only an ensemble takes."""
+    if weights and len(segmenters) == 1:
+        raise SettingsError("model weights weigh the models of an ensemble against each other: ask several models "
+                            "together (--model a,b), or leave the weights out")
+    return segmenters[0] if len(segmenters) == 1 else Ensemble(segmenters, weights)
 
 
 def load_models(text: str | None, device: str | torch.device = "cpu",
                 weights: dict[str, dict[str, float]] | None = None) -> "Segmenter | Ensemble":
-    """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``), with
-    ``weights`` (``Ensemble``'s), which only an ensemble takes."""
-    segmenters = [Segmenter.from_pretrained(name, device=device) for name in model_names(text)]
-    if weights and len(segmenters) == 1:
-        raise SettingsError("model weights weigh the models of an ensemble against each other: name several models "
-                            "(--model a,b), or leave the weights out")
-    return Ensemble(segmenters, weights) if weights else asked_together(segmenters)
+    """The model ``--model`` names (a ``Segmenter``), or the ``Ensemble`` of the models it lists (``a,b,c``)."""
+    return asked_together([Segmenter.from_pretrained(name, device=device) for name in model_names(text)], weights)
+
+
+def read_model_weights(path: str | Path) -> dict[str, dict[str, float]]:
+    """``--model-weights``: each structure's model weights, from a JSON file of them or from the report of
+    ``textdiffseg evaluate`` of an ensemble (the weights it chose), or ``SettingsError`` saying what is wrong."""
+    try:
+        weights = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"cannot read the model weights {path}: {error}") from None
+    if isinstance(weights, dict) and "weighting" in weights:  # an evaluate report of an ensemble
+        weights = weights["weighting"]["weights"]
+    if not isinstance(weights, dict) or not all(isinstance(value, dict) for value in weights.values()):
+        raise SettingsError(f"{path} holds no model weights: give each structure's weight of each model, "
+                            '{"pancreas": {"a": 1, "b": 0}, ...}, or an evaluate report of an ensemble')
+    return weights
 
 
 class Ensemble:

@@ -6,12 +6,14 @@ request the worker exits, which frees the model's memory; Slicer starts it again
 Each stdin line is one request::
 
     {"id": 1, "command": "segment", "input": "/tmp/x/volume.nrrd", "prompts": ["liver"],
-     "model": null, "num_proposals": 5, "seed": 0, "steps": null, "device": "auto",
+     "model": null, "model_weights": null, "num_proposals": 5, "seed": 0, "steps": null, "device": "auto",
      "output_dir": "/tmp/x/out", "thumbnails": {"size": 128, "window": [40, 400]}}
     {"command": "shutdown"}
 
 ``model`` is a registered name or a model folder (``null``: the default model), or a list of them: an ensemble
-(``ensemble.Ensemble``), whose proposals are numbered across its models in their order; ``device`` is
+(``ensemble.Ensemble``), whose proposals are numbered across its models in their order; ``model_weights``, an
+ensemble's weight of each model per structure: an object (``{"pancreas": {"a": 1, "b": 0}}``), or the path of a
+JSON file of them or of an evaluate report, as ``--model-weights`` (``ensemble.read_model_weights``); ``device`` is
 ``"auto"``, ``"cpu"`` or ``"cuda"`` (or ``"mps"``, where torch has it: ``machine.resolve_device``);
 ``thumbnails`` (optional; ``window`` is centre and width, or ``null`` for automatic) asks for a PNG per proposal. Each stdout line is one event of a request::
 
@@ -46,7 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .ensemble import asked_together
+from .ensemble import asked_together, read_model_weights
 from .errors import InputImageError, OutputError, TextDiffSegError, TextDiffSegWarning
 from .machine import resolve_device
 from .registry import resolve_model
@@ -99,7 +101,12 @@ class Worker:
             raise TextDiffSegError(f"model must be a model's name or folder, or a list of them, not {models!r}")
         device = str(request.get("device") or "auto")
         names = models if isinstance(models, list) else [models]
-        segmenter = asked_together([self._segmenter(name, device, report) for name in names])
+        weights = request.get("model_weights")
+        if isinstance(weights, str):
+            weights = read_model_weights(weights)
+        elif weights is not None and not isinstance(weights, dict):
+            raise TextDiffSegError(f"model_weights must be a JSON file's path or the weights, not {weights!r}")
+        segmenter = asked_together([self._segmenter(name, device, report) for name in names], weights)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TextDiffSegWarning)
             proposal_sets = segmenter.propose_many(

@@ -48,7 +48,12 @@ class qMRMLSubjectHierarchyTreeView(QWidget):
     pass
 
 
-STAND_INS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, ctkSliderWidget, qMRMLSubjectHierarchyTreeView)
+class ctkPathLineEdit(QComboBox):
+    """A path typed or browsed to; the real one is an editable combo box with a browse button."""
+
+
+STAND_INS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, ctkSliderWidget, qMRMLSubjectHierarchyTreeView,
+             ctkPathLineEdit)
 
 
 def application() -> QApplication:

@@ -239,6 +239,38 @@ def test_the_worker_asks_a_list_of_models_together(tmp_path, scan_file, tiny_mod
     assert fractions == sorted(fractions)
 
 
+def test_the_worker_weighs_the_models_as_asked_from_an_object_or_a_file(tmp_path, scan_file, tiny_model_dir,
+                                                                       liver_only_dir):
+    def fused(name, **request):
+        events = []
+        output = tmp_path / name
+        output.mkdir()
+        Worker(events.append).handle(dict(id=1, command="segment", input=str(scan_file), prompts=["liver"], steps=2,
+                                          num_proposals=2, device="cpu", output_dir=str(output), **request))
+        assert events[-1]["type"] == "result", events[-1]
+        return read_volume(events[-1]["results"][0]["fused"]).array
+
+    models = [str(tiny_model_dir), str(liver_only_dir)]
+    tiny_only = {"liver": {"tiny": 1, "tiny-progidiff": 0}}
+    report = tmp_path / "report.json"  # an evaluate report of the ensemble, holding the weights it chose
+    report.write_text(json.dumps({"weighting": {"weights": tiny_only}}))
+    alone = fused("alone", model=str(tiny_model_dir))
+    np.testing.assert_array_equal(fused("object", model=models, model_weights=tiny_only), alone)
+    np.testing.assert_array_equal(fused("file", model=models, model_weights=str(report)), alone)
+    assert not np.array_equal(fused("alike", model=models), alone)  # else the weights would show nothing
+
+    errors = []
+    for request in (dict(model=models, model_weights=str(tmp_path / "missing.json")),
+                    dict(model=str(tiny_model_dir), model_weights=tiny_only), dict(model=models, model_weights=[1])):
+        events = []
+        Worker(events.append).handle(dict(id=2, command="segment", input=str(scan_file), prompts=["liver"],
+                                          output_dir=str(tmp_path), **request))
+        errors.append(events[-1]["message"])
+    assert "cannot read the model weights" in errors[0]
+    assert "ask several models together" in errors[1]
+    assert "model_weights must be a JSON file's path or the weights" in errors[2]
+
+
 @pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scans are no real CTs
 def test_evaluate_scores_the_ensemble_and_each_model_on_the_same_proposals(capsys, tmp_path, dataset, tiny_model_dir,
                                                                            liver_only_dir):
@@ -327,7 +359,7 @@ def test_model_weights_that_cannot_be_used_are_refused_with_what_to_do(capsys, t
     for models, weights, message in ((f"{tiny_model_dir},{liver_only_dir}", tmp_path / "missing.json",
                                       "cannot read the model weights"),
                                      (f"{tiny_model_dir},{liver_only_dir}", not_weights, "holds no model weights"),
-                                     (str(tiny_model_dir), one_model, "name several models")):
+                                     (str(tiny_model_dir), one_model, "ask several models together")):
         code, out, err = run(capsys, "segment", "-i", scan_file, "-p", "liver", "-o", tmp_path / "out.seg.nrrd",
                              "--model", models, "--model-weights", weights, "--proposals", 1, "--steps", 1)
         assert code != 0 and message in err and "Traceback" not in err

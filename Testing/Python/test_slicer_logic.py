@@ -10,6 +10,7 @@ ScriptedLoadableModuleTest covers the rest in Slicer.
 """
 
 import dataclasses
+import json
 import sys
 import time
 import types
@@ -172,6 +173,21 @@ def test_a_misspelt_prompt_or_no_volume_fails_before_the_worker_is_asked(env):
     with pytest.raises(ValueError, match="input volume"):
         env.logic.segment(None, "liver")
     assert not env.logic.isRunning()
+
+
+def test_model_weights_reach_the_worker_as_a_file_or_as_the_weights(env, tmp_path):
+    from TextDiffSegHelpers.worker_client import WorkerError
+
+    weights = {"liver": {"tiny": 1}}
+    weightsFile = tmp_path / "weights.json"
+    weightsFile.write_text(json.dumps(weights))
+    # one model given weights: the worker read them, and says they need an ensemble (or that it cannot read them)
+    for modelWeights, message in ((weights, "ask several models together"), (weightsFile, "ask several models together"),
+                                  (str(tmp_path / "missing.json"), "cannot read the model weights")):
+        with pytest.raises(WorkerError, match=message):
+            env.logic.segment(env.volumeNode, "liver", numProposals=1, model=env.model, device="cpu",
+                              modelWeights=modelWeights)
+        assert not env.logic.isRunning()
 
 
 def test_the_gui_polls_for_results_and_can_cancel(env):

@@ -24,7 +24,7 @@ CONNECTORS = {
     "choice": {"QComboBox"},
     "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
 }
-SLICER_WIDGETS = {"qMRMLWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox"}
+SLICER_WIDGETS = {"qMRMLWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox", "ctkPathLineEdit"}
 
 
 def _uiNamesUsedByTheModule() -> set[str]:
@@ -92,8 +92,9 @@ def test_parameter_widgets_suit_their_parameters():
     for name, widgetClass in bound.items():
         assert name in fields, f"the .ui binds {name!r}, which the parameter node lacks"
         assert widgetClass in CONNECTORS[fields[name]], f"{name}: a {widgetClass} cannot show a {fields[name]}"
-    # the model selector is filled from the model registry by the module, not by connectGui
-    assert set(fields) - set(bound) == {"model"}
+    # the model selector is filled from the model registry by the module, not by connectGui, and the weights file
+    # (a ctkPathLineEdit, which connectGui binds to a pathlib.Path, not a str) follows it there too
+    assert set(fields) - set(bound) == {"model", "modelWeights"}
 
 
 def test_every_node_selector_gets_the_scene_and_custom_widgets_are_declared():
