@@ -925,6 +925,8 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         parameters.numProposals = 7
         parameters.seed = 42
         parameters.device = "cpu"
+        parameters.model = "universal-btcv,lcpdn-btcv"
+        parameters.modelWeights = "/data/ensemble-report.json"
         sceneFile = os.path.join(tempfile.mkdtemp(dir=slicer.app.temporaryPath), "scene.mrb")
         self.assertTrue(slicer.util.saveScene(sceneFile))
         slicer.mrmlScene.Clear()
@@ -932,6 +934,7 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         reloaded = TextDiffSegLogic().getParameterNode()
         self.assertEqual(reloaded.prompt, "liver; spleen")
         self.assertEqual((reloaded.numProposals, reloaded.seed, reloaded.device), (7, 42, "cpu"))
+        self.assertEqual((reloaded.model, reloaded.modelWeights), ("universal-btcv,lcpdn-btcv", "/data/ensemble-report.json"))
         self.assertEqual(reloaded.inputVolume.GetName(), "phantom")
 
     def test_AcceptAndFuseKeepExistingSegments(self):
@@ -1020,6 +1023,13 @@ class TextDiffSegTest(ScriptedLoadableModuleTest):
         parameters.numProposals = 2
         parameters.steps = 2
         parameters.device = "cpu"
+        parameters.model = ""
+        self.assertTrue(widget.ui.modelWeightsPathLineEdit.isHidden())  # asked for an ensemble only
+        parameters.model = "universal-btcv,lcpdn-btcv"
+        parameters.modelWeights = "/data/ensemble-report.json"
+        self.assertFalse(widget.ui.modelWeightsPathLineEdit.isHidden())
+        self.assertEqual(widget.ui.modelWeightsPathLineEdit.currentPath, "/data/ensemble-report.json")
+        parameters.model = ""  # the default model alone: the weights stay in the scene but are not sent
 
         widget.ui.generateButton.click()
         self.assertEqual(widget.ui.generateButton.text, "Cancel")
