@@ -10,9 +10,13 @@ import pytest
 import torch
 from conftest import TINY_STRUCTURES
 
+from TextDiffSegLib.datasets import PreparedCase
 from TextDiffSegLib.errors import DataError
-from TextDiffSegLib.families.textdiffseg3d import TextDiffSeg3DConfig, TextDiffSeg3DModel, TextDiffSeg3DPredictor
-from TextDiffSegLib.families.textdiffseg3d_training import TextDiffSeg3DRecipe
+from TextDiffSegLib.families.base import stacked
+from TextDiffSegLib.families.textdiffseg3d import (TextDiffSeg3DConfig, TextDiffSeg3DModel, TextDiffSeg3DPredictor,
+                                                   card_text)
+from TextDiffSegLib.families.textdiffseg3d_training import PatchSampler, TextDiffSeg3DRecipe
+from TextDiffSegLib.preprocessing import lateral_position
 from TextDiffSegLib.text_encoders import TextEmbedding
 
 
@@ -124,6 +128,38 @@ def test_training_wants_3d_patches_and_the_loss_trains_every_part():
         assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients), part
 
 
+def test_the_lateral_position_is_read_beside_the_scan_measured_on_whole_slices():
+    model = tiny(lateral_position=True)
+    assert "left-right position" in card_text(model.config)[-1] and "left-right" not in " ".join(card_text(tiny().config))
+    image = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)  # one window
+    image[..., :5] = 0  # air on the patient's right: the body's middle is off the scan's centre
+    prepared = TextDiffSeg3DPredictor(model, torch.device("cpu")).prepare(image, (6.0, 6.0, 9.0))
+    with torch.no_grad():
+        read = model.image_encoder(torch.from_numpy(np.stack([image, lateral_position(image, 6.0)]))[None])
+    torch.testing.assert_close(prepared, read)
+
+    # training patches carry it as a second channel, measured on the case's whole slices, not on the patch's
+    case = PreparedCase("c", np.full((16, 16, 48), 200, np.uint8), np.ones((16, 16, 48), np.uint8), ("liver",))
+    sampler = PatchSampler([case], ("liver",), (16, 16, 16), present_fraction=0.5, seed=0, position_spacing=6.0)
+    starts = set()
+    for _ in range(8):
+        patch, mask, label = sampler._item()
+        assert patch.shape == (2, 16, 16, 16) and mask.shape == (1, 16, 16, 16)
+        start = patch[1, 0, 0, 0] / 0.06 + 23.5  # the body's middle: column 23.5 of the case's 48
+        assert start == pytest.approx(round(start), abs=0.02)
+        np.testing.assert_allclose(patch[1], np.broadcast_to((np.arange(16) + round(start) - 23.5) * 0.06, (16, 16, 16)),
+                                   atol=2e-3)
+        starts.add(round(start))
+    assert starts - {16}  # where a patch measured its own middle, every start would look like 16
+
+    recipe = TextDiffSeg3DRecipe(model.train(), SimpleNamespace(crop=(16, 16, 16), decoded_mask_weight=1.0,
+                                                                present_fraction=0.5, seed=0, diffusion_steps=1,
+                                                                lr=1e-3),
+                                 SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext))
+    recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
+    assert torch.isfinite(recipe.loss(tuple(map(torch.as_tensor, stacked([sampler._item(), sampler._item()])))))
+
+
 def test_the_decoded_mask_loss_prices_a_false_positive_by_its_size_and_a_missed_small_structure_as_a_large_one():
     masks = torch.zeros(3, 1, 8, 16, 16)
     masks[0, :, 2:6, 2:14, 2:14] = 1  # a large structure
@@ -157,7 +193,8 @@ def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, 
     dataset = tmp_path / "dataset.json"
     dataset.write_text(json.dumps(description))
     options = ["spacing=6,6,9", "window=16,16,16", "label_channels=4,8,8", "image_channels=8,8,8",
-               "image_feature_channels=8", "attention_heads=2", "unet_channels=8,8", "unet_attention=false,true"]
+               "image_feature_channels=8", "attention_heads=2", "unet_channels=8,8", "unet_attention=false,true",
+               "lateral_position=true"]
     output = tmp_path / "run"
     assert cli.main(["train", "--family", "textdiffseg3d", "--data", str(dataset), "--output", str(output),
                      "--steps", "2", "--batch-size", "2", "--crop", "16,16,16", "--device", "cpu",
@@ -165,6 +202,7 @@ def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, 
     assert capsys.readouterr().out.strip() == f"wrote {output / 'model'}"
     config = read_config(output / "model")
     assert config.family == "textdiffseg3d" and config.window == (16, 16, 16) and config.modality == "MR"
+    assert config.lateral_position
     result = tmp_path / "liver.seg.nrrd"
     assert cli.main(["segment", "-i", str(chaos / "imagesTr/chaos_t2_05.nii.gz"), "-p", "liver", "-o", str(result),
                      "--model", str(output / "model"), "--proposals", "2", "--steps", "2", "--progress", "none"]) == 0

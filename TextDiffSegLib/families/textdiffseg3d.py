@@ -24,6 +24,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from ..config import ModelConfig
+from ..preprocessing import lateral_position
 from ..sampler import make_scheduler, sample, windowed
 from ..text_encoders import TextEmbedding
 from .base import Predictor, StepCallback, normalisation_parameters
@@ -58,6 +59,9 @@ class TextDiffSeg3DConfig(ModelConfig):
     # 5 proposals of an organ take 10 steps each, which must fit in a minute on a 2-core CPU.
     unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_attention: tuple[bool, ...] = (False, False, True)
+    # One more input channel for the image encoder: each voxel's left-right position in the body
+    # (preprocessing.lateral_position), what let the universal model tell the spleen from the liver.
+    lateral_position: bool = False
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -115,7 +119,8 @@ class _SelfAttention(nn.Module):
 
 
 class ImageEncoder3D(nn.Module):
-    """A scan window [B, 1, D, H, W] to features [B, F, D/4, H/4, W/4].
+    """A scan window [B, C, D, H, W] (the scan, and its lateral position where the config asks) to features
+    [B, F, D/4, H/4, W/4].
 
     Attention sits in the last down-sampling stage (the paper's last two): two self-attention blocks on a grid
     eight times coarser (a 48 x 128 x 128 window gives 6 x 16 x 16 = 1,536 tokens), whose output is
@@ -123,10 +128,10 @@ class ImageEncoder3D(nn.Module):
     tokens: 64 times the attention's cost, most of a CPU's time for a scan.
     """
 
-    def __init__(self, channels: tuple[int, int, int], out_channels: int, heads: int):
+    def __init__(self, in_channels: int, channels: tuple[int, int, int], out_channels: int, heads: int):
         super().__init__()
         c0, c1, c2 = channels
-        self.local = nn.Sequential(_conv(1, c0), _conv(c0, c1, stride=2), _ResidualBlock(c1),
+        self.local = nn.Sequential(_conv(in_channels, c0), _conv(c0, c1, stride=2), _ResidualBlock(c1),
                                    _conv(c1, c2, stride=2), _ResidualBlock(c2))
         self.project = nn.Conv3d(c2, out_channels, 1)
         self.context = nn.Sequential(_conv(c2, out_channels, stride=2), _SelfAttention(out_channels, heads),
@@ -182,7 +187,8 @@ class TextDiffSeg3DModel(nn.Module):
         super().__init__()
         self.config = config
         features = config.image_feature_channels
-        self.image_encoder = ImageEncoder3D(config.image_channels, features, config.attention_heads)
+        self.image_encoder = ImageEncoder3D(1 + int(config.lateral_position), config.image_channels, features,
+                                            config.attention_heads)
         # A model with a learnt embedding per structure reads it as a one-token "text".
         self.structure_tokens = (None if config.conditioning == "text"
                                  else nn.Embedding(len(config.structures), config.text_embed_dim))
@@ -223,8 +229,10 @@ class TextDiffSeg3DPredictor(Predictor):
 
     @torch.no_grad()
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
-        """Image features [1, F, z/4, y/4, x/4] (``image`` is padded to multiples of 4 along each axis)."""
-        volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(self.device)
+        """Image features [1, F, z/4, y/4, x/4] (``image`` is padded to multiples of 4 along each axis), of the scan
+        and, where the config asks, each voxel's lateral position (measured on whole slices, as in training)."""
+        channels = [image, lateral_position(image, spacing[0])] if self.config.lateral_position else [image]
+        volume = torch.from_numpy(np.stack(channels).astype(np.float32))[None].to(self.device)
         # MONAI blends windows whose output is 4 times smaller; a scan smaller than a window goes through whole.
         return windowed(self.model.image_encoder, volume, self.config.window, batch_size=WINDOW_BATCH)
 
@@ -266,4 +274,6 @@ def retrained_parameters(model: TextDiffSeg3DModel) -> list[str]:
 def card_text(config: TextDiffSeg3DConfig) -> list[str]:
     return [f"{config.default_steps} DDIM steps by default over the whole volume, one noise field per proposal",
             f"3D sliding windows of {' x '.join(map(str, config.window))} voxels (z, y, x) of the model grid, "
-            "blended at every step"]
+            "blended at every step",
+            *(["the image encoder reads each voxel's left-right position in the body beside the scan "
+               "(`lateral_position`)"] if config.lateral_position else [])]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..datasets import PreparedCase
 from ..errors import DataError
 from ..losses import batch_mask_loss, clean_estimate, diffusion_target, mask_loss, structure_dice_loss
+from ..preprocessing import lateral_position
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage, stacked
@@ -33,13 +34,17 @@ class PatchSampler:
     A share ``present_fraction`` of the patches is centred near a voxel of the structure, the others
     anywhere. A case smaller than the patch is padded with air. Front-back flips, as in the universal
     family (BTCV stores that axis flipped against its header); intensities scaled and shifted a little.
+    With ``position_spacing`` (the grid's x spacing in mm) each patch carries its voxels' lateral position as a
+    second channel, measured on the case's whole slices as sampling measures it on the scan's.
     """
 
     def __init__(self, cases: list[PreparedCase], structures: tuple[str, ...], crop: tuple[int, int, int],
-                 present_fraction: float, seed: int):
+                 present_fraction: float, seed: int, position_spacing: float = 0.0):
         self.cases, self.structures, self.crop = cases, structures, crop
         self.present_fraction = present_fraction
         self.rng = np.random.default_rng(seed)
+        self.positions = [lateral_position(case.image / np.float32(255), position_spacing).astype(np.float16)
+                          for case in cases] if position_spacing else None
         # every 4th voxel of each structure in each case: where a patch with the structure is centred
         self.inside = {(i, s): np.argwhere(case.mask(s))[::4] for i, case in enumerate(cases) for s in structures}
 
@@ -52,6 +57,7 @@ class PatchSampler:
         case, structure = self.cases[case_index], self.structures[label]
         padding = [(0, max(0, c - s)) for c, s in zip(self.crop, case.image.shape)]
         image, mask = np.pad(case.image, padding), np.pad(case.mask(structure), padding)
+        channels = [] if self.positions is None else [np.pad(self.positions[case_index], padding, mode="edge")]
         inside = self.inside[(case_index, structure)]
         if len(inside) and rng.random() < self.present_fraction:
             centre = inside[rng.integers(len(inside))] + rng.integers(-np.array(self.crop) // 4, np.array(self.crop) // 4 + 1)
@@ -60,10 +66,11 @@ class PatchSampler:
         corner = [int(np.clip(c - w // 2, 0, s - w)) for c, w, s in zip(centre, self.crop, image.shape)]
         window = tuple(slice(o, o + w) for o, w in zip(corner, self.crop))
         image, mask = image[window].astype(np.float32) / 255, mask[window].astype(np.float32)
-        if rng.random() < 0.5:
+        channels = [channel[window].astype(np.float32) for channel in channels]
+        if rng.random() < 0.5:  # (the lateral position is the same all along the front-back axis)
             image, mask = image[:, ::-1], mask[:, ::-1]
         image = np.clip(image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05), 0, 1)
-        return np.ascontiguousarray(image[None]), np.ascontiguousarray(mask[None]), label
+        return np.ascontiguousarray(np.stack([image, *channels])), np.ascontiguousarray(mask[None]), label
 
 
 class TextDiffSeg3DRecipe(Recipe):
@@ -84,7 +91,7 @@ class TextDiffSeg3DRecipe(Recipe):
         self.text = None if text is None else TextEmbedding(*(t.to(self.trainer.device) for t in
                                                                (text.tokens, text.mask, text.pooled)))
         return PatchSampler(cases, structures, tuple(self.settings.crop), self.settings.present_fraction,
-                            self.settings.seed)
+                            self.settings.seed, self.config.spacing[0] if self.config.lateral_position else 0.0)
 
     def stages(self) -> list[Stage]:
         return [Stage("diffusion", self.settings.diffusion_steps, self.settings.lr,
