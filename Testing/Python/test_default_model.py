@@ -191,6 +191,11 @@ def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
             f"{mean_of_six('lcpdn-btcv first run (3400 steps)'):.3f} (" + ", ".join(
                 f"{name} {ablated[organ]['dice']:.3f} / {first[organ]['dice']:.3f}" for name, organ in zip(named, organs))
             + ")") in flat
+    cross, control = "lcpdn with cross-attention in place of LTFR (2400 steps)", "lcpdn control for the fusion ablation (2400 steps)"
+    assert (f"the model scored {mean_of_six(cross):.3f} against the control's {mean_of_six(control):.3f} (" + ", ".join(
+        f"{name} {reports[cross]['structures'][organ]['dice']:.3f} / {reports[control]['structures'][organ]['dice']:.3f}"
+        for name, organ in zip(named, organs)) + f"), uncertainty AUROC {reports[cross]['mean_uncertainty_auroc']:.3f} / "
+        f"{reports[control]['mean_uncertainty_auroc']:.3f}") in flat
     for name in ("textdiffseg3d-btcv", "lcpdn-btcv"):
         benchmark = json.loads((root / "benchmarks" / "results" / f"segment_organ-{name}.json").read_text())
         assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
