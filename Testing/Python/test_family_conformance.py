@@ -17,11 +17,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import TINY_STRUCTURES, tiny_config
+from scipy import ndimage
 from torch import nn
 
 from TextDiffSegLib.config import ModelConfig
 from TextDiffSegLib.families import FAMILIES
-from TextDiffSegLib.families.base import Family, Predictor, Recipe, Stage, normalisation_parameters
+from TextDiffSegLib.families.base import Family, Predictor, Recipe, SliceWiseConfig, Stage, normalisation_parameters
 from TextDiffSegLib.modelio import load_model, save_model
 from TextDiffSegLib.sampler import make_scheduler, sample, windowed
 from TextDiffSegLib.segmenter import Segmenter
@@ -182,6 +183,55 @@ def test_adapter_rules_name_layers_of_the_model(family):
     targets, retrained = rules.lora_targets(model), rules.retrained(model)
     assert targets and set(targets) <= dict(model.named_modules()).keys()
     assert set(retrained) <= dict(model.named_parameters()).keys()
+
+
+# --- the slice-wise families' sampling options (families.base.SliceWiseConfig) ---------------------------
+
+SLICE_WISE = [name for name, rules in FAMILIES.items() if issubclass(rules.config, SliceWiseConfig)]
+
+
+def slice_wise_pair(family: str, **options) -> tuple[Segmenter, Segmenter]:
+    """Segmenters of the same tiny weights, without and with ``options``."""
+    plain = tiny_model(family)
+    optioned = FAMILIES[family].model(TINY_FAMILIES[family][0](**options)).eval()
+    optioned.load_state_dict(plain.state_dict())
+    return Segmenter(plain, "tiny", torch.device("cpu")), Segmenter(optioned, "tiny", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", SLICE_WISE)
+def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back(family):
+    # A grid every tiny model takes without padding (32 in-plane), so mirroring the scan before sampling
+    # and the result after it must give exactly the proposal of the mirrored scan.
+    rng = np.random.default_rng(0)
+    scan = Volume(rng.integers(-200, 300, (6, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    mirrored_scan = scan.with_array(np.ascontiguousarray(scan.array[:, ::-1]))
+    without_mirror, with_mirror = slice_wise_pair(family, mirror_proposals=True)
+    even_seed, odd_seed = (with_mirror.propose(scan, "liver", num_proposals=1, seed=seed).mean_probability for seed in (0, 1))
+    np.testing.assert_array_equal(even_seed, without_mirror.propose(scan, "liver", num_proposals=1, seed=0).mean_probability)
+    of_mirrored_scan = without_mirror.propose(mirrored_scan, "liver", num_proposals=1, seed=1).mean_probability
+    np.testing.assert_allclose(odd_seed, of_mirrored_scan[:, ::-1], atol=1e-6)
+    assert not np.allclose(odd_seed, of_mirrored_scan, atol=1e-3)
+    both = with_mirror.propose(scan, "liver", num_proposals=2, seed=0).mean_probability
+    np.testing.assert_allclose(both, (even_seed + odd_seed) / 2, atol=1e-6)  # each still reproducible from its seed
+
+
+@pytest.mark.parametrize("family", SLICE_WISE)
+def test_slice_smoothing_smooths_each_proposal_along_z_only(family):
+    # The scan is on the tiny models' grid (6 x 6 x 9 mm, 32 x 32 in-plane), so the smoothed proposal
+    # must be the unsmoothed one filtered along z. A random model's probabilities differ little
+    # between slices, hence the small tolerances.
+    rng = np.random.default_rng(1)
+    scan = Volume(rng.integers(-200, 300, (8, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
+    plain, smoothing = slice_wise_pair(family, slice_smoothing=1.0)
+    sampled = plain.propose(scan, "liver", num_proposals=1, largest_component=False).mean_probability
+    smoothed = smoothing.propose(scan, "liver", num_proposals=1, largest_component=False).mean_probability
+    expected = ndimage.gaussian_filter1d(sampled, 1.0, axis=0, mode="nearest")
+    np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-6)
+    assert np.abs(smoothed - sampled).max() > 2e-5
+
+
+def test_the_slice_wise_families_are_the_three_that_sample_slice_by_slice():
+    assert sorted(SLICE_WISE) == ["lcpdn", "progidiff", "universal"]
 
 
 # --- training ------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The universal family: its config's checks, its model folder, and how its predictor samples (mask
-projection, channels-last layout, mirrored proposals, slice smoothing, the lateral position)."""
+projection, channels-last layout, the lateral position). Mirrored proposals and slice smoothing, which
+every slice-wise family has, are checked in test_family_conformance."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from scipy import ndimage
 
 from TextDiffSegLib.errors import ModelError
 from TextDiffSegLib.families.universal import UniversalModel
@@ -83,43 +83,6 @@ def test_the_model_runs_channels_last_with_the_default_layouts_results():
     segmenter.model.to(memory_format=torch.contiguous_format)
     default = segmenter.propose(scan, "liver", num_proposals=1, steps=2).mean_probability
     np.testing.assert_allclose(channels_last, default, atol=1e-5)
-
-
-def test_odd_seeds_are_sampled_on_the_mirrored_scan_and_mirrored_back():
-    # A grid the model takes without padding (32 = 2 x its size multiple), so mirroring the scan
-    # before sampling and the result after it must give exactly the proposal of the mirrored scan.
-    rng = np.random.default_rng(0)
-    scan = Volume(rng.integers(-200, 300, (6, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
-    mirrored_scan = scan.with_array(np.ascontiguousarray(scan.array[:, ::-1]))
-    torch.manual_seed(0)
-    model = UniversalModel(tiny_config(mirror_proposals=True)).eval()
-    with_mirror = Segmenter(model, "tiny", torch.device("cpu"))
-    without_mirror = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
-    without_mirror.model.load_state_dict(model.state_dict())
-    even_seed, odd_seed = (with_mirror.propose(scan, "liver", num_proposals=1, seed=seed).mean_probability for seed in (0, 1))
-    np.testing.assert_array_equal(even_seed, without_mirror.propose(scan, "liver", num_proposals=1, seed=0).mean_probability)
-    of_mirrored_scan = without_mirror.propose(mirrored_scan, "liver", num_proposals=1, seed=1).mean_probability
-    np.testing.assert_allclose(odd_seed, of_mirrored_scan[:, ::-1], atol=1e-6)
-    assert not np.allclose(odd_seed, of_mirrored_scan, atol=1e-3)
-    both = with_mirror.propose(scan, "liver", num_proposals=2, seed=0).mean_probability
-    np.testing.assert_allclose(both, (even_seed + odd_seed) / 2, atol=1e-6)  # each still reproducible from its seed
-
-
-def test_slice_smoothing_smooths_each_proposal_along_z_only():
-    # The scan is on the tiny model's grid (6 x 6 x 9 mm, 32 x 32 in-plane), so the smoothed proposal
-    # must be the unsmoothed one filtered along z. The random model's probabilities differ by
-    # less than 1e-3 between slices, hence the small tolerances.
-    rng = np.random.default_rng(1)
-    scan = Volume(rng.integers(-200, 300, (8, 32, 32)).astype(np.int16), (6.0, 6.0, 9.0), (0.0, 0.0, 0.0))
-    torch.manual_seed(0)
-    plain = Segmenter(UniversalModel(tiny_config()).eval(), "tiny", torch.device("cpu"))
-    smoothing = Segmenter(UniversalModel(tiny_config(slice_smoothing=1.0)).eval(), "tiny", torch.device("cpu"))
-    smoothing.model.load_state_dict(plain.model.state_dict())
-    sampled = plain.propose(scan, "liver", num_proposals=1, largest_component=False).mean_probability
-    smoothed = smoothing.propose(scan, "liver", num_proposals=1, largest_component=False).mean_probability
-    expected = ndimage.gaussian_filter1d(sampled, 1.0, axis=0, mode="nearest")
-    np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-6)
-    assert np.abs(smoothed - sampled).max() > 2e-5
 
 
 def test_the_image_encoder_is_given_the_lateral_position_of_each_slice():

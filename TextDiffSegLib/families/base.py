@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..postprocessing import smooth_across_slices
 from ..text_encoders import TextEmbedding
 
 StepCallback = Callable[[int, int], None]  # (denoising steps done, of how many) while a proposal is sampled
@@ -59,6 +60,60 @@ class Predictor:
         with ``steps`` steps of ``scheduler`` (``sampler.SCHEDULERS``) from the seed alone, through
         ``sampler.sample`` with a ``denoise(x_t, t)`` the family builds."""
         raise NotImplementedError
+
+
+@dataclasses.dataclass
+class SliceWiseConfig(ModelConfig):
+    """The sampling options of the families that sample a scan slice by slice (universal, ProGiDiff, LCPDN),
+    all trained on ``universal_training.SliceSampler``'s slices, which flips front to back at random."""
+
+    # Sample the proposals of odd seeds on the scan mirrored front to back, and mirror them back: training
+    # flips that axis at random, so both are scans the model knows, and the proposals differ by more than
+    # their noise.
+    mirror_proposals: bool = False
+    # Smooth each proposal's probabilities along z with a Gaussian of this sigma, in slices of the
+    # model grid (0: off): each slice is sampled from its own noise, so neighbouring slices of a
+    # proposal disagree more than the anatomy does (see postprocessing.smooth_across_slices).
+    slice_smoothing: float = 0.0
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if not self.slice_smoothing >= 0:
+            found.append(f"slice_smoothing must be 0 or more (a sigma in slices), not {self.slice_smoothing}")
+        return found
+
+    @property
+    def size_multiple(self) -> int:
+        """In-plane sizes (model-grid voxels) the model accepts."""
+        raise NotImplementedError
+
+    def sampling_card_text(self) -> list[str]:
+        """The model card's lines on these options, where set."""
+        parts = []
+        if self.mirror_proposals:
+            parts.append("proposals of odd seeds are sampled on the scan mirrored front to back and mirrored back "
+                         "(`mirror_proposals`)")
+        if self.slice_smoothing:
+            parts.append(f"each proposal is smoothed along z with a Gaussian of sigma {self.slice_smoothing:g} "
+                         "(in slices of the model grid; `slice_smoothing`)")
+        return parts
+
+
+class SliceWisePredictor(Predictor):
+    """A slice-wise family's predictor: whole slices, in-plane sizes of ``config.size_multiple``, odd seeds on the
+    mirrored scan where the config says so, and ``smoothed`` proposals."""
+
+    @property
+    def size_multiple(self) -> tuple[int, int, int]:
+        return (1, self.config.size_multiple, self.config.size_multiple)
+
+    @property
+    def mirrors(self) -> bool:
+        return self.config.mirror_proposals
+
+    def smoothed(self, probability: np.ndarray) -> np.ndarray:
+        """A proposal's probabilities [z, y, x] smoothed along z as ``config.slice_smoothing`` says."""
+        return smooth_across_slices(probability, self.config.slice_smoothing)
 
 
 class BatchSource(Protocol):

@@ -49,12 +49,11 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ..config import ModelConfig
 from ..errors import ModelError
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler, windowed
 from ..text_encoders import TextEmbedding
-from .base import Predictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
+from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
 from .universal import SLICE_BATCH
 
 FUSIONS = ("ltfr", "cross_attention")
@@ -62,7 +61,7 @@ PATCH_SIZE = 16  # the default patch encoder's patches: two 4 x 4 strided convol
 
 
 @dataclasses.dataclass
-class LCPDNConfig(ModelConfig):
+class LCPDNConfig(SliceWiseConfig):
     """Tiny-but-real defaults, to train on a 2-core CPU: 2.1 M parameters, 4.2 MB in fp16 (the paper's: 4.52 M).
 
     The U-Net's finest level is narrow (16 channels) and only its two coarsest levels attend (self- and
@@ -325,13 +324,9 @@ def noised(scheduler, image: torch.Tensor, noise: torch.Tensor, timesteps: torch
     return scheduler.add_noise(image * 2 - 1, noise, timesteps)
 
 
-class LCPDNPredictor(Predictor):
+class LCPDNPredictor(SliceWisePredictor):
     """Slice-wise: each proposal draws one noise field per batch of ``SLICE_BATCH`` slices, reads the U-Net's features
     of the slices noised with it at each timestep, in in-plane windows, and averages the classifier's logits."""
-
-    @property
-    def size_multiple(self) -> tuple[int, int, int]:
-        return (1, self.config.size_multiple, self.config.size_multiple)
 
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
         """The slices [z, image_in_channels, y, x], as training cuts them."""
@@ -362,7 +357,7 @@ class LCPDNPredictor(Predictor):
                                    inputs, config.window)
                 on_step(batch * len(timesteps) + index + 1, len(starts) * len(timesteps))
             probabilities.append(torch.sigmoid(logits / len(timesteps)))
-        return torch.cat(probabilities)[:, 0].float().cpu().numpy()
+        return self.smoothed(torch.cat(probabilities)[:, 0].float().cpu().numpy())
 
 
 def grown(model: LCPDNModel, config: LCPDNConfig) -> LCPDNModel:
@@ -412,4 +407,4 @@ def card_text(config: LCPDNConfig) -> list[str]:
         parts.append(f"CPRFL reads the frozen CLIP vision model of {config.clip_vision}")
     if config.fusion != "ltfr":
         parts.append("plain cross-attention in place of LTFR (`fusion`)")
-    return parts
+    return parts + config.sampling_card_text()

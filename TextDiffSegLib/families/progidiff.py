@@ -26,11 +26,10 @@ from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.controlnets.controlnet import zero_module
 from torch import nn
 
-from ..config import ModelConfig
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
-from .base import Predictor, StepCallback, normalisation_parameters
+from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, normalisation_parameters
 from .progidiff_stable_diffusion import stable_diffusion_options
 from .universal import SLICE_BATCH, sample_slices
 
@@ -48,7 +47,7 @@ LATENT_CLAMP = 5.0
 
 
 @dataclasses.dataclass
-class ProGiDiffConfig(ModelConfig):
+class ProGiDiffConfig(SliceWiseConfig):
     """Tiny-but-real defaults, to train on a 2-core CPU: 5.4 M parameters, 11 MB in fp16 (SD 1.x: about 1,000 M).
 
     The latent grid is 8 times coarser than the model grid, as SD's (four autoencoder levels): on the 2.5 mm
@@ -201,13 +200,9 @@ class ProGiDiffModel(nn.Module):
         return self.unet(noisy_latent, timestep, tokens, **residuals).sample
 
 
-class ProGiDiffPredictor(Predictor):
+class ProGiDiffPredictor(SliceWisePredictor):
     """Slice-wise sampling: each slice's conditioning features once per scan; each proposal samples the mask
     latents of ``SLICE_BATCH`` slices at a time, in in-plane windows of the latent grid, and decodes them."""
-
-    @property
-    def size_multiple(self) -> tuple[int, int, int]:
-        return (1, self.config.size_multiple, self.config.size_multiple)
 
     @torch.no_grad()
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
@@ -234,7 +229,7 @@ class ProGiDiffPredictor(Predictor):
 
         window = tuple(w // config.downsampling for w in config.window)
         latents = sample_slices(predict, prepared, channels, window, scheduler, seed, steps, self.device, on_step)
-        return torch.sigmoid(model.decode_mask(latents))[:, 0].float().cpu().numpy()
+        return self.smoothed(torch.sigmoid(model.decode_mask(latents))[:, 0].float().cpu().numpy())
 
 
 def lora_targets(model: ProGiDiffModel) -> list[str]:
@@ -257,4 +252,4 @@ def retrained_parameters(model: ProGiDiffModel) -> list[str]:
 
 def card_text(config: ProGiDiffConfig) -> list[str]:
     return [f"{config.default_steps} DDIM steps by default, slice by slice: the backbone generates the prompt's mask, "
-            "steered by a ControlNet reading the slice"]
+            "steered by a ControlNet reading the slice", *config.sampling_card_text()]

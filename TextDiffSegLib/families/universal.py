@@ -18,18 +18,16 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..config import ModelConfig
-from ..postprocessing import smooth_across_slices
 from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler, sample, windowed
 from ..text_encoders import TextEmbedding
-from .base import Predictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
+from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
 
 SLICE_BATCH = 32  # slices sampled together (one noise field, one generator each)
 
 
 @dataclasses.dataclass
-class UniversalConfig(ModelConfig):
+class UniversalConfig(SliceWiseConfig):
     family: str = "universal"
     latent_channels: int = 4
     mask_channels: tuple[int, int, int] = (16, 32, 64)
@@ -45,14 +43,6 @@ class UniversalConfig(ModelConfig):
     # Between sampling steps, replace the clean-latent estimate by the latent of the mask it decodes
     # to (see UniversalModel.project_to_mask); needs x0-prediction.
     project_to_masks: bool = False
-    # Sample the proposals of odd seeds on the scan mirrored front to back, and mirror them back:
-    # training flips that axis at random (see universal_training.SliceSampler), so both are scans the model
-    # knows, and the proposals differ by more than their noise.
-    mirror_proposals: bool = False
-    # Smooth each proposal's probabilities along z with a Gaussian of this sigma, in slices of the
-    # model grid (0: off): each slice is sampled from its own noise, so neighbouring slices of a
-    # proposal disagree more than the anatomy does (see postprocessing.smooth_across_slices).
-    slice_smoothing: float = 0.0
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -67,8 +57,6 @@ class UniversalConfig(ModelConfig):
             found.append("project_to_masks needs prediction_type 'sample' (the denoiser's output must be a clean latent)")
         if self.context_slices < 0:
             found.append("context_slices must be 0 or more")
-        if not self.slice_smoothing >= 0:
-            found.append(f"slice_smoothing must be 0 or more (a sigma in slices), not {self.slice_smoothing}")
         if len(self.window) != 2:
             found.append(f"window must be two in-plane sizes (y, x) for this 2.5D family, not {self.window}")
         if any(w % self.size_multiple for w in self.window):
@@ -235,7 +223,7 @@ def sample_slices(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return torch.cat(latents)
 
 
-class UniversalPredictor(Predictor):
+class UniversalPredictor(SliceWisePredictor):
     """2.5D sampling: every slice of the scan (with its neighbours) is encoded once; each proposal samples
     the mask latents of ``SLICE_BATCH`` slices at a time, in in-plane sliding windows of the latent grid,
     and decodes them."""
@@ -243,14 +231,6 @@ class UniversalPredictor(Predictor):
     def __init__(self, model: UniversalModel, device: torch.device):
         # Channels-last convolutions: on a CPU, 1.5-1.6 times as fast as the default layout (oneDNN).
         super().__init__(model.to(memory_format=torch.channels_last), device)
-
-    @property
-    def size_multiple(self) -> tuple[int, int, int]:
-        return (1, self.config.size_multiple, self.config.size_multiple)
-
-    @property
-    def mirrors(self) -> bool:
-        return self.config.mirror_proposals
 
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
         """Image features [z, channels, y, x] of every slice on the latent grid."""
@@ -282,8 +262,7 @@ class UniversalPredictor(Predictor):
         window = tuple(w // config.downsampling for w in config.window)
         latents = sample_slices(predict, prepared, latent_channels, window, scheduler, seed, steps, self.device, on_step)
         probability = torch.sigmoid(model.decode_mask(latents))[:, 0].float().cpu().numpy()
-        # Each slice is sampled from its own noise: smoothed along z, where neighbours disagree more than anatomy.
-        return smooth_across_slices(probability, config.slice_smoothing)
+        return self.smoothed(probability)
 
 
 def grown(model: UniversalModel, config: UniversalConfig) -> UniversalModel:
@@ -311,10 +290,4 @@ def card_text(config: UniversalConfig) -> list[str]:
     parts = [f"{config.default_steps} DDIM steps by default"]
     if config.project_to_masks:
         parts.append("between steps each clean-mask estimate goes through the mask autoencoder (`project_to_masks`)")
-    if config.mirror_proposals:
-        parts.append("proposals of odd seeds are sampled on the scan mirrored front to back and mirrored back "
-                     "(`mirror_proposals`)")
-    if config.slice_smoothing:
-        parts.append(f"each proposal is smoothed along z with a Gaussian of sigma {config.slice_smoothing:g} "
-                     "(in slices of the model grid; `slice_smoothing`)")
-    return parts
+    return parts + config.sampling_card_text()
