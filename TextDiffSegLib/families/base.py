@@ -80,6 +80,11 @@ class SliceWiseConfig(ModelConfig):
         found = super().problems()
         if not self.slice_smoothing >= 0:
             found.append(f"slice_smoothing must be 0 or more (a sigma in slices), not {self.slice_smoothing}")
+        if len(self.window) != 2:
+            found.append(f"window must be two in-plane sizes (y, x) for this slice-wise family, not {self.window}")
+        elif self.size_multiple >= 1 and any(w % self.size_multiple for w in self.window):  # below 1: a width is wrong
+            found.append(f"window must be a multiple of {self.size_multiple} (the model's in-plane downsampling), "
+                         f"not {self.window}")
         return found
 
     @property

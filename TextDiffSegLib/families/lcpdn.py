@@ -96,11 +96,6 @@ class LCPDNConfig(SliceWiseConfig):
         found = super().problems()
         if self.conditioning != "text":
             found.append("conditioning must be 'text': LCPDN reads the prompt's token embeddings")
-        if len(self.window) != 2:
-            found.append(f"window must be two in-plane sizes (y, x) for this 2D family, not {self.window}")
-        elif self.stem >= 1 and any(w % self.size_multiple for w in self.window):
-            found.append(f"window must be a multiple of {self.size_multiple} (the stem's and the U-Net's downsampling), "
-                         f"not {self.window}")
         if any(c % self.norm_groups or c % self.attention_heads for c in self.unet_channels):
             found.append(f"unet_channels must be multiples of norm_groups ({self.norm_groups}) and attention_heads "
                          f"({self.attention_heads}), not {self.unet_channels}")

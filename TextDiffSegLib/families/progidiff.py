@@ -92,10 +92,6 @@ class ProGiDiffConfig(SliceWiseConfig):
         found = super().problems()
         if self.conditioning != "text":
             found.append("conditioning must be 'text': ProGiDiff is steered by prompts")
-        if len(self.window) != 2:
-            found.append(f"window must be two in-plane sizes (y, x) for this 2D family, not {self.window}")
-        elif any(w % self.size_multiple for w in self.window):
-            found.append(f"window must be a multiple of {self.size_multiple} (the model's downsampling), not {self.window}")
         widths = {"autoencoder_channels": self.autoencoder_channels, "unet_channels": self.unet_channels}
         for field, value in widths.items():
             if not value or any(c % self.norm_groups for c in value):

@@ -57,10 +57,6 @@ class UniversalConfig(SliceWiseConfig):
             found.append("project_to_masks needs prediction_type 'sample' (the denoiser's output must be a clean latent)")
         if self.context_slices < 0:
             found.append("context_slices must be 0 or more")
-        if len(self.window) != 2:
-            found.append(f"window must be two in-plane sizes (y, x) for this 2.5D family, not {self.window}")
-        if any(w % self.size_multiple for w in self.window):
-            found.append(f"window must be a multiple of {self.size_multiple} (the model's downsampling), not {self.window}")
         return found
 
     def __post_init__(self):
