@@ -156,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="share of training samples from slices that contain the structure")
     train.add_argument("--near-negatives", type=float, default=0.5,
                        help="of the other samples, the share from slices within 40 mm past the structure's ends")
+    train.add_argument("--decoded-mask-weight", type=float, default=1.0,
+                       help="weight of the segmentation loss on the mask decoded from each prediction, beside the "
+                            "diffusion objective (0: the diffusion objective alone; how each family uses it: its "
+                            "training module)")
     train.add_argument("--ema-decay", type=float, default=0.999,
                        help="save the moving average of the denoiser's weights with this decay (0: the last weights)")
     train.add_argument("--checkpoint-every", type=int, default=200)
@@ -610,6 +614,7 @@ def _train(args) -> int:
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
         gamma=args.gamma,
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
+        decoded_mask_weight=args.decoded_mask_weight,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={**({"conditioning": args.conditioning} if args.conditioning else {}), **dict(args.model_option)},

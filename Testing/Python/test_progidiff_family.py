@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_STRUCTURES
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from test_family_conformance import _settings, dataset  # noqa: F401 (a fixture)
@@ -16,9 +17,10 @@ from torch import nn
 
 from TextDiffSegLib.adaptation import add_adapter, save_adapter, weights_sha256
 from TextDiffSegLib.errors import DataError, ModelError
-from TextDiffSegLib.families.progidiff import (PROMPT_TOKENS, ProGiDiffConfig, ProGiDiffModel, ProGiDiffPredictor,
-                                               lora_targets, prompt_tokens)
+from TextDiffSegLib.families.progidiff import (LATENT_CLAMP, PROMPT_TOKENS, ProGiDiffConfig, ProGiDiffModel,
+                                               ProGiDiffPredictor, lora_targets, prompt_tokens)
 from TextDiffSegLib.families.progidiff_training import TASKS, ProGiDiffRecipe
+from TextDiffSegLib.losses import batch_mask_loss, structure_dice_loss
 from TextDiffSegLib.model_card import TRAINED_PARAMETERS, TRAINING_RECORD
 from TextDiffSegLib.modelio import load_model, save_model
 from TextDiffSegLib.text_encoders import TextEmbedding, load_text_encoder
@@ -45,7 +47,8 @@ def trainer() -> SimpleNamespace:
 
 
 def settings(**overrides) -> SimpleNamespace:
-    values = dict(crop=(16, 16), init_from="", autoencoder_steps=2, autoencoder_lr=1e-3, diffusion_steps=3, lr=1e-2)
+    values = dict(crop=(16, 16), init_from="", autoencoder_steps=2, autoencoder_lr=1e-3, diffusion_steps=3, lr=1e-2,
+                  decoded_mask_weight=1.0)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -154,6 +157,31 @@ def test_training_from_scratch_trains_everything_together_with_the_same_budget()
     names = {id(p): n for n, p in model.named_parameters()}
     trained = {names[id(p)].split(".")[0] for p in stages[1].parameters()}
     assert trained == {"unet", "controlnet", "conditioning_encoder"}
+
+
+def test_the_diffusion_loss_adds_the_segmentation_loss_of_the_decoded_clean_estimate():
+    model = tiny(prediction_type="sample").train()
+    images, masks, labels = torch.rand(3, 1, 16, 16), (torch.rand(3, 1, 16, 16) > 0.5).float(), torch.tensor([0, 3, 3])
+    prompts = torch.randn(len(TASKS), 4, PROMPT_TOKENS, 384)
+    losses = {}
+    for weight in (0.0, 2.0):
+        recipe = ProGiDiffRecipe(model, settings(decoded_mask_weight=weight), trainer())
+        recipe.prompts = prompts
+        torch.manual_seed(5)
+        losses[weight] = recipe.controlled_loss((images, masks, labels)).item()
+    torch.manual_seed(5)  # the same draws again: noise, timesteps, task verbs
+    clean = model.encode_mask(masks)
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, model.config.num_train_timesteps, (3,))
+    tokens = prompts[torch.randint(len(TASKS), (3,)), labels]
+    with torch.no_grad():
+        prediction = model.denoise(recipe.scheduler.add_noise(clean, noise, timesteps), timesteps, tokens,
+                                   model.conditioning_encoder(images))
+        decoded = model.decode_mask(prediction.clamp(-LATENT_CLAMP, LATENT_CLAMP))
+    assert losses[0.0] == pytest.approx(F.mse_loss(prediction, clean).item(), rel=1e-5)  # SD's objective alone
+    segmentation = batch_mask_loss(decoded, masks) + structure_dice_loss(decoded, masks, labels)
+    assert segmentation > 0.1
+    assert losses[2.0] == pytest.approx(losses[0.0] + 2 * segmentation.item(), rel=1e-5)
 
 
 def test_the_autoencoder_stage_learns_masks_and_measures_the_latent_scale():

@@ -215,7 +215,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
             "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
-            "--gamma", "1.5", "--crop", "64", "--workers", "1"]
+            "--gamma", "1.5", "--crop", "64", "--workers", "1", "--decoded-mask-weight", "0.5"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"wrote {output / 'model'}"
@@ -230,8 +230,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
                       recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"],
-                      recorded["gamma"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5)
+                      recorded["gamma"], recorded["decoded_mask_weight"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5, 0.5)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0

@@ -4,10 +4,14 @@ A new model trains in three stages: the mask autoencoder (BCE + Dice of the deco
 KL term of SD's autoencoder), after which the latent scale is measured; the backbone alone, as a
 text-conditioned generator of mask latents (SD's objective: the MSE of the noise, or of what the prediction
 type names); then, with backbone and autoencoder frozen, the ControlNet and the conditioning-image encoder
-on the same objective, whose moving average is saved. The ControlNet starts as a copy of the trained
-backbone's encoder, its zero convolutions at zero. With ``pretrain_backbone`` false, backbone, ControlNet
-and encoder train together from scratch in one stage as long as those two. A model trained on from another
-(``init_from``, or a LoRA adapter of it) trains the last stage alone.
+on the same objective, whose moving average is saved. Beyond SD's objective, both diffusion stages decode the
+clean latent each prediction implies and add ``decoded_mask_weight`` times the segmentation loss of LCPDN and
+TextDiffSeg-3D on it (the batch's Dice and cross-entropy, and the Dice of each structure's samples): the
+latent MSE alone says little of where a small organ lies (``--decoded-mask-weight 0``: SD's objective alone).
+The ControlNet starts as a copy of the trained backbone's encoder, its zero convolutions at zero. With
+``pretrain_backbone`` false, backbone, ControlNet and encoder train together from scratch in one stage as
+long as those two. A model trained on from another (``init_from``, or a LoRA adapter of it) trains the last
+stage alone.
 
 Each sample's prompt takes one of the task verbs at random ("Segment / Highlight / Show the liver in this
 CT scan", section 3.1); sampling uses the first. Samples are the universal family's 2D slice crops, a
@@ -20,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
-from ..losses import diffusion_target, mask_loss
+from ..losses import batch_mask_loss, clean_estimate, diffusion_target, mask_loss, structure_dice_loss
 from ..sampler import make_scheduler
 from ..terminology import get_structure
 from ..text_encoders import TextEmbedding, conditioning_text, load_text_encoder
 from .base import Recipe, Stage
-from .progidiff import prompt_tokens
+from .progidiff import LATENT_CLAMP, prompt_tokens
 from .progidiff_stable_diffusion import load_stable_diffusion
 from .universal_training import NEAR_NEGATIVE_MM, SliceSampler, check_slice_crop
 
@@ -110,16 +114,24 @@ class ProGiDiffRecipe(Recipe):
         return self.diffusion_loss(batch, steered=True)
 
     def diffusion_loss(self, batch, steered: bool) -> torch.Tensor:
-        """SD's objective on the batch's mask latents and prompts; ``steered``: through the ControlNet reading the images."""
-        device, model, scheduler = self.trainer.device, self.model, self.scheduler
+        """SD's objective on the batch's mask latents and prompts, plus the decoded clean estimate's segmentation
+        loss; ``steered``: through the ControlNet reading the images."""
+        device, model, scheduler, config = self.trainer.device, self.model, self.scheduler, self.config
         images, masks, labels = (tensor.to(device) for tensor in batch)
         with torch.no_grad():
             clean = model.encode_mask(masks)
         noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=device)
+        timesteps = torch.randint(0, config.num_train_timesteps, (len(labels),), device=device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         tokens = self.prompts[torch.randint(len(TASKS), (len(labels),), device=device), labels]
+        weight = self.settings.decoded_mask_weight
         with self.trainer.autocast():
             prediction = model.denoise(noisy, timesteps, tokens, model.conditioning_encoder(images) if steered else None)
-        target = diffusion_target(scheduler, self.config.prediction_type, clean, noise, timesteps)
-        return F.mse_loss(prediction.float(), target)
+            if weight > 0:
+                estimate = clean_estimate(scheduler, config.prediction_type, noisy, prediction, timesteps)
+                decoded = model.decode_mask(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP)).float()
+        target = diffusion_target(scheduler, config.prediction_type, clean, noise, timesteps)
+        loss = F.mse_loss(prediction.float(), target)
+        if weight > 0:
+            loss = loss + weight * (batch_mask_loss(decoded, masks) + structure_dice_loss(decoded, masks, labels))
+        return loss
