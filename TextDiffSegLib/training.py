@@ -192,6 +192,8 @@ class _Run:
         if not (0 <= settings.present_fraction <= 1 and 0 <= settings.near_negative_fraction <= 1):
             raise DataError(f"present_fraction and near_negative_fraction are shares between 0 and 1, not "
                             f"{settings.present_fraction} and {settings.near_negative_fraction}")
+        if settings.decoded_mask_weight < 0:
+            raise DataError(f"decoded_mask_weight is a loss weight, 0 or more, not {settings.decoded_mask_weight}")
         if settings.workers < 0:
             raise DataError(f"workers is a number of processes, 0 or more, not {settings.workers}")
         if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0 or settings.gamma < 1:

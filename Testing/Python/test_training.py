@@ -244,6 +244,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
                          (["--device", "tpu"], ["unknown device 'tpu'"]),
                          (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"]),
                          (["--workers", "-2"], ["workers is a number of processes"]),
+                         (["--decoded-mask-weight", "-1"], ["decoded_mask_weight is a loss weight"]),
                          (["--crop", "100"], ["positive multiples of 16", "(100, 100)"]),
                          (["--model-option", "unet_width=3"], ["no option unet_width", "unet_channels"]),
                          (["--model-option", "structures=liver"], ["cannot be set as model options"]),
