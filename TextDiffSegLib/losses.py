@@ -50,6 +50,13 @@ def structure_dice_loss(logits: torch.Tensor, target: torch.Tensor, labels: torc
     return 1 - (2 * intersection[present] / sizes[present]).mean()
 
 
+def prompted_mask_loss(logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of masks that answer prompts (``labels``: each sample's structure): the whole batch's BCE + Dice
+    (``batch_mask_loss``) plus each structure's Dice (``structure_dice_loss``); LCPDN's, ProGiDiff's decoded
+    estimates' and TextDiffSeg-3D's."""
+    return batch_mask_loss(logits, target) + structure_dice_loss(logits, target, labels)
+
+
 def diffusion_target(scheduler, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> torch.Tensor:
     """What the denoiser is trained to predict: the noise, the clean sample, or v (diffusers' prediction types)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
-from ..losses import batch_mask_loss, structure_dice_loss
+from ..losses import prompted_mask_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage
@@ -87,4 +87,4 @@ class LCPDNRecipe(Recipe):
         with self.trainer.autocast():
             logits = self.model.segment(noisy, images, timesteps, self._prompts(labels))
         logits = logits.float()
-        return batch_mask_loss(logits, masks) + structure_dice_loss(logits, masks, labels)
+        return prompted_mask_loss(logits, masks, labels)

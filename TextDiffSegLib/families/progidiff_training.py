@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
-from ..losses import batch_mask_loss, clean_estimate, diffusion_target, mask_loss, structure_dice_loss
+from ..losses import clean_estimate, diffusion_target, mask_loss, prompted_mask_loss
 from ..sampler import make_scheduler
 from ..terminology import get_structure
 from ..text_encoders import TextEmbedding, conditioning_text, load_text_encoder
@@ -133,5 +133,5 @@ class ProGiDiffRecipe(Recipe):
         target = diffusion_target(scheduler, config.prediction_type, clean, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target)
         if weight > 0:
-            loss = loss + weight * (batch_mask_loss(decoded, masks) + structure_dice_loss(decoded, masks, labels))
+            loss = loss + weight * prompted_mask_loss(decoded, masks, labels)
         return loss

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..datasets import PreparedCase
 from ..errors import DataError
-from ..losses import batch_mask_loss, clean_estimate, diffusion_target, mask_loss, structure_dice_loss
+from ..losses import clean_estimate, diffusion_target, mask_loss, prompted_mask_loss
 from ..preprocessing import lateral_position
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
@@ -120,5 +120,4 @@ class TextDiffSeg3DRecipe(Recipe):
     def segmentation_loss(decoded: torch.Tensor, reconstructed: torch.Tensor, masks: torch.Tensor,
                           labels: torch.Tensor) -> torch.Tensor:
         """The decoded mask's batch DiceCE and Dice per structure, and the reconstruction's BCE + Dice per patch."""
-        answer = batch_mask_loss(decoded, masks) + structure_dice_loss(decoded, masks, labels)
-        return answer + mask_loss(reconstructed, masks).mean()
+        return prompted_mask_loss(decoded, masks, labels) + mask_loss(reconstructed, masks).mean()
