@@ -38,11 +38,11 @@ TIMESTEPS = (999, 900, 700, 400)
 CONDITIONS = ("slice", "blank slice", "no ControlNet")
 
 
-def dice(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
-    """Mean Dice over the samples of masks thresholded at one half."""
+def dice(probabilities: torch.Tensor, masks: torch.Tensor) -> list[float]:
+    """The Dice of each sample's mask thresholded at one half."""
     found = probabilities > 0.5
     overlap = (found & (masks > 0)).flatten(1).sum(1)
-    return float((2 * overlap / (found.flatten(1).sum(1) + masks.flatten(1).sum(1)).clamp(min=1)).mean())
+    return (2 * overlap / (found.flatten(1).sum(1) + masks.flatten(1).sum(1)).clamp(min=1)).tolist()
 
 
 @torch.no_grad()
@@ -70,12 +70,10 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
                 prediction = model.denoise(noisy, timesteps, tokens[labels], image_features)
                 estimate = clean_estimate(scheduler, config.prediction_type, noisy, prediction, timesteps)
                 probabilities = torch.sigmoid(model.decode_mask(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP)))
-                for index, structure in enumerate(STRUCTURES):
-                    mine = labels == index
-                    if mine.any():
-                        scores[structure][str(t)][condition].append((dice(probabilities[mine], masks[mine]), int(mine.sum())))
-    table = {s: {t: {c: float(np.average([d for d, _ in v], weights=[n for _, n in v])) for c, v in by_condition.items()}
-                 for t, by_condition in by_t.items()} for s, by_t in scores.items()}
+                for structure, sample_dice in zip((STRUCTURES[i] for i in labels), dice(probabilities, masks)):
+                    scores[structure][str(t)][condition].append(sample_dice)
+    table = {s: {t: {c: float(np.mean(v)) for c, v in by_condition.items()} for t, by_condition in by_t.items()}
+             for s, by_t in scores.items()}
     mean = {str(t): {c: float(np.mean([table[s][str(t)][c] for s in STRUCTURES])) for c in CONDITIONS} for t in TIMESTEPS}
     return {"model": str(model_folder), "cases": training["split"]["validation"], "slices": 24 * batches,
             "structures": table, "mean": mean}
