@@ -140,11 +140,35 @@ def test_the_readme_states_the_bundled_reports_and_benchmark():
     assert f"{four['prompt']}\"`) {four['segment_seconds']:.0f} s and {four['peak_rss_mb'] / 1000:.1f} GB" in flat
 
 
-def test_the_readme_states_the_family_comparison_and_the_3d_benchmark():
-    """The README's summary of the 3D family and of the ensemble is that of docs/family-comparison.json, and the
-    speeds of the 3D and LCPDN families and of the ensemble of all CT models those of their benchmarks."""
+# The README's table of families: its rows' reports in docs/family-comparison.json, and their speed benchmarks.
+FAMILY_TABLE = {
+    "`universal-btcv`": ("universal-btcv", "segment_organ"),
+    "`lcpdn-btcv`": ("lcpdn-btcv", "segment_organ-lcpdn-btcv"),
+    "`textdiffseg3d-btcv`": ("textdiffseg3d-btcv", "segment_organ-textdiffseg3d-btcv"),
+    "ensemble of `universal-btcv` and `lcpdn-btcv`": ("ensemble (universal-btcv + lcpdn-btcv)", None),
+    "ensemble of `universal-btcv` and `textdiffseg3d-btcv`": ("ensemble (universal-btcv + textdiffseg3d-btcv)", None),
+}
+
+
+def test_the_readme_table_of_families_is_that_of_the_comparison_and_the_benchmarks():
     root = Path(__file__).resolve().parents[2]
-    flat = " ".join((root / "README.md").read_text().split())
+    rows = markdown_rows((root / "README.md").read_text())
+    reports = json.loads((root / "docs" / "family-comparison.json").read_text())
+    for label, (name, benchmark) in FAMILY_TABLE.items():
+        report = reports[name]
+        oracle = np.mean([scores["oracle_dice"] for scores in report["structures"].values()])
+        seconds = "—"
+        if benchmark:
+            seconds = f"{json.loads((root / 'benchmarks' / 'results' / f'{benchmark}.json').read_text())['segment_seconds']:.1f} s"
+        assert rows[label] == [f"{report['mean_dice']:.3f}", f"{oracle:.3f}",
+                               f"{report['mean_uncertainty_auroc']:.3f}", seconds], label
+
+
+def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
+    """docs/families.md's account of the 3D family, LCPDN and the ensembles is that of docs/family-comparison.json,
+    and the speeds of the 3D and LCPDN families and of the ensemble of all CT models those of their benchmarks."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
     reports = json.loads((root / "docs" / "family-comparison.json").read_text())
     organs = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
 
