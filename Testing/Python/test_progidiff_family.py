@@ -20,7 +20,7 @@ from TextDiffSegLib.errors import DataError, ModelError
 from TextDiffSegLib.families.progidiff import (LATENT_CLAMP, PROMPT_TOKENS, ProGiDiffConfig, ProGiDiffModel,
                                                ProGiDiffPredictor, lora_targets, prompt_tokens)
 from TextDiffSegLib.families.progidiff_training import TASKS, ProGiDiffRecipe
-from TextDiffSegLib.losses import batch_mask_loss, structure_dice_loss
+from TextDiffSegLib.losses import prompted_mask_loss
 from TextDiffSegLib.model_card import TRAINED_PARAMETERS, TRAINING_RECORD
 from TextDiffSegLib.modelio import load_model, save_model
 from TextDiffSegLib.text_encoders import TextEmbedding, load_text_encoder
@@ -179,7 +179,7 @@ def test_the_diffusion_loss_adds_the_segmentation_loss_of_the_decoded_clean_esti
                                    model.conditioning_encoder(images))
         decoded = model.decode_mask(prediction.clamp(-LATENT_CLAMP, LATENT_CLAMP))
     assert losses[0.0] == pytest.approx(F.mse_loss(prediction, clean).item(), rel=1e-5)  # SD's objective alone
-    segmentation = batch_mask_loss(decoded, masks) + structure_dice_loss(decoded, masks, labels)
+    segmentation = prompted_mask_loss(decoded, masks, labels)
     assert segmentation > 0.1
     assert losses[2.0] == pytest.approx(losses[0.0] + 2 * segmentation.item(), rel=1e-5)
 
