@@ -604,6 +604,7 @@ def _train(args) -> int:
 
     from .distributed import rank
     from .machine import resolve_device
+    from .model_card import TRAINED_PARAMETERS, TRAINING_RECORD
     from .training import TrainSettings, train
 
     settings = TrainSettings(
@@ -634,7 +635,9 @@ def _train(args) -> int:
     for bar in bars.values():
         bar.close()
     if rank() == 0:  # one line, under torchrun too
-        print(f"wrote {folder}")
+        trained = json.loads((folder / TRAINING_RECORD).read_text())[TRAINED_PARAMETERS]
+        print(f"wrote {folder} (its {trained['stage']} stage trained {trained['trained']:,} of {trained['of']:,} "
+              "parameters)")
     return 0
 
 

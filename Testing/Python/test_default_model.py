@@ -36,7 +36,7 @@ FUSED_SHA256 = {
         "liver": "0a1ec93c0fb75305307d053b8af3708432a5c48ccc88a4cb8a3e1142eb4d90c7",
     },
     "progidiff-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE), recorded on this project's 2-core Intel Xeon
-        "liver": "03fbf28ada693e533f45e2d2d19c601633be19b6ca3d3c3fdd891c9289752f6d",
+        "liver": "54270461f7345cc848ad24ecf28bab9078e29fbeff44f43aa08d4de693a1f026",
     },
     "universal-chaos-t2-lora": {  # chaos_t2_03
         "liver": "05816038f4c09a9853ac47c1be16d379189e2838617a6660070b09c96025b3ae",

@@ -218,7 +218,9 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
             "--gamma", "1.5", "--crop", "64", "--workers", "1", "--decoded-mask-weight", "0.5"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == f"wrote {output / 'model'}"
+    trained = json.loads((output / "model" / "training.json").read_text())["trained_parameters"]
+    assert out.strip() == (f"wrote {output / 'model'} (its diffusion stage trained {trained['trained']:,} of "
+                           f"{trained['of']:,} parameters)")
     assert "autoencoder" in err and "diffusion" in err and "loss=" in err  # the progress bars
     rows = read_log(output)
     assert steps(rows, "autoencoder") == [1, 2] and steps(rows, "diffusion") == [1, 2]
