@@ -5,9 +5,10 @@ For each structure of each case, the evaluate report's rows keep every proposal'
 order. At each k, the first k proposals of each model are taken (an ensemble of M models: k x M):
 Oracle@k is the best Dice among them, RandTop-3@k the expected Dice of one of the three best picked at random
 (the paper's simulated expert). Both are averaged over the cases of each organ, then over the organs, as the
-report's mean Dice is; the fused Dice of all the proposals is drawn at the last k.
+report's mean Dice is; the fused Dice of all the proposals is drawn at the last k. ``--reports`` draws more
+evaluate reports of the same cases beside them (one with 10 proposals, say, for Oracle@10).
 
-    python docs/proposal_curves.py [--comparison docs/family-comparison.json]
+    python docs/proposal_curves.py [--comparison docs/family-comparison.json] [--reports REPORT.json=NAME,...]
 """
 
 import argparse
@@ -55,9 +56,13 @@ def curves(report: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comparison", default=str(HERE / "family-comparison.json"))
+    parser.add_argument("--reports", default="", help="more evaluate reports, REPORT.json=NAME,...")
     parser.add_argument("--output", default=str(HERE / "proposal-curves.png"))
     args = parser.parse_args()
     reports = json.loads(Path(args.comparison).read_text())
+    for item in filter(None, args.reports.split(",")):
+        path, name = item.split("=", 1)
+        reports[name] = json.loads(Path(path).read_text())
     missing = [name for name, report in reports.items() if "proposal_dice" not in report["rows"][0]]
     if missing:
         raise SystemExit(f"the reports of {', '.join(missing)} keep no Dice per proposal: evaluate them again "
@@ -81,7 +86,7 @@ def main() -> None:
     figure.tight_layout()
     output = Path(args.output)
     figure.savefig(output, dpi=120)
-    output.with_suffix(".json").write_text(json.dumps({"comparison": Path(args.comparison).name, "curves": figures},
+    output.with_suffix(".json").write_text(json.dumps({"comparison": Path(args.comparison).name, "reports": args.reports, "curves": figures},
                                                       indent=2) + "\n")
     print(f"wrote {output}")
     for name, values in figures.items():

@@ -38,6 +38,12 @@ FUSED_SHA256 = {
     "progidiff-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE), recorded on this project's 2-core Intel Xeon
         "liver": "54270461f7345cc848ad24ecf28bab9078e29fbeff44f43aa08d4de693a1f026",
     },
+    "progidiff-chaos-t2-lora": {  # chaos_t2_03, recorded on this project's 2-core Intel Xeon
+        "liver": "a287d3c20dac79983cbca703951df04f0e67dc7ae3dca8539ef8677fd08a2b74",
+        "kidney_right": "a8f8c96e7ae0d80b7fa4af04c9f5b08743882ab2404e83761a228a76a4dfeaf1",
+        "kidney_left": "10af36adf713bf622518406a1bdb1865c096625c54632c332b23418d253a9f24",
+        "spleen": "b0734eed57a069cbc5d03d15462dcdfbc8d55f9c9d146663845bac5df6de36d2",
+    },
     "universal-chaos-t2-lora": {  # chaos_t2_03
         "liver": "05816038f4c09a9853ac47c1be16d379189e2838617a6660070b09c96025b3ae",
         "kidney_right": "ed96e2d662fdb7489b55e7c90a05616a02a01335fbe53d9fb02c60e280c19b81",
@@ -172,8 +178,8 @@ def test_the_readme_table_of_families_is_that_of_the_comparison_and_the_benchmar
 
 def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     """docs/families.md's account of the 3D family, LCPDN, ProGiDiff and the ensembles is that of
-    docs/family-comparison.json, and the speeds of the 3D and LCPDN families and of the ensemble of the CT models
-    bundled before ProGiDiff those of their benchmarks."""
+    docs/family-comparison.json, and the speeds of the 3D and LCPDN families and of the ensemble of the four
+    bundled CT models those of their benchmarks."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "docs" / "families.md").read_text().split())
     reports = json.loads((root / "docs" / "family-comparison.json").read_text())
@@ -244,6 +250,31 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
                 f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
         assert f"`python benchmarks/segment_organ.py --model {name} --repeats 1" in flat
     benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ-ensemble-ct.json").read_text())
-    assert benchmark["model"] == "universal-btcv,textdiffseg3d-btcv,lcpdn-btcv"
-    assert (f"one organ with 5 proposals of each takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
-            f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
+    assert benchmark["model"] == "universal-btcv,textdiffseg3d-btcv,lcpdn-btcv,progidiff-btcv"
+    assert benchmark["cpu"] == "Intel(R) Xeon(R) Processor" and benchmark["threads"] == 2
+    assert (f"one organ with 5 proposals of each takes {benchmark['segment_seconds']:.1f} s on a 2-core Intel Xeon, "
+            f"peak memory {benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
+
+
+def test_the_families_page_states_progidiffs_adaptation_to_mr():
+    """docs/families.md's table of ProGiDiff on CHAOS MR (adapted, from scratch, not adapted) is that of the reports
+    in docs/progidiff-mr-adaptation.json, the adapted one being the bundled adapter's evaluation; the trained
+    parameter count is the adapter's training record's."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
+    reports = json.loads((root / "docs" / "progidiff-mr-adaptation.json").read_text())
+    adapter = resolve_model("progidiff-chaos-t2-lora")
+    assert reports["progidiff-chaos-t2-lora"] == json.loads((adapter / "evaluation.json").read_text())
+    for name, label in (("progidiff-chaos-t2-lora", "`progidiff-chaos-t2-lora` (LoRA from `progidiff-btcv`, 48 min)"),
+                        ("from scratch", "from scratch on the 4 MR cases (43 min)"),
+                        ("progidiff-btcv, not adapted", "`progidiff-btcv`, not adapted")):
+        report = reports[name]
+        assert report["cases"] == ["chaos_t2_03", "chaos_t2_05", "chaos_t2_08", "chaos_t2_13"]
+        scores = [report["structures"][organ]["dice"] for organ in ("liver", "kidney_right", "kidney_left", "spleen")]
+        assert ("| " + " | ".join([label, *(f"{v:.3f}" for v in scores), f"{report['mean_dice']:.3f}",
+                                   f"{report['mean_uncertainty_auroc']:.3f}"]) + " |") in flat
+    trained = json.loads((adapter / "training.json").read_text())["trained_parameters"]
+    assert f"{trained['trained']:,} of the model's {trained['of']:,} parameters" in flat
+    universal = json.loads((resolve_model("universal-chaos-t2-lora") / "evaluation.json").read_text())
+    assert universal["cases"] == reports["from scratch"]["cases"]
+    assert f"`universal-chaos-t2-lora`'s {universal['mean_dice']:.3f} on the same cases" in flat
