@@ -68,8 +68,8 @@ def main() -> None:
         raise SystemExit(f"the reports of {', '.join(missing)} keep no Dice per proposal: evaluate them again "
                          "(textdiffseg evaluate records proposal_dice since December 2026)")
     figures = {name: curves(report) for name, report in reports.items()}
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for (name, values), colour in zip(figures.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    figure, axes = plt.subplots(1, 2, figsize=(12, 6), sharey=True)
+    for (name, values), colour in zip(figures.items(), plt.cm.tab20(np.arange(len(figures)) % 20)):  # one each
         for axis, key in zip(axes, ("oracle", "randtop3")):
             axis.plot(values["k"], values[key], "o--" if "models" in reports[name] else "o-", color=colour,
                       label=name)

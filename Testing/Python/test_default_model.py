@@ -278,3 +278,14 @@ def test_the_families_page_states_progidiffs_adaptation_to_mr():
     universal = json.loads((resolve_model("universal-chaos-t2-lora") / "evaluation.json").read_text())
     assert universal["cases"] == reports["from scratch"]["cases"]
     assert f"`universal-chaos-t2-lora`'s {universal['mean_dice']:.3f} on the same cases" in flat
+
+
+def test_the_families_page_states_progidiffs_oracle_at_10():
+    """docs/families.md's Oracle@k of progidiff-btcv with 10 proposals is that of docs/proposal-curves.json."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
+    curves = json.loads((root / "docs" / "proposal-curves.json").read_text())["curves"]["progidiff-btcv with 10 proposals"]
+    oracle, randtop3 = curves["oracle"], curves["randtop3"]
+    assert curves["k"] == list(range(1, 11))
+    assert (f"Oracle@1 {oracle[0]:.3f}, Oracle@5 {oracle[4]:.3f} and Oracle@10 {oracle[9]:.3f}, RandTop-3 at k = 10 "
+            f"{randtop3[9]:.3f}, fused Dice {curves['fused']:.3f}") in flat
