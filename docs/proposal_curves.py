@@ -86,8 +86,8 @@ def main() -> None:
     figure.tight_layout()
     output = Path(args.output)
     figure.savefig(output, dpi=120)
-    output.with_suffix(".json").write_text(json.dumps({"comparison": Path(args.comparison).name, "reports": args.reports, "curves": figures},
-                                                      indent=2) + "\n")
+    record = {"comparison": Path(args.comparison).name, "reports": args.reports, "curves": figures}
+    output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
     for name, values in figures.items():
         print(f"{name}: Oracle@k {' '.join(f'{v:.3f}' for v in values['oracle'])}; RandTop-3 "
