@@ -36,13 +36,13 @@ FUSED_SHA256 = {
         "liver": "0a1ec93c0fb75305307d053b8af3708432a5c48ccc88a4cb8a3e1142eb4d90c7",
     },
     "progidiff-btcv": {  # btcv_0007, the liver alone (LIVER_ALONE), recorded on this project's 2-core Intel Xeon
-        "liver": "54270461f7345cc848ad24ecf28bab9078e29fbeff44f43aa08d4de693a1f026",
+        "liver": "f1540777d407ecbca33b5c8f8ca2b07fdf1e09fddef60fc1f31fea92491c6ad3",
     },
     "progidiff-chaos-t2-lora": {  # chaos_t2_03, recorded on this project's 2-core Intel Xeon
-        "liver": "a287d3c20dac79983cbca703951df04f0e67dc7ae3dca8539ef8677fd08a2b74",
-        "kidney_right": "a8f8c96e7ae0d80b7fa4af04c9f5b08743882ab2404e83761a228a76a4dfeaf1",
-        "kidney_left": "10af36adf713bf622518406a1bdb1865c096625c54632c332b23418d253a9f24",
-        "spleen": "b0734eed57a069cbc5d03d15462dcdfbc8d55f9c9d146663845bac5df6de36d2",
+        "liver": "0be54788f51231ae81584186214a5d326717f3cea73dd4d671038cd90f86791b",
+        "kidney_right": "e8c0783cb8a462b1396d66eb6a8983bf185e6d760d2521d115685ba884901b4d",
+        "kidney_left": "8fbe3970540b36910622471c3719d3cc17633b3202f3817d40cfe8ba62277156",
+        "spleen": "8f277dcd587a5fd20edae96d259ec5bcd795a0da45cf6fabf782362178ffe2a7",
     },
     "universal-chaos-t2-lora": {  # chaos_t2_03
         "liver": "05816038f4c09a9853ac47c1be16d379189e2838617a6660070b09c96025b3ae",
@@ -257,17 +257,20 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
 
 
 def test_the_families_page_states_progidiffs_adaptation_to_mr():
-    """docs/families.md's table of ProGiDiff on CHAOS MR (adapted, from scratch, not adapted) is that of the reports
-    in docs/progidiff-mr-adaptation.json, the adapted one being the bundled adapter's evaluation; the trained
-    parameter count is the adapter's training record's."""
+    """docs/families.md's table of ProGiDiff on CHAOS MR (adapted from the bundled CT model and from its fourth run,
+    from scratch, not adapted) is that of the reports in docs/progidiff-mr-adaptation.json, the adapted one being
+    the bundled adapter's evaluation; the trained parameter count is the adapter's training record's."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "docs" / "families.md").read_text().split())
     reports = json.loads((root / "docs" / "progidiff-mr-adaptation.json").read_text())
     adapter = resolve_model("progidiff-chaos-t2-lora")
     assert reports["progidiff-chaos-t2-lora"] == json.loads((adapter / "evaluation.json").read_text())
-    for name, label in (("progidiff-chaos-t2-lora", "`progidiff-chaos-t2-lora` (LoRA from `progidiff-btcv`, 48 min)"),
+    for name, label in (("progidiff-chaos-t2-lora", "`progidiff-chaos-t2-lora` (LoRA from `progidiff-btcv`, 56 min)"),
+                        ("progidiff-chaos-t2-lora from the fourth run",
+                         "the same from `progidiff-btcv`'s fourth run (48 min)"),
                         ("from scratch", "from scratch on the 4 MR cases (43 min)"),
-                        ("progidiff-btcv, not adapted", "`progidiff-btcv`, not adapted")):
+                        ("progidiff-btcv, not adapted", "`progidiff-btcv`, not adapted"),
+                        ("progidiff-btcv fourth run, not adapted", "`progidiff-btcv`'s fourth run, not adapted")):
         report = reports[name]
         assert report["cases"] == ["chaos_t2_03", "chaos_t2_05", "chaos_t2_08", "chaos_t2_13"]
         scores = [report["structures"][organ]["dice"] for organ in ("liver", "kidney_right", "kidney_left", "spleen")]
@@ -281,11 +284,25 @@ def test_the_families_page_states_progidiffs_adaptation_to_mr():
 
 
 def test_the_families_page_states_progidiffs_oracle_at_10():
-    """docs/families.md's Oracle@k of progidiff-btcv with 10 proposals is that of docs/proposal-curves.json."""
+    """docs/families.md's Oracle@k of progidiff-btcv's fourth run with 10 proposals is that of docs/proposal-curves.json."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "docs" / "families.md").read_text().split())
-    curves = json.loads((root / "docs" / "proposal-curves.json").read_text())["curves"]["progidiff-btcv with 10 proposals"]
+    curves = json.loads((root / "docs" / "proposal-curves.json").read_text())["curves"][
+        "progidiff-btcv fourth run with 10 proposals"]
     oracle, randtop3 = curves["oracle"], curves["randtop3"]
     assert curves["k"] == list(range(1, 11))
     assert (f"Oracle@1 {oracle[0]:.3f}, Oracle@5 {oracle[4]:.3f} and Oracle@10 {oracle[9]:.3f}, RandTop-3 at k = 10 "
             f"{randtop3[9]:.3f}, fused Dice {curves['fused']:.3f}") in flat
+
+
+def test_the_families_page_states_progidiffs_reading_of_the_slice():
+    """docs/families.md's row of the bundled progidiff-btcv in its table of image reliance is
+    docs/progidiff-image-reliance.json: the mean at t = 999 and 900, and each organ's at t = 999, given the slice."""
+    root = Path(__file__).resolve().parents[2]
+    reliance = json.loads((root / "docs" / "progidiff-image-reliance.json").read_text())
+    organs = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
+    assert reliance["cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
+    expected = [reliance["mean"]["999"]["slice"], reliance["mean"]["900"]["slice"],
+                *(reliance["structures"][organ]["999"]["slice"] for organ in organs)]
+    row = markdown_rows((root / "docs" / "families.md").read_text())["fifth run (bundled)"]
+    assert row == [f"{value:.3f}" for value in expected]
