@@ -29,6 +29,17 @@ def markdown_rows(text: str) -> dict[str, list[str]]:
 TINY_STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right")
 
 
+def random_text(tokens: int = 3, dim: int = 384, seed: int = 1):
+    """A prompt's embedding (tokens, their mask, pooled) drawn at random, the same for the same seed."""
+    import torch
+
+    from TextDiffSegLib.text_encoders import TextEmbedding
+
+    generator = torch.Generator().manual_seed(seed)
+    return TextEmbedding(torch.randn(1, tokens, dim, generator=generator), torch.ones(1, tokens),
+                         torch.randn(1, dim, generator=generator))
+
+
 def tiny_config(**overrides):
     """A universal-family config small enough to run in milliseconds on a CPU."""
     from TextDiffSegLib.families.universal import UniversalConfig

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_STRUCTURES
+from conftest import TINY_STRUCTURES, random_text
 from test_family_conformance import dataset  # noqa: F401 (a fixture)
 from torch import nn
 
@@ -30,12 +30,6 @@ def tiny(seed: int = 0, **overrides) -> LCPDNModel:
     return LCPDNModel(LCPDNConfig(**{**TINY, **overrides})).eval()
 
 
-def text(tokens: int = 3, dim: int = 384, seed: int = 1) -> TextEmbedding:
-    generator = torch.Generator().manual_seed(seed)
-    return TextEmbedding(torch.randn(1, tokens, dim, generator=generator), torch.ones(1, tokens),
-                         torch.randn(1, dim, generator=generator))
-
-
 def test_the_defaults_are_lightweight_and_read_the_papers_timesteps():
     config = LCPDNConfig(name="default", structures=TINY_STRUCTURES)
     parameters = sum(p.numel() for p in LCPDNModel(config).parameters())
@@ -48,7 +42,7 @@ def test_cprfl_prompts_the_timestep_embedding_from_text_tokens_attending_image_t
     model, images = tiny(), torch.rand(3, 1, 32, 32)
     visual = model.image_encoder(images)
     assert isinstance(model.image_encoder, PatchEncoder) and visual.shape == (3, 4, 8)  # 16-pixel patches
-    prompt = text(tokens=5)
+    prompt = random_text(tokens=5)
     out = model.prompt(prompt.tokens.expand(3, -1, -1), prompt.mask.expand(3, -1), visual)
     assert out.shape == (3, 4 * 8)  # diffusers' timestep-embedding width: 4 x the first level's
     assert model.unet.config.class_embed_type == "identity"
@@ -72,11 +66,11 @@ def test_the_unet_gives_a_noise_prediction_and_one_feature_map_per_decoder_block
     model = tiny(stem=stem)
     assert model.unet.config.in_channels == model.unet.config.out_channels == stem ** 2  # slices folded by the stem
     noisy = torch.randn(2, 1, 32, 24)
-    prediction, features = model.diffuse(noisy, torch.rand(2, 1, 32, 24), torch.tensor([50, 250]), text())
+    prediction, features = model.diffuse(noisy, torch.rand(2, 1, 32, 24), torch.tensor([50, 250]), random_text())
     assert prediction.shape == noisy.shape  # unfolded back to the slice
     # The decoder blocks' outputs (upsampled within the U-Net) on the folded slice's grid.
     assert [f.shape for f in features] == [(2, 16, 32 // stem, 24 // stem), (2, 8, 32 // stem, 24 // stem)]
-    assert model.segment(noisy, torch.rand(2, 1, 32, 24), torch.tensor(50), text()).shape == (2, 1, 32, 24)
+    assert model.segment(noisy, torch.rand(2, 1, 32, 24), torch.tensor(50), random_text()).shape == (2, 1, 32, 24)
 
 
 def test_text_tokens_are_replicated_or_truncated_to_the_visual_tokens():
@@ -88,7 +82,7 @@ def test_text_tokens_are_replicated_or_truncated_to_the_visual_tokens():
 
 def test_ltfr_gates_between_fused_and_visual_features_and_multiplies_by_the_visual_features():
     torch.manual_seed(0)
-    fusion, features, prompt = LTFR(8, 384), torch.randn(2, 8, 4, 6), text(tokens=3)
+    fusion, features, prompt = LTFR(8, 384), torch.randn(2, 8, 4, 6), random_text(tokens=3)
     tokens, mask = prompt.tokens.expand(2, -1, -1), prompt.mask.expand(2, -1)
     out = fusion(features, tokens, mask)
     assert out.shape == features.shape
@@ -109,14 +103,13 @@ def test_the_ablations_change_the_modules_as_the_papers_table_2():
     without_cprfl = tiny(cprfl=False)
     assert not {"image_encoder", "prompt"} & dict(without_cprfl.named_children()).keys()
     assert without_cprfl.unet.config.class_embed_type is None
-    assert without_cprfl.segment(torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.tensor(50), text()).shape \
-        == (1, 1, 16, 16)
+    noisy, image, prompt = torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), random_text()
+    assert without_cprfl.segment(noisy, image, torch.tensor(50), prompt).shape == (1, 1, 16, 16)
     attention = tiny(fusion="cross_attention")
     assert all(isinstance(f, CrossAttentionFusion) for f in attention.fusions)
     assert not any(isinstance(m, LTFR) for m in attention.modules())
     assert any(isinstance(m, nn.MultiheadAttention) for m in attention.fusions.modules())
-    assert attention.segment(torch.randn(1, 1, 16, 16), torch.rand(1, 1, 16, 16), torch.tensor(50), text()).shape \
-        == (1, 1, 16, 16)
+    assert attention.segment(noisy, image, torch.tensor(50), prompt).shape == (1, 1, 16, 16)
     assert "without CPRFL" in card_text(without_cprfl.config)[2]
     assert "cross-attention in place of LTFR" in card_text(attention.config)[2]
     assert "folded 2 x 2 pixels into channels" in card_text(attention.config)[1]
@@ -142,7 +135,7 @@ def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(sh
     assert predictor.size_multiple == (1, 4, 4) and not predictor.mirrors  # the stem of 2, one downsampling
     prepared = predictor.prepare(np.random.default_rng(0).random(shape, dtype=np.float32), (6.0, 6.0, 9.0))
     assert prepared.shape == (shape[0], predictor.config.image_in_channels, *shape[1:])
-    condition = predictor.condition(text(), 0)
+    condition = predictor.condition(random_text(), 0)
     steps = []
     first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
     assert first.shape == shape and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
@@ -178,7 +171,7 @@ def test_a_clip_vision_folder_gives_the_frozen_image_encoder(clip_vision_folder)
     calls = []
     model.image_encoder.clip.register_forward_hook(lambda module, inputs, output: calls.append(inputs))
     images = torch.rand(2, 1, 16, 16)
-    model.segment(torch.randn(2, 1, 16, 16), images, torch.tensor(50), text())
+    model.segment(torch.randn(2, 1, 16, 16), images, torch.tensor(50), random_text())
     assert len(calls) == 1
     assert model.image_encoder(images).shape == (2, 1 + (32 // 8) ** 2, 16)  # the class token and 16 patches
 
@@ -194,14 +187,14 @@ def test_neighbouring_slices_and_the_lateral_position_are_read_by_the_unet_and_t
     assert "1 neighbouring slices each side and the lateral position" in card_text(model.config)[1]
     noisy, image, timestep = torch.randn(2, 3, 32, 24), torch.rand(2, 4, 32, 24), torch.tensor([50, 250])
     with torch.no_grad():
-        prediction, _ = model.diffuse(noisy, image, timestep, text())
+        prediction, _ = model.diffuse(noisy, image, timestep, random_text())
         assert prediction.shape == noisy.shape  # the noise of the slice and of each neighbour
-        logits = model.segment(noisy, image, timestep, text())
+        logits = model.segment(noisy, image, timestep, random_text())
         assert logits.shape == (2, 1, 32, 24)
         for changed in (noisy.clone(), image.clone()):  # a neighbour in the U-Net's input; the position
             changed[:, -1] += 1
             arguments = (changed, image) if changed.shape[1] == 3 else (noisy, changed)
-            assert not torch.allclose(model.segment(*arguments, timestep, text()), logits)
+            assert not torch.allclose(model.segment(*arguments, timestep, random_text()), logits)
 
 
 @pytest.mark.parametrize("start, wider", [(dict(), dict(context_slices=1, lateral_position=True)),
@@ -215,12 +208,12 @@ def test_a_grown_model_segments_as_the_model_it_grew_from(start, wider):
     noisy = torch.randn(2, new.slice_channels, 32, 32)
     kept = list(range(new.context_slices - old.context_slices, new.context_slices + old.context_slices + 1))
     old_image = torch.cat([image[:, kept], image[:, new.slice_channels:][:, :int(old.lateral_position)]], 1)
-    timestep = torch.tensor([50, 250])
+    timestep, prompt = torch.tensor([50, 250]), random_text()
     with torch.no_grad():
-        torch.testing.assert_close(bigger.segment(noisy, image, timestep, text()),
-                                   model.segment(noisy[:, kept], old_image, timestep, text()))
-        prediction, _ = bigger.diffuse(noisy, image, timestep, text())
-        torch.testing.assert_close(prediction[:, kept], model.diffuse(noisy[:, kept], old_image, timestep, text())[0])
+        torch.testing.assert_close(bigger.segment(noisy, image, timestep, prompt),
+                                   model.segment(noisy[:, kept], old_image, timestep, prompt))
+        prediction, _ = bigger.diffuse(noisy, image, timestep, prompt)
+        torch.testing.assert_close(prediction[:, kept], model.diffuse(noisy[:, kept], old_image, timestep, prompt)[0])
         assert not prediction[:, [c for c in range(new.slice_channels) if c not in kept]].any()  # new slices: zero
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_STRUCTURES
+from conftest import TINY_STRUCTURES, random_text
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from test_family_conformance import _settings, dataset  # noqa: F401 (a fixture)
 from torch import nn
@@ -36,12 +36,6 @@ def tiny(seed: int = 0, **overrides) -> ProGiDiffModel:
     return ProGiDiffModel(ProGiDiffConfig(**{**TINY, **overrides})).eval()
 
 
-def text(tokens: int = 3, dim: int = 384, seed: int = 1) -> TextEmbedding:
-    generator = torch.Generator().manual_seed(seed)
-    return TextEmbedding(torch.randn(1, tokens, dim, generator=generator), torch.ones(1, tokens),
-                         torch.randn(1, dim, generator=generator))
-
-
 def trainer() -> SimpleNamespace:
     return SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
 
@@ -59,7 +53,7 @@ def test_every_part_works_on_the_latent_grid():
     features = model.conditioning_encoder(image)
     assert latent.shape == (3, 4, 16 // d, 24 // d) and features.shape == (3, 8, 16 // d, 24 // d)
     assert model.decode_mask(latent).shape == mask.shape
-    tokens = prompt_tokens(text())
+    tokens = prompt_tokens(random_text())
     assert tokens.shape == (1, PROMPT_TOKENS, 384)
     assert model.denoise(latent, torch.tensor(10), tokens, features).shape == latent.shape
     assert model.denoise(latent, torch.randint(0, 1000, (3,)), tokens.expand(3, -1, -1)).shape == latent.shape
@@ -78,7 +72,7 @@ def test_the_paper_defaults_build_a_small_model_on_an_8_times_coarser_grid():
 def test_a_prompt_reaches_the_model_the_same_alone_and_padded_in_a_batch():
     """Sampling encodes one prompt; training pads several to the longest: zeroed padding and a fixed length make
     their tokens identical, as the ControlNet cannot mask padding."""
-    alone = text(tokens=3)
+    alone = random_text(tokens=3)
     padded = TextEmbedding(torch.cat([alone.tokens, torch.randn(1, 4, 384)], 1),
                            torch.cat([alone.mask, torch.zeros(1, 4)], 1), alone.pooled)
     torch.testing.assert_close(prompt_tokens(alone), prompt_tokens(padded))
@@ -93,7 +87,7 @@ def test_a_zero_initialised_controlnet_leaves_the_backbone_unchanged():
         model.start_controlnet_from_backbone()
     controlnet = dict(model.controlnet.named_parameters())
     assert all(torch.equal(controlnet[f"down_blocks.{name}"], p) for name, p in model.unet.down_blocks.named_parameters())
-    latent, tokens = torch.randn(2, 4, 8, 8), prompt_tokens(text())
+    latent, tokens = torch.randn(2, 4, 8, 8), prompt_tokens(random_text())
     features = 10 * torch.randn(2, 8, 8, 8)
     alone = model.denoise(latent, torch.tensor(500), tokens)
     torch.testing.assert_close(model.denoise(latent, torch.tensor(500), tokens, features), alone, rtol=0, atol=0)
@@ -111,7 +105,7 @@ def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(sh
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
     prepared = predictor.prepare(image, (6.0, 6.0, 9.0))
     assert prepared.shape == (shape[0], 8, shape[1] // 2, shape[2] // 2)
-    condition = predictor.condition(text(), 0)
+    condition = predictor.condition(random_text(), 0)
     steps = []
     first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
     assert first.shape == shape and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1

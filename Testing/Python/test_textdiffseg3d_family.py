@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_STRUCTURES
+from conftest import TINY_STRUCTURES, random_text
 
 from TextDiffSegLib.datasets import PreparedCase
 from TextDiffSegLib.errors import DataError
@@ -32,11 +32,6 @@ def tiny(**overrides) -> TextDiffSeg3DModel:
     return model
 
 
-def text(tokens: int = 3, dim: int = 384) -> TextEmbedding:
-    torch.manual_seed(1)
-    return TextEmbedding(torch.randn(1, tokens, dim), torch.ones(1, tokens), torch.randn(1, dim))
-
-
 def test_every_part_works_on_the_latent_grid_four_times_coarser():
     model = tiny()
     image, mask = torch.rand(2, 1, 16, 16, 32), (torch.rand(2, 1, 16, 16, 32) > 0.5).float()
@@ -44,8 +39,9 @@ def test_every_part_works_on_the_latent_grid_four_times_coarser():
     latent = model.label_autoencoder.encode(mask)
     assert features.shape == (2, 8, 4, 4, 8) and latent.shape == (2, 4, 4, 4, 8)
     assert model.label_autoencoder.decode(latent).shape == mask.shape
-    tokens, token_mask = model.text_of(TextEmbedding(*(t.expand(2, *t.shape[1:]) for t in (text().tokens, text().mask,
-                                                                                            text().pooled))),
+    prompt = random_text()
+    tokens, token_mask = model.text_of(TextEmbedding(*(t.expand(2, *t.shape[1:]) for t in (prompt.tokens, prompt.mask,
+                                                                                            prompt.pooled))),
                                        torch.tensor([0, 1]))
     embedding = model.cross_modal(features, tokens, token_mask)
     assert embedding.shape == features.shape
@@ -74,7 +70,7 @@ def test_a_volume_of_any_size_is_sampled_whole_and_by_seed(shape):
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
     prepared = predictor.prepare(image, (6.0, 6.0, 9.0))
     assert prepared.shape == (1, 8, *(s // 4 for s in shape))
-    condition = predictor.condition(text(), 0)
+    condition = predictor.condition(random_text(), 0)
     steps = []
     first = predictor.sample(prepared, condition, 3, 2, "ddim", lambda step, total: steps.append((step, total)))
     assert first.shape == shape and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
@@ -85,7 +81,7 @@ def test_a_volume_of_any_size_is_sampled_whole_and_by_seed(shape):
 
 def test_padding_tokens_are_not_read():
     model, features = tiny(), torch.rand(1, 8, 4, 4, 4)
-    prompt = text(tokens=3)
+    prompt = random_text(tokens=3)
     padded_tokens = torch.cat([prompt.tokens, 100 * torch.randn(1, 2, 384)], dim=1)
     padded_mask = torch.cat([prompt.mask, torch.zeros(1, 2)], dim=1)
     torch.testing.assert_close(model.cross_modal(features, prompt.tokens, prompt.mask),
@@ -94,7 +90,7 @@ def test_padding_tokens_are_not_read():
 
 def test_the_prompt_steers_the_embedding():
     model, features = tiny(), torch.rand(1, 8, 4, 4, 4)
-    one, other = text(), TextEmbedding(-text().tokens, text().mask, text().pooled)
+    one, other = random_text(), TextEmbedding(-random_text().tokens, random_text().mask, random_text().pooled)
     assert not torch.allclose(model.cross_modal(features, one.tokens, one.mask),
                               model.cross_modal(features, other.tokens, other.mask))
 
