@@ -6,9 +6,11 @@ order. At each k, the first k proposals of each model are taken (an ensemble of 
 Oracle@k is the best Dice among them, RandTop-3@k the expected Dice of one of the three best picked at random
 (the paper's simulated expert). Both are averaged over the cases of each organ, then over the organs, as the
 report's mean Dice is; the fused Dice of all the proposals is drawn at the last k. ``--reports`` draws more
-evaluate reports of the same cases beside them (one with 10 proposals, say, for Oracle@10).
+evaluate reports of the same cases beside them (one with 10 proposals, say, for Oracle@10); ``--keep`` draws
+curves measured before from the current proposal-curves.json, where their reports are no longer at hand.
 
     python docs/proposal_curves.py [--comparison docs/family-comparison.json] [--reports REPORT.json=NAME,...]
+        [--keep NAME,...]
 """
 
 import argparse
@@ -57,8 +59,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comparison", default=str(HERE / "family-comparison.json"))
     parser.add_argument("--reports", default="", help="more evaluate reports, REPORT.json=NAME,...")
+    parser.add_argument("--keep", default="", help="curves to keep from the output's .json, NAME,...")
     parser.add_argument("--output", default=str(HERE / "proposal-curves.png"))
     args = parser.parse_args()
+    output = Path(args.output)
+    kept = [name for name in args.keep.split(",") if name]
+    previous = json.loads(output.with_suffix(".json").read_text())["curves"] if kept else {}
+    unknown = [name for name in kept if name not in previous]
+    if unknown:
+        raise SystemExit(f"{output.with_suffix('.json')} has no curve named {', '.join(unknown)}")
     reports = json.loads(Path(args.comparison).read_text())
     for item in filter(None, args.reports.split(",")):
         path, name = item.split("=", 1)
@@ -68,10 +77,11 @@ def main() -> None:
         raise SystemExit(f"the reports of {', '.join(missing)} keep no Dice per proposal: evaluate them again "
                          "(textdiffseg evaluate records proposal_dice since December 2026)")
     figures = {name: curves(report) for name, report in reports.items()}
+    figures.update({name: previous[name] for name in kept})
     figure, axes = plt.subplots(1, 2, figsize=(12, 6), sharey=True)
     for (name, values), colour in zip(figures.items(), plt.cm.tab20(np.arange(len(figures)) % 20)):  # one each
         for axis, key in zip(axes, ("oracle", "randtop3")):
-            axis.plot(values["k"], values[key], "o--" if "models" in reports[name] else "o-", color=colour,
+            axis.plot(values["k"], values[key], "o--" if "models" in reports.get(name, {}) else "o-", color=colour,
                       label=name)
             axis.plot(values["k"][-1], values["fused"], "*", color=colour, markersize=12)
     for axis, title in zip(axes, ("Oracle@k (best proposal)", "RandTop-3 (one of the three best, at random)")):
@@ -84,9 +94,8 @@ def main() -> None:
     first = next(iter(reports.values()))
     figure.suptitle(f"BTCV validation cases {', '.join(first['cases'])}: Dice over the number of proposals")
     figure.tight_layout()
-    output = Path(args.output)
     figure.savefig(output, dpi=120)
-    record = {"comparison": Path(args.comparison).name, "reports": args.reports, "curves": figures}
+    record = {"comparison": Path(args.comparison).name, "reports": args.reports, "kept": kept, "curves": figures}
     output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
     for name, values in figures.items():
