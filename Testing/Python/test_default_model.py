@@ -236,6 +236,13 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert f"{mean_of_six(widened):.3f} against {mean_of_six('lcpdn-btcv fourth run'):.3f} (spleen" in flat
     wider = "lcpdn-btcv fifth run with neighbours and position (not bundled)"
     assert f"it scored {mean_of_six(wider):.3f} against the fifth run's {mean_of_six('lcpdn-btcv'):.3f} with the same sampling" in flat
+    sixth = reports["lcpdn-btcv sixth run (not bundled)"]["structures"]
+    assert (f"scored {mean_of_six('lcpdn-btcv sixth run (not bundled)'):.3f} against the fifth run's "
+            f"{mean_of_six('lcpdn-btcv'):.3f} (" + ", ".join(
+                f"{name} {sixth[organ]['dice']:.3f} / {lcpdn['structures'][organ]['dice']:.3f}"
+                for name, organ in zip(("stomach", "pancreas", "spleen", "left kidney", "liver", "right kidney"),
+                                       ("stomach", "pancreas", "spleen", "kidney_left", "liver", "kidney_right")))
+            + ")") in flat
     sampled = "lcpdn-btcv fourth run with mirrored and smoothed proposals"
     assert (f"scored {mean_of_six('lcpdn-btcv'):.3f} against the fourth run's {mean_of_six(sampled):.3f} with the same "
             f"sampling") in flat
