@@ -243,6 +243,8 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
                 for name, organ in zip(("stomach", "pancreas", "spleen", "left kidney", "liver", "right kidney"),
                                        ("stomach", "pancreas", "spleen", "kidney_left", "liver", "kidney_right")))
             + ")") in flat
+    lcpdn_rows = [name for name in reports if "lcpdn" in name and not name.startswith("ensemble")]
+    assert f"All {len(lcpdn_rows)} LCPDN rows (models and samplings)" in flat
     sampled = "lcpdn-btcv fourth run with mirrored and smoothed proposals"
     assert (f"scored {mean_of_six('lcpdn-btcv'):.3f} against the fourth run's {mean_of_six(sampled):.3f} with the same "
             f"sampling") in flat
