@@ -240,9 +240,7 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert (f"scored {mean_of_six('lcpdn-btcv sixth run (not bundled)'):.3f} against the fifth run's "
             f"{mean_of_six('lcpdn-btcv'):.3f} (" + ", ".join(
                 f"{name} {sixth[organ]['dice']:.3f} / {lcpdn['structures'][organ]['dice']:.3f}"
-                for name, organ in zip(("stomach", "pancreas", "spleen", "left kidney", "liver", "right kidney"),
-                                       ("stomach", "pancreas", "spleen", "kidney_left", "liver", "kidney_right")))
-            + ")") in flat
+                for name, organ in zip(named, organs)) + ")") in flat
     lcpdn_rows = [name for name in reports if "lcpdn" in name and not name.startswith("ensemble")]
     assert f"All {len(lcpdn_rows)} LCPDN rows (models and samplings)" in flat
     sampled = "lcpdn-btcv fourth run with mirrored and smoothed proposals"
