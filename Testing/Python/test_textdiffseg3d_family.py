@@ -90,7 +90,8 @@ def test_padding_tokens_are_not_read():
 
 def test_the_prompt_steers_the_embedding():
     model, features = tiny(), torch.rand(1, 8, 4, 4, 4)
-    one, other = random_text(), TextEmbedding(-random_text().tokens, random_text().mask, random_text().pooled)
+    one = random_text()
+    other = TextEmbedding(-one.tokens, one.mask, one.pooled)
     assert not torch.allclose(model.cross_modal(features, one.tokens, one.mask),
                               model.cross_modal(features, other.tokens, other.mask))
 
