@@ -38,9 +38,9 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
     alone (``Ensemble.propose_each``; RandTop-3 from its own generator seeded with ``seed``): the report's
     ``models`` holds each model's scores of the structures it knows (its ``steps``, ``parameters``, ``structures``,
     ``mean_dice``, ``mean_uncertainty_auroc``, ``rows`` and ``size_warnings``), and its ``steps`` is None
-    where each model took its own default. Its ``weighting`` says which model weights pay
-    (``cross_validated_weighting``): each row's ``weighted_dice`` is its fused Dice with every structure fused at
-    each of the ``weight_candidates``.
+    where each model took its own default. With ``fusion`` mean, the one fusion that model weights enter (majority
+    and STAPLE count every proposal alike), its ``weighting`` says which weights pay (``cross_validated_weighting``):
+    each row's ``weighted_dice`` is its fused Dice with every structure fused at each of the ``weight_candidates``.
     """
     dataset = read_dataset(data, split)
     cases = dataset.select(case_ids)
@@ -62,7 +62,7 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
     models = ensemble.segmenters if ensemble is not None else []
     rng, rngs = np.random.default_rng(seed), {model.name: np.random.default_rng(seed) for model in models}
     rows, seconds = [], []
-    candidates = weight_candidates([model.name for model in models])
+    candidates = weight_candidates([model.name for model in models]) if fusion == "mean" else []
     rows_of = {model.name: [] for model in models}
     settings = dict(fusion=fusion, largest_component=largest_component, separate=separate)
     for index, case in enumerate(cases):
@@ -103,9 +103,10 @@ def evaluate(segmenter: Segmenter | Ensemble, data: str, split: str = "training"
         "parameters": sum(_parameters(model) for model in models or [segmenter]),
         **_scores(rows, structures),
     }
-    if ensemble is not None:
+    if candidates:
         report["weighting"] = {"weight_candidates": candidates,
                                **cross_validated_weighting(rows, candidates, structures)}
+    if ensemble is not None:
         report["models"] = {model.name: {"steps": steps or model.config.default_steps,
                                          "parameters": _parameters(model),
                                          **_scores(rows_of[model.name], [s for s in structures if s in model.structures])}

@@ -350,6 +350,17 @@ def test_cross_validated_weights_are_chosen_on_the_other_cases():
     assert cross_validated_weighting(rows[:1], candidates, ["liver"])["cross_validated"] is None  # one case only
 
 
+@pytest.mark.filterwarnings("ignore::TextDiffSegLib.errors.ScanWarning")  # the synthetic scans are no real CTs
+def test_evaluate_weighs_models_only_where_the_fusion_reads_weights(dataset, universal_model, progidiff_model):
+    # Majority voting and STAPLE count every proposal alike: no weighting to measure, and none to pass on.
+    ensemble = Ensemble([universal_model, progidiff_model])
+    for fusion in ("majority", "staple"):
+        report = evaluate(ensemble, str(dataset), num_proposals=2, steps=1, fusion=fusion)
+        assert report["fusion"] == fusion and list(report["models"]) == ["tiny", "tiny-progidiff"]
+        assert "weighting" not in report and not any("weighted_dice" in row for row in report["rows"])
+    assert "weighting" in evaluate(ensemble, str(dataset), num_proposals=2, steps=1)  # the mean fusion
+
+
 def test_model_weights_that_cannot_be_used_are_refused_with_what_to_do(capsys, tmp_path, scan_file, tiny_model_dir,
                                                                       liver_only_dir):
     not_weights = tmp_path / "list.json"
