@@ -86,11 +86,13 @@ def parameter_count(report: dict) -> str:
 
 
 def with_each_model(report: dict, row: str = "") -> dict[str, dict]:
-    """A report by the name of its row: an ensemble's as each of its models' (``evaluation.model_report``: scored on
-    the same proposals, not timed apart) and the ensemble's own; any other as itself, its row ``row`` or its model."""
+    """A report by the name of its row, ``row`` or its model's: an ensemble's as each of its models'
+    (``evaluation.model_report``: scored on the same proposals, not timed apart; "MODEL in ROW" where ``row`` names
+    the ensemble, so its models' rows do not replace those of another ensemble) and the ensemble's own."""
     if "models" not in report:
         return {row or report["model"]: report}
-    return {**{name: model_report(report, name) for name in report["models"]}, ensemble_name(report["model"]): report}
+    return {**{f"{name} in {row}" if row else name: model_report(report, name) for name in report["models"]},
+            row or ensemble_name(report["model"]): report}
 
 
 def ensemble_name(model: str) -> str:
@@ -124,10 +126,13 @@ def main() -> None:
                                if row["structure"] == organ]) for organ in ORGANS}
     first = next(iter(reports.values()))
     steps = ", ".join(f"{name}: {report['steps']}" for name, report in reports.items() if report["steps"])
+    fusions = ", ".join(f"{name}: `{report['fusion']}`" for name, report in reports.items()
+                        if report["fusion"] != first["fusion"])
     lines = [
         "# Model families side by side", "",
         f"BTCV validation cases {', '.join(first['cases'])} (kept out of every bundled CT model's training), "
-        f"{first['num_proposals']} proposals from seed {first['seed']}, fusion `{first['fusion']}`, the six organs "
+        f"{first['num_proposals']} proposals from seed {first['seed']}, fusion `{first['fusion']}`"
+        f"{f' ({fusions})' if fusions else ''}, the six organs "
         "segmented together in one call and kept apart; each model at its own default number of sampling steps "
         f"({steps}). "
         f"Written by `python docs/family_comparison.py --models {args.models} --cases {args.cases} "
@@ -146,7 +151,7 @@ def main() -> None:
     if any("models" in report for report in reports.values()):
         lines += ["", f"An ensemble (`textdiffseg evaluate --model a,b`) fuses each model's {first['num_proposals']} "
                       "proposals of an organ as one set; its Oracle@k is the best of all its models' proposals, its "
-                      "models' rows are their scores on the same proposals (a model in two ensembles gets the same), "
+                      "models' rows are their scores on the same proposals (a model in two ensembles fused alike gets the same), "
                       "and its seconds are those of all its models."]
     for name, report in reports.items():
         report.setdefault("command", f"python docs/family_comparison.py --models {name} --cases {args.cases} "
