@@ -151,8 +151,8 @@ def main() -> None:
     if any("models" in report for report in reports.values()):
         lines += ["", f"An ensemble (`textdiffseg evaluate --model a,b`) fuses each model's {first['num_proposals']} "
                       "proposals of an organ as one set; its Oracle@k is the best of all its models' proposals, its "
-                      "models' rows are their scores on the same proposals (a model in two ensembles fused alike gets the same), "
-                      "and its seconds are those of all its models."]
+                      "models' rows are their scores on the same proposals (a model in two ensembles fused alike gets "
+                      "the same), and its seconds are those of all its models."]
     for name, report in reports.items():
         report.setdefault("command", f"python docs/family_comparison.py --models {name} --cases {args.cases} "
                                      f"--proposals {args.proposals}")
