@@ -159,6 +159,7 @@ FAMILY_TABLE = {
     "`textdiffseg3d-btcv`": ("textdiffseg3d-btcv", "segment_organ-textdiffseg3d-btcv"),
     "`progidiff-btcv`": ("progidiff-btcv", "segment_organ-progidiff-btcv"),
     "ensemble of `universal-btcv` and `lcpdn-btcv`": ("ensemble (universal-btcv + lcpdn-btcv)", None),
+    "the same ensemble fused by STAPLE (`--fusion staple`)": ("ensemble (universal-btcv + lcpdn-btcv) fused by STAPLE", None),
     "ensemble of `universal-btcv` and `textdiffseg3d-btcv`": ("ensemble (universal-btcv + textdiffseg3d-btcv)", None),
 }
 
@@ -232,6 +233,18 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     weighed = with_lcpdn["weighting"]["cross_validated"]
     assert (f"other three cases, the mean is {weighed['mean_dice']:.3f}: " + ", ".join(
         f"{name} {weighed['structures'][organ]['dice']:.3f}" for name, organ in zip(named, organs))) in flat
+    staple = "ensemble (universal-btcv + lcpdn-btcv) fused by STAPLE"
+    alone = {name: reports[f"{name} in {staple}"] for name in ("universal-btcv", "lcpdn-btcv")}
+    assert f"{reports[staple]['seconds_per_case']:.0f} s per case on both threads" in flat
+    assert (f"mean fused Dice of the six organs is {reports[staple]['mean_dice']:.3f} against {with_lcpdn['mean_dice']:.3f} "
+            f"with the mean probability, and `universal-btcv`'s own proposals fused by STAPLE score "
+            f"{alone['universal-btcv']['mean_dice']:.3f} against {mean_of_six('universal-btcv'):.3f} (`lcpdn-btcv`'s "
+            f"{alone['lcpdn-btcv']['mean_dice']:.3f} against {mean_of_six('lcpdn-btcv'):.3f})") in flat
+    kidney, mean_fused = ([row for row in rows if (row["case"], row["structure"]) == ("btcv_0009", "kidney_right")][0]
+                          for rows in (alone["universal-btcv"]["rows"], reports["universal-btcv"]["rows"]))
+    assert (f"score {', '.join(f'{d:.3f}' for d in kidney['proposal_dice'][:4])} and {kidney['proposal_dice'][4]:.3f}; "
+            f"fused by STAPLE {kidney['dice']:.3f}, by the mean probability {mean_fused['dice']:.3f})") in flat
+    assert f"Its uncertainty AUROC is {reports[staple]['mean_uncertainty_auroc']:.3f} ({with_lcpdn['mean_uncertainty_auroc']:.3f} with the mean)" in flat
     widened = "lcpdn-btcv fourth run with neighbours and position (not bundled)"
     assert f"{mean_of_six(widened):.3f} against {mean_of_six('lcpdn-btcv fourth run'):.3f} (spleen" in flat
     wider = "lcpdn-btcv fifth run with neighbours and position (not bundled)"
@@ -241,7 +254,7 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
             f"{mean_of_six('lcpdn-btcv'):.3f} (" + ", ".join(
                 f"{name} {sixth[organ]['dice']:.3f} / {lcpdn['structures'][organ]['dice']:.3f}"
                 for name, organ in zip(named, organs)) + ")") in flat
-    lcpdn_rows = [name for name in reports if "lcpdn" in name and not name.startswith("ensemble")]
+    lcpdn_rows = [name for name, report in reports.items() if "lcpdn" in report["model"] and "," not in report["model"]]
     assert f"All {len(lcpdn_rows)} LCPDN rows (models and samplings)" in flat
     sampled = "lcpdn-btcv fourth run with mirrored and smoothed proposals"
     assert (f"scored {mean_of_six('lcpdn-btcv'):.3f} against the fourth run's {mean_of_six(sampled):.3f} with the same "
