@@ -82,12 +82,17 @@ def load_text_encoder(name: str, device: str | torch.device = "cpu") -> HuggingF
     return HuggingFaceTextEncoder(text_encoder_path(name), device=device)
 
 
-def conditioning_text(structure, modality: str, task: str = "segment") -> str:
+# A prompt's verbs: the first is the canonical one; a family may train on the others as its synonyms
+# (ProGiDiff's "Highlight", "Show", papers/000 section 3.1).
+TASKS = ("segment", "highlight", "show")
+
+
+def conditioning_text(structure, modality: str, task: str = TASKS[0]) -> str:
     """The canonical prompt a structure is encoded as, in training and at inference.
 
     A user's free text is first resolved to a structure by the terminology table; conditioning on
     one canonical phrase per structure (the universal-model paper's class prompt) keeps results
     independent of phrasing ("L kidney" and "left kidney" embed differently but mean the same).
-    ``task`` is the verb: a family may train on synonyms of it (ProGiDiff's "highlight", "show").
+    ``task`` is the verb, one of ``TASKS``.
     """
     return f"{task} the {structure.display_name} in this {modality} scan"

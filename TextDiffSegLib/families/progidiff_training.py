@@ -26,14 +26,12 @@ import torch.nn.functional as F
 from ..datasets import PreparedCase
 from ..losses import clean_estimate, diffusion_target, mask_loss, prompted_mask_loss
 from ..sampler import make_scheduler
-from ..terminology import get_structure
-from ..text_encoders import TextEmbedding, conditioning_text, load_text_encoder
+from ..text_encoders import TASKS, TextEmbedding
 from .base import Recipe, Stage
 from .progidiff import LATENT_CLAMP, prompt_tokens
 from .progidiff_stable_diffusion import load_stable_diffusion
 from .universal_training import NEAR_NEGATIVE_MM, SliceSampler, check_slice_crop
 
-TASKS = ("segment", "highlight", "show")  # the prompt's verb, drawn at random in training; sampling uses the first
 KL_WEIGHT = 1e-6  # SD's (LDM's) weight of its autoencoder's KL term, here per mask pixel
 
 
@@ -50,10 +48,8 @@ class ProGiDiffRecipe(Recipe):
 
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
         config, settings = self.config, self.settings
-        encoder = load_text_encoder(config.text_encoder, device=self.trainer.device)
-        synonyms = encoder.encode([conditioning_text(get_structure(s), config.modality, task)
-                                   for task in TASKS[1:] for s in structures])
-        self.prompts = torch.cat([prompt_tokens(text), prompt_tokens(synonyms)]).unflatten(0, (len(TASKS), len(structures)))
+        synonyms = [self.trainer.prompt_embeddings(structures, task) for task in TASKS[1:]]
+        self.prompts = torch.stack([prompt_tokens(embedding) for embedding in (text, *synonyms)])
         return SliceSampler(cases, structures, tuple(settings.crop), 0, settings.present_fraction, settings.seed,
                             settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
                             near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])), gamma=settings.gamma)
