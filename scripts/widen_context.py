@@ -2,7 +2,7 @@
 
     python scripts/widen_context.py OUTPUT MODEL [--context-slices N] [--lateral-position]
 
-A 2.5D model (the universal and LCPDN families) reads each slice with ``context_slices`` neighbours on each
+A 2.5D model (the universal, LCPDN and ProGiDiff families) reads each slice with ``context_slices`` neighbours on each
 side and, where the config sets ``lateral_position``, each voxel's left-right distance from the middle of the
 body, as input channels. This copies MODEL to OUTPUT with N neighbours per side (default: as many as MODEL
 reads) and, with ``--lateral-position``, the position channel: the weights on the inputs MODEL read are kept,
@@ -22,7 +22,7 @@ from TextDiffSegLib.modelio import load_model, read_config, save_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path)
-    parser.add_argument("model", type=Path, help="a universal or LCPDN model folder (config.json + model.safetensors)")
+    parser.add_argument("model", type=Path, help="a universal, LCPDN or ProGiDiff model folder (config.json + model.safetensors)")
     parser.add_argument("--context-slices", type=int, help="neighbouring slices on each side (default: MODEL's)")
     parser.add_argument("--lateral-position", action="store_true", help="add the lateral position channel")
     args = parser.parse_args()
@@ -30,7 +30,8 @@ def main() -> None:
     config = read_config(args.model)
     grown = FAMILIES[config.family].grown
     if grown is None or config.adapter:
-        sys.exit(f"{args.model} is not a universal or LCPDN model's folder (an adapter cannot be widened: widen its base)")
+        sys.exit(f"{args.model} is not a universal, LCPDN or ProGiDiff model's folder (an adapter cannot be widened: "
+                 "widen its base)")
     old = config.context_slices
     new = old if args.context_slices is None else args.context_slices
     if new < old:

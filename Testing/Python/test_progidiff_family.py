@@ -18,11 +18,12 @@ from torch import nn
 from TextDiffSegLib.adaptation import add_adapter, save_adapter, weights_sha256
 from TextDiffSegLib.errors import DataError, ModelError
 from TextDiffSegLib.families.progidiff import (LATENT_CLAMP, PROMPT_TOKENS, ProGiDiffConfig, ProGiDiffModel,
-                                               ProGiDiffPredictor, lora_targets, prompt_tokens)
+                                               ProGiDiffPredictor, card_text, grown, lora_targets, prompt_tokens)
 from TextDiffSegLib.families.progidiff_training import TASKS, ProGiDiffRecipe
 from TextDiffSegLib.losses import prompted_mask_loss
 from TextDiffSegLib.model_card import TRAINED_PARAMETERS, TRAINING_RECORD
 from TextDiffSegLib.modelio import load_model, save_model
+from TextDiffSegLib.preprocessing import slice_stacks
 from TextDiffSegLib.text_encoders import TextEmbedding, load_text_encoder
 from TextDiffSegLib.training import train
 
@@ -112,6 +113,34 @@ def test_proposals_are_probabilities_of_the_scans_shape_and_reproduce_by_seed(sh
     assert steps[-1][0] == steps[-1][1] == 2 * -(-shape[0] // 32)  # two steps per batch of 32 slices
     np.testing.assert_array_equal(first, predictor.sample(prepared, condition, 3, 2, "ddim", lambda *a: None))
     assert not np.array_equal(first, predictor.sample(prepared, condition, 4, 2, "ddim", lambda *a: None))
+
+
+def test_the_conditioning_encoder_reads_the_neighbouring_slices_and_the_lateral_position_where_asked(dataset, tmp_path):  # noqa: F811
+    wide = dict(context_slices=1, lateral_position=True)
+    predictor = ProGiDiffPredictor(tiny(**wide), torch.device("cpu"))
+    assert predictor.model.conditioning_encoder.conv_in.in_channels == 4  # three slices and the position
+    image = np.random.default_rng(0).random((5, 16, 16), dtype=np.float32)
+    prepared = predictor.prepare(image, (6.0, 6.0, 9.0))
+    with torch.no_grad():
+        expected = predictor.model.conditioning_encoder(torch.from_numpy(slice_stacks(image, np.arange(5), 1, 6.0)))
+    torch.testing.assert_close(prepared, expected)
+    changed = image.copy()
+    changed[3] = 0  # a neighbour of slice 2, not slice 2 itself
+    assert not torch.allclose(predictor.prepare(changed, (6.0, 6.0, 9.0))[2], prepared[2])
+    assert "reads 1 neighbouring slices each side and the lateral position" in " ".join(card_text(predictor.config))
+    tiny_options = _settings("progidiff", dataset, tmp_path / "run").model_options
+    folder = train(_settings("progidiff", dataset, tmp_path / "run", model_options={**tiny_options, **wide}))
+    assert load_model(folder).config.image_in_channels == 4
+
+
+def test_a_grown_model_steers_as_the_model_it_grew_from():
+    model = tiny()
+    bigger = grown(model, ProGiDiffConfig(**{**TINY, "context_slices": 1, "lateral_position": True})).eval()
+    image = torch.rand(2, 4, 16, 16)  # a slice between its neighbours, then the lateral position
+    with torch.no_grad():
+        torch.testing.assert_close(bigger.conditioning_encoder(image), model.conditioning_encoder(image[:, [1]]))
+    assert all(torch.equal(bigger.state_dict()[name], value) for name, value in model.state_dict().items()
+               if name != "conditioning_encoder.conv_in.weight")
 
 
 def changed_by_training(model: nn.Module, stage, steps: int = 3) -> set[str]:

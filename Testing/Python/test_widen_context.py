@@ -79,4 +79,4 @@ def test_an_lcpdn_model_is_widened_and_a_family_without_slices_refused(tmp_path)
     assert (wide.config.family, wide.config.context_slices, wide.config.lateral_position) == ("lcpdn", 1, True)
     assert wide.unet.config.in_channels == 4 * 4  # three slices and the position, folded by the stem of 2
     refused = _widen(tmp_path / "3d", _model_folder(tmp_path / "a3d", tiny_model("textdiffseg3d")), "--context-slices", "1")
-    assert refused.returncode != 0 and "not a universal or LCPDN model" in refused.stderr
+    assert refused.returncode != 0 and "not a universal, LCPDN or ProGiDiff model" in refused.stderr

@@ -20,7 +20,8 @@ FAMILIES: dict[str, Family] = {
                             textdiffseg3d.TextDiffSeg3DPredictor, TextDiffSeg3DRecipe, textdiffseg3d.lora_targets,
                             textdiffseg3d.retrained_parameters, textdiffseg3d.card_text),
     "progidiff": Family(progidiff.ProGiDiffConfig, progidiff.ProGiDiffModel, progidiff.ProGiDiffPredictor,
-                        ProGiDiffRecipe, progidiff.lora_targets, progidiff.retrained_parameters, progidiff.card_text),
+                        ProGiDiffRecipe, progidiff.lora_targets, progidiff.retrained_parameters, progidiff.card_text,
+                        progidiff.grown),
     "lcpdn": Family(lcpdn.LCPDNConfig, lcpdn.LCPDNModel, lcpdn.LCPDNPredictor, LCPDNRecipe, lcpdn.lora_targets,
                     lcpdn.retrained_parameters, lcpdn.card_text, lcpdn.grown),
 }

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..postprocessing import smooth_across_slices
+from ..preprocessing import slice_stacks
 from ..text_encoders import TextEmbedding
 
 StepCallback = Callable[[int, int], None]  # (denoising steps done, of how many) while a proposal is sampled
@@ -75,9 +76,17 @@ class SliceWiseConfig(ModelConfig):
     # model grid (0: off): each slice is sampled from its own noise, so neighbouring slices of a
     # proposal disagree more than the anatomy does (see postprocessing.smooth_across_slices).
     slice_smoothing: float = 0.0
+    # What the model reads of the scan around each slice (``preprocessing.slice_stacks``): ``context_slices``
+    # neighbouring slices on each side, and with ``lateral_position`` one more channel, each voxel's left-right
+    # distance from the middle of the body (``preprocessing.lateral_position``), so that the model can tell the
+    # patient's left from the right where tissue looks alike (an enlarged spleen reaching across like a liver).
+    context_slices: int = 0
+    lateral_position: bool = False
 
     def problems(self) -> list[str]:
         found = super().problems()
+        if self.context_slices < 0:
+            found.append(f"context_slices must be 0 or more, not {self.context_slices}")
         if not self.slice_smoothing >= 0:
             found.append(f"slice_smoothing must be 0 or more (a sigma in slices), not {self.slice_smoothing}")
         if len(self.window) != 2:
@@ -91,6 +100,16 @@ class SliceWiseConfig(ModelConfig):
     def size_multiple(self) -> int:
         """In-plane sizes (model-grid voxels) the model accepts."""
         raise NotImplementedError
+
+    @property
+    def image_in_channels(self) -> int:
+        """The channels of a slice's input: the slice and its neighbours, then the lateral position where read."""
+        return 2 * self.context_slices + 1 + int(self.lateral_position)
+
+    def position_spacing(self, spacing: tuple[float, float, float]) -> float:
+        """``slice_stacks``' ``position_spacing`` on a grid of ``spacing`` (x, y, z mm): its x spacing where the
+        model reads the lateral position, else 0."""
+        return spacing[0] if self.lateral_position else 0.0
 
     def sampling_card_text(self) -> list[str]:
         """The model card's lines on these options, where set."""
@@ -115,6 +134,12 @@ class SliceWisePredictor(Predictor):
     @property
     def mirrors(self) -> bool:
         return self.config.mirror_proposals
+
+    def slices(self, image: np.ndarray, centres, spacing: tuple[float, float, float]) -> torch.Tensor:
+        """The model's input for the slices ``centres`` of ``image`` (on a grid of ``spacing``), as training cuts
+        them (``slice_stacks``)."""
+        return torch.from_numpy(slice_stacks(image, centres, self.config.context_slices,
+                                             self.config.position_spacing(spacing)))
 
     def smoothed(self, probability: np.ndarray) -> np.ndarray:
         """A proposal's probabilities [z, y, x] smoothed along z as ``config.slice_smoothing`` says."""

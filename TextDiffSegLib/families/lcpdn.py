@@ -50,7 +50,6 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from ..errors import ModelError
-from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler, windowed
 from ..text_encoders import TextEmbedding
 from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
@@ -73,8 +72,6 @@ class LCPDNConfig(SliceWiseConfig):
     prediction_type: str = "epsilon"  # the U-Net is first trained as a DDPM on the images (the paper's pretrained one)
     default_steps: int = 3  # timesteps read (the paper's 50, 150, 250)
     timestep_range: tuple[int, int] = (50, 250)  # the first and last timestep read
-    context_slices: int = 0  # neighbouring slices on each side the U-Net and the patch encoder read (0: the paper's)
-    lateral_position: bool = False  # one more input channel: each pixel's left-right position in the body
     # The diffusion U-Net: widths per level, residual blocks per level, whether a level attends (self- and
     # cross-attention on the prompt's tokens), attention heads, group-norm groups.
     stem: int = 2  # the U-Net reads slices folded stem x stem pixels into channels (1: the pixel-space U-Net)
@@ -109,8 +106,6 @@ class LCPDNConfig(SliceWiseConfig):
             found.append(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
         if len(self.encoder_channels) != 2 or min(self.encoder_channels) < 1:
             found.append(f"encoder_channels must be two positive widths, not {self.encoder_channels}")
-        if self.context_slices < 0:
-            found.append(f"context_slices must be 0 or more, not {self.context_slices}")
         if min(self.stem, self.unet_layers, self.prompt_dim, self.classifier_channels) < 1:
             found.append("stem, unet_layers, prompt_dim and classifier_channels must be at least 1")
         return found
@@ -124,11 +119,6 @@ class LCPDNConfig(SliceWiseConfig):
     def slice_channels(self) -> int:
         """The slice and its neighbours: the U-Net's noised input channels, whose noise it predicts."""
         return 2 * self.context_slices + 1
-
-    @property
-    def image_in_channels(self) -> int:
-        """The input channels (``preprocessing.slice_stacks``): the slices, then the lateral position where asked."""
-        return self.slice_channels + int(self.lateral_position)
 
     def timesteps(self, count: int) -> torch.Tensor:
         """The ``count`` timesteps read, spread evenly over ``timestep_range``."""
@@ -325,9 +315,7 @@ class LCPDNPredictor(SliceWisePredictor):
 
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
         """The slices [z, image_in_channels, y, x], as training cuts them."""
-        position_spacing = spacing[0] if self.config.lateral_position else 0.0
-        return torch.from_numpy(slice_stacks(image, np.arange(image.shape[0]), self.config.context_slices,
-                                             position_spacing))
+        return self.slices(image, np.arange(image.shape[0]), spacing)
 
     def condition(self, text: TextEmbedding | None, index: int) -> TextEmbedding:
         return TextEmbedding(text.tokens.to(self.device), text.mask.to(self.device), text.pooled.to(self.device))

@@ -27,7 +27,7 @@ from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
 from .base import Recipe, Stage
 from .lcpdn import noised
-from .universal_training import NEAR_NEGATIVE_MM, SliceSampler, check_slice_crop
+from .universal_training import SliceSampler, check_slice_crop
 
 
 class LCPDNRecipe(Recipe):
@@ -40,13 +40,8 @@ class LCPDNRecipe(Recipe):
         self.text = None  # the structures' prompts, one row each: set with the batch source
 
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
-        settings = self.settings
         self.text = TextEmbedding(*(tensor.to(self.trainer.device) for tensor in (text.tokens, text.mask, text.pooled)))
-        config = self.config
-        return SliceSampler(cases, structures, tuple(settings.crop), config.context_slices, settings.present_fraction,
-                            settings.seed, settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
-                            near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])),
-                            position_spacing=config.spacing[0] if config.lateral_position else 0.0, gamma=settings.gamma)
+        return SliceSampler.for_run(cases, structures, self.config, self.settings)
 
     def stages(self) -> list[Stage]:
         settings = self.settings

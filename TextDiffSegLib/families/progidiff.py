@@ -26,10 +26,9 @@ from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.controlnets.controlnet import zero_module
 from torch import nn
 
-from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
-from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, normalisation_parameters
+from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
 from .progidiff_stable_diffusion import stable_diffusion_options
 from .universal import SLICE_BATCH, sample_slices
 
@@ -156,7 +155,7 @@ class ProGiDiffModel(nn.Module):
         )
         *widths, features = config.conditioning_channels
         self.conditioning_encoder = Encoder(
-            in_channels=1, out_channels=features, down_block_types=("DownEncoderBlock2D",) * len(widths),
+            in_channels=config.image_in_channels, out_channels=features, down_block_types=("DownEncoderBlock2D",) * len(widths),
             block_out_channels=tuple(widths), layers_per_block=CONDITIONING_LAYERS, norm_num_groups=CONDITIONING_GROUPS,
             double_z=False,
         )
@@ -205,8 +204,8 @@ class ProGiDiffPredictor(SliceWisePredictor):
         """Conditioning features [z, F, y/d, x/d] of every slice (d: ``config.downsampling``)."""
         features = []
         for start in range(0, image.shape[0], SLICE_BATCH):
-            slices = slice_stacks(image, np.arange(start, min(start + SLICE_BATCH, image.shape[0])), 0)
-            features.append(self.model.conditioning_encoder(torch.from_numpy(slices).to(self.device)))
+            slices = self.slices(image, np.arange(start, min(start + SLICE_BATCH, image.shape[0])), spacing)
+            features.append(self.model.conditioning_encoder(slices.to(self.device)))
         return torch.cat(features)
 
     @torch.no_grad()
@@ -228,6 +227,14 @@ class ProGiDiffPredictor(SliceWisePredictor):
         return self.smoothed(torch.sigmoid(model.decode_mask(latents))[:, 0].float().cpu().numpy())
 
 
+def grown(model: ProGiDiffModel, config: ProGiDiffConfig) -> ProGiDiffModel:
+    """A model of ``config``, whose conditioning-image encoder reads more of the scan than ``model``'s, holding its
+    weights (``Family.grown``): the encoder's first convolution has zero weights on the new inputs, so it starts
+    out steering exactly as ``model`` does."""
+    inputs = torch.tensor(widened_inputs(model.config, config))
+    return load_grown(ProGiDiffModel(config), model, {"conditioning_encoder.conv_in.weight": (1, inputs)})
+
+
 def lora_targets(model: ProGiDiffModel) -> list[str]:
     """Every linear layer of the ControlNet (section 3.3)."""
     return [name for name, module in model.named_modules()
@@ -247,5 +254,10 @@ def retrained_parameters(model: ProGiDiffModel) -> list[str]:
 
 
 def card_text(config: ProGiDiffConfig) -> list[str]:
-    return [f"{config.default_steps} DDIM steps by default, slice by slice: the backbone generates the prompt's mask, "
-            "steered by a ControlNet reading the slice", *config.sampling_card_text()]
+    parts = [f"{config.default_steps} DDIM steps by default, slice by slice: the backbone generates the prompt's mask, "
+             "steered by a ControlNet reading the slice"]
+    if config.context_slices or config.lateral_position:
+        parts.append(f"the ControlNet's conditioning-image encoder reads {config.context_slices} neighbouring slices "
+                     f"each side{' and the lateral position' if config.lateral_position else ''} (`context_slices`, "
+                     "`lateral_position`)")
+    return parts + config.sampling_card_text()

@@ -14,8 +14,9 @@ long as those two. A model trained on from another (``init_from``, or a LoRA ada
 stage alone.
 
 Each sample's prompt takes one of the task verbs at random ("Segment / Highlight / Show the liver in this
-CT scan", section 3.1); sampling uses the first. Samples are the universal family's 2D slice crops, a
-single slice each (the paper's condition is one slice).
+CT scan", section 3.1); sampling uses the first. Samples are the universal family's 2D slice crops: a
+single slice each (the paper's condition), or with its neighbours and lateral position where the config
+asks (``context_slices``, ``lateral_position``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..text_encoders import TASKS, TextEmbedding
 from .base import Recipe, Stage
 from .progidiff import LATENT_CLAMP, prompt_tokens
 from .progidiff_stable_diffusion import load_stable_diffusion
-from .universal_training import NEAR_NEGATIVE_MM, SliceSampler, check_slice_crop
+from .universal_training import SliceSampler, check_slice_crop
 
 KL_WEIGHT = 1e-6  # SD's (LDM's) weight of its autoencoder's KL term, here per mask pixel
 
@@ -47,12 +48,9 @@ class ProGiDiffRecipe(Recipe):
             load_stable_diffusion(model, self.config.stable_diffusion)
 
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
-        config, settings = self.config, self.settings
         synonyms = [self.trainer.prompt_embeddings(structures, task) for task in TASKS[1:]]
         self.prompts = torch.stack([prompt_tokens(embedding) for embedding in (text, *synonyms)])
-        return SliceSampler(cases, structures, tuple(settings.crop), 0, settings.present_fraction, settings.seed,
-                            settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
-                            near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])), gamma=settings.gamma)
+        return SliceSampler.for_run(cases, structures, self.config, self.settings)
 
     def stages(self) -> list[Stage]:
         settings, model = self.settings, self.model

@@ -18,7 +18,6 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..preprocessing import slice_stacks
 from ..sampler import make_scheduler, sample, windowed
 from ..text_encoders import TextEmbedding
 from .base import SliceWiseConfig, SliceWisePredictor, StepCallback, load_grown, normalisation_parameters, widened_inputs
@@ -34,10 +33,6 @@ class UniversalConfig(SliceWiseConfig):
     image_channels: tuple[int, int, int] = (16, 32, 64)
     image_feature_channels: int = 32
     context_slices: int = 1  # neighbouring slices on each side given to the image encoder
-    # Give the image encoder one more input channel: each voxel's left-right distance from the middle
-    # of the body (preprocessing.lateral_position), so that it can tell the patient's left from the
-    # right where tissue looks alike (an enlarged spleen reaching across like a liver).
-    lateral_position: bool = False
     unet_channels: tuple[int, int, int] = (32, 64, 96)
     latent_scale: float = 1.0  # multiplies mask latents so that they have unit variance
     # Between sampling steps, replace the clean-latent estimate by the latent of the mask it decodes
@@ -55,8 +50,6 @@ class UniversalConfig(SliceWiseConfig):
                 found.append(f"{field} must be multiples of 8 (group norm), not {getattr(self, field)}")
         if self.project_to_masks and self.prediction_type != "sample":
             found.append("project_to_masks needs prediction_type 'sample' (the denoiser's output must be a clean latent)")
-        if self.context_slices < 0:
-            found.append("context_slices must be 0 or more")
         return found
 
     def __post_init__(self):
@@ -72,10 +65,6 @@ class UniversalConfig(SliceWiseConfig):
     def size_multiple(self) -> int:
         """In-plane sizes (model-grid voxels) the model accepts: the latent downsampling times the U-Net's."""
         return self.downsampling * 2 ** (len(self.unet_channels) - 1)
-
-    @property
-    def image_in_channels(self) -> int:
-        return 2 * self.context_slices + 1 + int(self.lateral_position)
 
 
 def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
@@ -230,13 +219,11 @@ class UniversalPredictor(SliceWisePredictor):
 
     def prepare(self, image: np.ndarray, spacing: tuple[float, float, float]) -> torch.Tensor:
         """Image features [z, channels, y, x] of every slice on the latent grid."""
-        config, depth = self.config, image.shape[0]
-        position_spacing = spacing[0] if config.lateral_position else 0.0
+        depth = image.shape[0]
         features = []
         for start in range(0, depth, SLICE_BATCH):
-            slices = slice_stacks(image, np.arange(start, min(start + SLICE_BATCH, depth)), config.context_slices,
-                                  position_spacing)
-            features.append(self.model.image_encoder(torch.from_numpy(slices).to(self.device)))
+            slices = self.slices(image, np.arange(start, min(start + SLICE_BATCH, depth)), spacing)
+            features.append(self.model.image_encoder(slices.to(self.device)))
         return torch.cat(features)
 
     def condition(self, text: TextEmbedding | None, index: int) -> torch.Tensor:

@@ -100,6 +100,15 @@ class SliceSampler:
                 self.slices_without[(i, s)] = np.flatnonzero(~present)
                 self.slices_near[(i, s)] = np.flatnonzero(near)
 
+
+    @classmethod
+    def for_run(cls, cases: list[PreparedCase], structures: tuple[str, ...], config, settings) -> "SliceSampler":
+        """The samples of a slice-wise family's training run: the inputs and grid of its ``config``
+        (``base.SliceWiseConfig``), the crops and augmentation of its ``settings``."""
+        return cls(cases, structures, tuple(settings.crop), config.context_slices, settings.present_fraction,
+                   settings.seed, settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
+                   near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])),
+                   position_spacing=config.position_spacing(config.spacing), gamma=settings.gamma)
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, masks, labels = stacked([self._item() for _ in range(size)])
         return *self._rotate_and_zoom(images, masks), labels
@@ -185,15 +194,9 @@ class UniversalRecipe(Recipe):
         self.conditions = None  # per structure: its prompt's pooled embedding, or its index (set with the batch source)
 
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
-        config, settings = self.config, self.settings
         self.conditions = (torch.arange(len(structures), device=self.trainer.device) if text is None
                            else text.pooled)
-        return SliceSampler(cases, structures, tuple(settings.crop), config.context_slices,
-                            settings.present_fraction, settings.seed, settings.rotation_degrees,
-                            settings.scaling, settings.near_negative_fraction,
-                            near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])),
-                            position_spacing=config.spacing[0] if config.lateral_position else 0.0,
-                            gamma=settings.gamma)
+        return SliceSampler.for_run(cases, structures, self.config, self.settings)
 
     def stages(self) -> list[Stage]:
         settings = self.settings
