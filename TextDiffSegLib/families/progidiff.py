@@ -155,9 +155,9 @@ class ProGiDiffModel(nn.Module):
         )
         *widths, features = config.conditioning_channels
         self.conditioning_encoder = Encoder(
-            in_channels=config.image_in_channels, out_channels=features, down_block_types=("DownEncoderBlock2D",) * len(widths),
-            block_out_channels=tuple(widths), layers_per_block=CONDITIONING_LAYERS, norm_num_groups=CONDITIONING_GROUPS,
-            double_z=False,
+            in_channels=config.image_in_channels, out_channels=features,
+            down_block_types=("DownEncoderBlock2D",) * len(widths), block_out_channels=tuple(widths),
+            layers_per_block=CONDITIONING_LAYERS, norm_num_groups=CONDITIONING_GROUPS, double_z=False,
         )
         self.controlnet = ControlNetModel.from_unet(self.unet)
         # The conditioning features enter the ControlNet through a zero convolution (its own shallow image encoder

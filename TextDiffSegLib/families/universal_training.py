@@ -100,7 +100,6 @@ class SliceSampler:
                 self.slices_without[(i, s)] = np.flatnonzero(~present)
                 self.slices_near[(i, s)] = np.flatnonzero(near)
 
-
     @classmethod
     def for_run(cls, cases: list[PreparedCase], structures: tuple[str, ...], config, settings) -> "SliceSampler":
         """The samples of a slice-wise family's training run: the inputs and grid of its ``config``
@@ -109,6 +108,7 @@ class SliceSampler:
                    settings.seed, settings.rotation_degrees, settings.scaling, settings.near_negative_fraction,
                    near_slices=max(1, round(NEAR_NEGATIVE_MM / config.spacing[2])),
                    position_spacing=config.position_spacing(config.spacing), gamma=settings.gamma)
+
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, masks, labels = stacked([self._item() for _ in range(size)])
         return *self._rotate_and_zoom(images, masks), labels
