@@ -184,7 +184,7 @@ def test_a_missing_clip_vision_folder_is_refused(tmp_path):
 def test_neighbouring_slices_and_the_lateral_position_are_read_by_the_unet_and_the_patch_encoder():
     model = tiny(context_slices=1, lateral_position=True)
     assert (model.unet.config.in_channels, model.unet.config.out_channels) == (4 * 4, 3 * 4)  # folded by the stem
-    assert "1 neighbouring slices each side and the lateral position" in card_text(model.config)[1]
+    assert "1 neighbouring slice each side and the lateral position" in card_text(model.config)[1]
     noisy, image, timestep = torch.randn(2, 3, 32, 24), torch.rand(2, 4, 32, 24), torch.tensor([50, 250])
     with torch.no_grad():
         prediction, _ = model.diffuse(noisy, image, timestep, random_text())

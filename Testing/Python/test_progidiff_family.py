@@ -127,7 +127,7 @@ def test_the_conditioning_encoder_reads_the_neighbouring_slices_and_the_lateral_
     changed = image.copy()
     changed[3] = 0  # a neighbour of slice 2, not slice 2 itself
     assert not torch.allclose(predictor.prepare(changed, (6.0, 6.0, 9.0))[2], prepared[2])
-    assert "reads 1 neighbouring slices each side and the lateral position" in " ".join(card_text(predictor.config))
+    assert "encoder reads 1 neighbouring slice each side and the lateral position" in " ".join(card_text(predictor.config))
     tiny_options = _settings("progidiff", dataset, tmp_path / "run").model_options
     folder = train(_settings("progidiff", dataset, tmp_path / "run", model_options={**tiny_options, **wide}))
     assert load_model(folder).config.image_in_channels == 4

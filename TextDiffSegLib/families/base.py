@@ -111,6 +111,14 @@ class SliceWiseConfig(ModelConfig):
         model reads the lateral position, else 0."""
         return spacing[0] if self.lateral_position else 0.0
 
+    def inputs_card_text(self, reader: str) -> list[str]:
+        """The model card's line on what ``reader`` (the part reading the scan) reads besides the slice, if anything."""
+        if not (self.context_slices or self.lateral_position):
+            return []
+        slices = "slice" if self.context_slices == 1 else "slices"
+        return [f"{reader} reads {self.context_slices} neighbouring {slices} each side"
+                f"{' and the lateral position' if self.lateral_position else ''} (`context_slices`, `lateral_position`)"]
+
     def sampling_card_text(self) -> list[str]:
         """The model card's lines on these options, where set."""
         parts = []

@@ -378,10 +378,7 @@ def card_text(config: LCPDNConfig) -> list[str]:
     first, last = config.timestep_range
     parts = [f"{config.default_steps} timesteps read by default (spread over {first}-{last}), slice by slice: a "
              "diffusion U-Net's features of the noised slice, fused with the prompt, classified pixel by pixel"]
-    if config.context_slices or config.lateral_position:
-        parts.append(f"the U-Net reads {config.context_slices} neighbouring slices each side"
-                     f"{' and the lateral position' if config.lateral_position else ''} (`context_slices`, "
-                     "`lateral_position`)")
+    parts += config.inputs_card_text("the U-Net")
     if config.stem > 1:
         parts.append(f"the U-Net reads each slice folded {config.stem} x {config.stem} pixels into channels (`stem`)")
     if not config.cprfl:

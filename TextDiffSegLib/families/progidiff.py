@@ -254,10 +254,6 @@ def retrained_parameters(model: ProGiDiffModel) -> list[str]:
 
 
 def card_text(config: ProGiDiffConfig) -> list[str]:
-    parts = [f"{config.default_steps} DDIM steps by default, slice by slice: the backbone generates the prompt's mask, "
-             "steered by a ControlNet reading the slice"]
-    if config.context_slices or config.lateral_position:
-        parts.append(f"the ControlNet's conditioning-image encoder reads {config.context_slices} neighbouring slices "
-                     f"each side{' and the lateral position' if config.lateral_position else ''} (`context_slices`, "
-                     "`lateral_position`)")
-    return parts + config.sampling_card_text()
+    return [f"{config.default_steps} DDIM steps by default, slice by slice: the backbone generates the prompt's mask, "
+            "steered by a ControlNet reading the slice", *config.inputs_card_text("its conditioning-image encoder"),
+            *config.sampling_card_text()]
