@@ -275,6 +275,16 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
         f"{name} {reports[cross]['structures'][organ]['dice']:.3f} / {reports[control]['structures'][organ]['dice']:.3f}"
         for name, organ in zip(named, organs)) + f"), uncertainty AUROC {reports[cross]['mean_uncertainty_auroc']:.3f} / "
         f"{reports[control]['mean_uncertainty_auroc']:.3f}") in flat
+    first_step = "lcpdn with neighbours and position from the first step (2400 steps)"
+    assert (f"scored {mean_of_six(first_step):.3f} against the control's {mean_of_six(control):.3f} (" + ", ".join(
+        f"{name} {reports[first_step]['structures'][organ]['dice']:.3f} / {reports[control]['structures'][organ]['dice']:.3f}"
+        for name, organ in zip(named, organs)) + f"), uncertainty AUROC {reports[first_step]['mean_uncertainty_auroc']:.3f} / "
+        f"{reports[control]['mean_uncertainty_auroc']:.3f}") in flat
+    missed = {(row["case"], row["structure"]) for row in reports[first_step]["rows"] if row["dice"] < 0.0005}
+    assert missed == {("btcv_0007", "kidney_right"), ("btcv_0009", "kidney_left"), ("btcv_0028", "kidney_left"),
+                      ("btcv_0028", "spleen")}
+    assert ("(a fused Dice of 0.000 for the right kidney of btcv_0007, the left kidney of btcv_0009 and btcv_0028, and "
+            "the spleen of btcv_0028)") in flat
     for name in ("textdiffseg3d-btcv", "lcpdn-btcv"):
         benchmark = json.loads((root / "benchmarks" / "results" / f"segment_organ-{name}.json").read_text())
         assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
