@@ -65,8 +65,9 @@ class Predictor:
 
 @dataclasses.dataclass
 class SliceWiseConfig(ModelConfig):
-    """The sampling options of the families that sample a scan slice by slice (universal, ProGiDiff, LCPDN),
-    all trained on ``universal_training.SliceSampler``'s slices, which flips front to back at random."""
+    """The options of the families that sample a scan slice by slice (universal, ProGiDiff, LCPDN): how proposals
+    are sampled and what the model reads around each slice. All train on ``universal_training.SliceSampler``'s
+    slices, which flips front to back at random."""
 
     # Sample the proposals of odd seeds on the scan mirrored front to back, and mirror them back: training
     # flips that axis at random, so both are scans the model knows, and the proposals differ by more than
