@@ -3,7 +3,8 @@
 Such a machine (a lent GPU box with PyTorch and little else) cannot read the scans or encode the
 prompts, so a "kit" made here carries both, already computed: every case of the dataset resampled
 onto the model grid (as ``datasets.prepare_case`` caches it) and the embeddings of the structures'
-prompts (with every verb of ``text_encoders.TASKS``). There, ``textdiffseg train`` runs unchanged on the kit, with any of its options:
+prompts (with every verb of ``text_encoders.TASKS``). There, ``textdiffseg train`` runs unchanged on the
+kit, with any of its options:
 
     python scripts/offline_training.py pack --data ../shared/data/btcv/dataset.json --kit .kit
     # copy the repository and .kit over (plus wheels of monai and diffusers where missing), then there:

@@ -2,9 +2,9 @@
 
     python scripts/widen_context.py OUTPUT MODEL [--context-slices N] [--lateral-position]
 
-A 2.5D model (the universal, LCPDN and ProGiDiff families) reads each slice with ``context_slices`` neighbours on each
-side and, where the config sets ``lateral_position``, each voxel's left-right distance from the middle of the
-body, as input channels. This copies MODEL to OUTPUT with N neighbours per side (default: as many as MODEL
+A 2.5D model (the universal, LCPDN and ProGiDiff families) reads each slice with ``context_slices`` neighbours
+on each side and, where the config sets ``lateral_position``, each voxel's left-right distance from the middle
+of the body, as input channels. This copies MODEL to OUTPUT with N neighbours per side (default: as many as MODEL
 reads) and, with ``--lateral-position``, the position channel: the weights on the inputs MODEL read are kept,
 those of the new inputs start at zero (the family's ``grown``), so OUTPUT segments exactly as MODEL until it is
 trained further (``textdiffseg train --init-from OUTPUT``).
@@ -22,7 +22,8 @@ from TextDiffSegLib.modelio import load_model, read_config, save_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path)
-    parser.add_argument("model", type=Path, help="a universal, LCPDN or ProGiDiff model folder (config.json + model.safetensors)")
+    parser.add_argument("model", type=Path,
+                        help="a universal, LCPDN or ProGiDiff model folder (config.json + model.safetensors)")
     parser.add_argument("--context-slices", type=int, help="neighbouring slices on each side (default: MODEL's)")
     parser.add_argument("--lateral-position", action="store_true", help="add the lateral position channel")
     args = parser.parse_args()

@@ -19,12 +19,12 @@ from TextDiffSegLib.adaptation import add_adapter, save_adapter, weights_sha256
 from TextDiffSegLib.errors import DataError, ModelError
 from TextDiffSegLib.families.progidiff import (LATENT_CLAMP, PROMPT_TOKENS, ProGiDiffConfig, ProGiDiffModel,
                                                ProGiDiffPredictor, card_text, grown, lora_targets, prompt_tokens)
-from TextDiffSegLib.families.progidiff_training import TASKS, ProGiDiffRecipe
+from TextDiffSegLib.families.progidiff_training import ProGiDiffRecipe
 from TextDiffSegLib.losses import prompted_mask_loss
 from TextDiffSegLib.model_card import TRAINED_PARAMETERS, TRAINING_RECORD
 from TextDiffSegLib.modelio import load_model, save_model
 from TextDiffSegLib.preprocessing import slice_stacks
-from TextDiffSegLib.text_encoders import TextEmbedding, load_text_encoder
+from TextDiffSegLib.text_encoders import TASKS, TextEmbedding, load_text_encoder
 from TextDiffSegLib.training import train
 
 TINY = dict(name="tiny-progidiff", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16),

@@ -103,9 +103,14 @@ class SliceWiseConfig(ModelConfig):
         raise NotImplementedError
 
     @property
+    def slice_channels(self) -> int:
+        """The slice and its neighbours (LCPDN's U-Net predicts the noise of each)."""
+        return 2 * self.context_slices + 1
+
+    @property
     def image_in_channels(self) -> int:
         """The channels of a slice's input: the slice and its neighbours, then the lateral position where read."""
-        return 2 * self.context_slices + 1 + int(self.lateral_position)
+        return self.slice_channels + int(self.lateral_position)
 
     def position_spacing(self, spacing: tuple[float, float, float]) -> float:
         """``slice_stacks``' ``position_spacing`` on a grid of ``spacing`` (x, y, z mm): its x spacing where the
@@ -236,12 +241,12 @@ def normalisation_parameters(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if any(name.startswith(n) for n in norms)]
 
 
-def widened_inputs(old: ModelConfig, new: ModelConfig) -> list[int]:
+def widened_inputs(old: SliceWiseConfig, new: SliceWiseConfig) -> list[int]:
     """Where each input channel of a 2.5D model reading ``old.context_slices`` neighbours each side (and
     ``old.lateral_position``) goes in one of ``new``, which reads at least as much: the slices centred, the
     lateral position after them (``preprocessing.slice_stacks``)."""
-    slices = [new.context_slices - old.context_slices + i for i in range(2 * old.context_slices + 1)]
-    return slices + ([2 * new.context_slices + 1] if old.lateral_position else [])
+    slices = [new.context_slices - old.context_slices + i for i in range(old.slice_channels)]
+    return slices + ([new.slice_channels] if old.lateral_position else [])
 
 
 def load_grown(bigger: nn.Module, model: nn.Module, placed: dict[str, tuple[int, torch.Tensor]]) -> nn.Module:

@@ -115,11 +115,6 @@ class LCPDNConfig(SliceWiseConfig):
         """In-plane sizes (model-grid voxels) the stem and the U-Net accept."""
         return self.stem * 2 ** (len(self.unet_channels) - 1)
 
-    @property
-    def slice_channels(self) -> int:
-        """The slice and its neighbours: the U-Net's noised input channels, whose noise it predicts."""
-        return 2 * self.context_slices + 1
-
     def timesteps(self, count: int) -> torch.Tensor:
         """The ``count`` timesteps read, spread evenly over ``timestep_range``."""
         return torch.linspace(*self.timestep_range, count).round().long()
