@@ -2,7 +2,7 @@
 and without the ControlNet, at a few noise levels.
 
 On slices of the validation cases that contain each structure (random 128 x 128 crops on the model grid, seed 0,
-no augmentation), each mask latent is noised to timestep t and the denoiser's clean estimate decoded. At
+no augmentation; with the neighbouring slices and the lateral position where the model reads them), each mask latent is noised to timestep t and the denoiser's clean estimate decoded. At
 t = 999 the noisy latent holds nothing of the mask: only the slice can say where it lies, so a model that reads
 the slice scores there and one that does not scores near 0. Where "slice" and "blank slice" agree, the
 ControlNet adds nothing of the image. Writes docs/progidiff-image-reliance.json and prints a table.
@@ -55,7 +55,8 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
     encoder = load_text_encoder(config.text_encoder)
     tokens = prompt_tokens(encoder.encode([conditioning_text(get_structure(s), config.modality) for s in STRUCTURES]))
     scheduler = make_scheduler("ddpm", config.num_train_timesteps, config.prediction_type)
-    sampler = SliceSampler(cases, STRUCTURES, (128, 128), 0, present_fraction=1.0, seed=0)
+    sampler = SliceSampler(cases, STRUCTURES, (128, 128), config.context_slices, present_fraction=1.0, seed=0,
+                           position_spacing=config.position_spacing(config.spacing))
     generator = torch.Generator().manual_seed(0)
     scores = {s: {str(t): {c: [] for c in CONDITIONS} for t in TIMESTEPS} for s in STRUCTURES}
     for _ in range(batches):
