@@ -2,10 +2,11 @@
 and without the ControlNet, at a few noise levels.
 
 On slices of the validation cases that contain each structure (random 128 x 128 crops on the model grid, seed 0,
-no augmentation; with the neighbouring slices and the lateral position where the model reads them), each mask latent is noised to timestep t and the denoiser's clean estimate decoded. At
-t = 999 the noisy latent holds nothing of the mask: only the slice can say where it lies, so a model that reads
-the slice scores there and one that does not scores near 0. Where "slice" and "blank slice" agree, the
-ControlNet adds nothing of the image. Writes docs/progidiff-image-reliance.json and prints a table.
+no augmentation; with the neighbouring slices and the lateral position where the model reads them), each mask
+latent is noised to timestep t and the denoiser's clean estimate decoded. At t = 999 the noisy latent holds
+nothing of the mask: only the slice can say where it lies, so a model that reads the slice scores there and one
+that does not scores near 0. Where "slice" and "blank slice" agree, the ControlNet adds nothing of the image.
+Writes docs/progidiff-image-reliance.json and prints a table.
 
     python docs/progidiff_image_reliance.py --model RUN/model [--data ../shared/data/btcv/dataset.json]
 
