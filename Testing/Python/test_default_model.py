@@ -219,7 +219,8 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert f"The run took {ensemble['seconds_per_case']:.0f} s per case" in flat
     lcpdn = reports["lcpdn-btcv"]
     assert lcpdn["rows"] == json.loads((resolve_model("lcpdn-btcv") / "evaluation.json").read_text())["rows"]
-    assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: " + listed(lcpdn["structures"])) in flat
+    assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: "
+            + listed(lcpdn["structures"])) in flat
     progidiff = reports["progidiff-btcv"]
     assert progidiff["rows"] == json.loads((resolve_model("progidiff-btcv") / "evaluation.json").read_text())["rows"]
     assert (f"organs is {mean_of_six('progidiff-btcv'):.3f}: " + listed(progidiff["structures"])) in flat
@@ -234,8 +235,8 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert "It still misses the spleen of btcv_0009 and btcv_0028 and the left kidney of three cases." in flat
     unfrozen = "progidiff-btcv with the backbone unfrozen (not bundled)"
     assert (f"It scored {mean_of_six(unfrozen):.3f} against the bundled model's {mean_of_six('progidiff-btcv'):.3f} ("
-            + listed(reports[unfrozen]["structures"]) + f"; Oracle@5 {mean_of_six(unfrozen, 'oracle_dice'):.3f}, uncertainty AUROC "
-            f"{reports[unfrozen]['mean_uncertainty_auroc']:.3f})") in flat
+            + listed(reports[unfrozen]["structures"]) + f"; Oracle@5 {mean_of_six(unfrozen, 'oracle_dice'):.3f}, "
+            f"uncertainty AUROC {reports[unfrozen]['mean_uncertainty_auroc']:.3f})") in flat
     scratch = "progidiff from scratch with the first run's compute"
     assert (f"it scores {mean_of_six(scratch):.3f} (" + listed(reports[scratch]["structures"])
             + f") against the first run's {mean_of_six('progidiff-btcv first run'):.3f}") in flat
@@ -281,8 +282,8 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
             f"sampling") in flat
     assert f"moved the mean fused Dice from {mean_of_six('lcpdn-btcv fourth run'):.3f} to {mean_of_six(sampled):.3f}" in flat
     first = "lcpdn-btcv first run (3400 steps)"
-    assert (f"the model scored {mean_of_six('lcpdn-btcv-no-cprfl'):.3f} against the first run's {mean_of_six(first):.3f} "
-            f"({against('lcpdn-btcv-no-cprfl', first)})") in flat
+    assert (f"the model scored {mean_of_six('lcpdn-btcv-no-cprfl'):.3f} against the first run's "
+            f"{mean_of_six(first):.3f} ({against('lcpdn-btcv-no-cprfl', first)})") in flat
     cross, control = "lcpdn with cross-attention in place of LTFR (2400 steps)", "lcpdn control for the fusion ablation (2400 steps)"
     assert (f"the model scored {mean_of_six(cross):.3f} against the control's {mean_of_six(control):.3f} ("
             f"{against(cross, control)}), uncertainty AUROC {reports[cross]['mean_uncertainty_auroc']:.3f} / "
@@ -292,8 +293,8 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
             f"{against(first_step, control)}), uncertainty AUROC {reports[first_step]['mean_uncertainty_auroc']:.3f} / "
             f"{reports[control]['mean_uncertainty_auroc']:.3f}") in flat
     assert {organ: missed(first_step, organ) for organ in organs} == {
-        "liver": set(), "spleen": {"btcv_0028"}, "kidney_left": {"btcv_0009", "btcv_0028"}, "kidney_right": {"btcv_0007"},
-        "stomach": set(), "pancreas": set()}
+        "liver": set(), "spleen": {"btcv_0028"}, "kidney_left": {"btcv_0009", "btcv_0028"},
+        "kidney_right": {"btcv_0007"}, "stomach": set(), "pancreas": set()}
     assert ("(a fused Dice of 0.000 for the right kidney of btcv_0007, the left kidney of btcv_0009 and btcv_0028, and "
             "the spleen of btcv_0028)") in flat
     for name in ("textdiffseg3d-btcv", "lcpdn-btcv"):
