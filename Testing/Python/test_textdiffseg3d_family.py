@@ -40,10 +40,10 @@ def test_every_part_works_on_the_latent_grid_four_times_coarser():
     assert features.shape == (2, 8, 4, 4, 8) and latent.shape == (2, 4, 4, 4, 8)
     assert model.label_autoencoder.decode(latent).shape == mask.shape
     prompt = random_text()
-    tokens, token_mask = model.text_of(TextEmbedding(*(t.expand(2, *t.shape[1:]) for t in (prompt.tokens, prompt.mask,
-                                                                                            prompt.pooled))),
-                                       torch.tensor([0, 1]))
-    embedding = model.cross_modal(features, tokens, token_mask)
+    chosen = model.text_of(TextEmbedding(*(t.expand(2, *t.shape[1:]) for t in (prompt.tokens, prompt.mask,
+                                                                                 prompt.pooled))),
+                           torch.tensor([0, 1]))
+    embedding = model.cross_modal(features, chosen.tokens, chosen.mask)
     assert embedding.shape == features.shape
     assert model.denoise(latent, torch.tensor(10), embedding).shape == latent.shape
 
@@ -98,13 +98,33 @@ def test_the_prompt_steers_the_embedding():
 
 def test_a_learned_embedding_per_structure_is_a_one_token_text():
     model = tiny(conditioning="learned")
-    tokens, mask = model.text_of(None, torch.tensor([2, 0]))
-    assert tokens.shape == (2, 1, 384) and mask.tolist() == [[1.0], [1.0]]
-    torch.testing.assert_close(tokens[0, 0], model.structure_tokens.weight[2])
+    learnt = model.text_of(None, torch.tensor([2, 0]))
+    assert learnt.tokens.shape == (2, 1, 384) and learnt.mask.tolist() == [[1.0], [1.0]]
+    torch.testing.assert_close(learnt.tokens[0, 0], model.structure_tokens.weight[2])
+    torch.testing.assert_close(learnt.pooled, learnt.tokens[:, 0])
 
 
-def test_training_wants_3d_patches_and_the_loss_trains_every_part():
-    model = tiny().train()
+def test_the_denoiser_reads_the_pooled_prompt_only_where_the_config_asks():
+    latent, embedding, timestep = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 8, 4, 4, 4), torch.tensor(10)
+    one, other = torch.randn(1, 384), torch.randn(1, 384)
+    with torch.no_grad():
+        model = tiny(prompt_in_denoiser=True)
+        for parameter in model.unet.parameters():  # MONAI starts each residual branch at zero: a trained one reads
+            if not parameter.any():                # the time embedding, and so the prompt
+                parameter.normal_(std=0.1)
+        assert not torch.allclose(model.denoise(latent, timestep, embedding, one),
+                                  model.denoise(latent, timestep, embedding, other))
+        torch.testing.assert_close(model.denoise(latent, timestep, embedding, one)[1:],
+                                   model.denoise(latent[1:], timestep, embedding[1:], one))
+        model = tiny()
+        torch.testing.assert_close(model.denoise(latent, timestep, embedding, one),
+                                   model.denoise(latent, timestep, embedding, other))
+    assert "pooled embedding" in card_text(tiny(prompt_in_denoiser=True).config)[-1]
+
+
+@pytest.mark.parametrize("prompt_in_denoiser", [False, True])
+def test_training_wants_3d_patches_and_the_loss_trains_every_part(prompt_in_denoiser):
+    model = tiny(prompt_in_denoiser=prompt_in_denoiser).train()
     trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
     settings = SimpleNamespace(crop=(32, 32), decoded_mask_weight=1.0, present_fraction=0.75, seed=0,
                                diffusion_steps=2, lr=1e-3)
@@ -191,7 +211,7 @@ def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, 
     dataset.write_text(json.dumps(description))
     options = ["spacing=6,6,9", "window=16,16,16", "label_channels=4,8,8", "image_channels=8,8,8",
                "image_feature_channels=8", "attention_heads=2", "unet_channels=8,8", "unet_attention=false,true",
-               "lateral_position=true"]
+               "lateral_position=true", "prompt_in_denoiser=true"]
     output = tmp_path / "run"
     assert cli.main(["train", "--family", "textdiffseg3d", "--data", str(dataset), "--output", str(output),
                      "--steps", "2", "--batch-size", "2", "--crop", "16,16,16", "--device", "cpu",
@@ -199,7 +219,7 @@ def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, 
     assert capsys.readouterr().out.startswith(f"wrote {output / 'model'} (its ")
     config = read_config(output / "model")
     assert config.family == "textdiffseg3d" and config.window == (16, 16, 16) and config.modality == "MR"
-    assert config.lateral_position
+    assert config.lateral_position and config.prompt_in_denoiser
     result = tmp_path / "liver.seg.nrrd"
     assert cli.main(["segment", "-i", str(chaos / "imagesTr/chaos_t2_05.nii.gz"), "-p", "liver", "-o", str(result),
                      "--model", str(output / "model"), "--proposals", "2", "--steps", "2", "--progress", "none"]) == 0

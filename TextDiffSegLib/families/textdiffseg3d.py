@@ -62,6 +62,10 @@ class TextDiffSeg3DConfig(ModelConfig):
     # One more input channel for the image encoder: each voxel's left-right position in the body
     # (preprocessing.lateral_position), what let the universal model tell the spleen from the liver.
     lateral_position: bool = False
+    # The prompt read by the denoiser too: its pooled embedding added to the U-Net's time embedding, so that every
+    # residual block is conditioned on it, as the universal family's U-Net reads it. Without it (the paper's
+    # design) the prompt reaches the denoiser only through the voxels' reading of its tokens (eq. 2).
+    prompt_in_denoiser: bool = False
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -198,23 +202,34 @@ class TextDiffSeg3DModel(nn.Module):
             spatial_dims=3, in_channels=config.latent_channels + features, out_channels=config.latent_channels,
             num_res_blocks=1, channels=config.unet_channels, attention_levels=config.unet_attention,
             norm_num_groups=8, num_head_channels=config.unet_channels[-1] // 2,
+            num_class_embeds=1 if config.prompt_in_denoiser else None,
         )
+        if config.prompt_in_denoiser:
+            # MONAI adds its class embedding to the time embedding: in its place, an MLP of the pooled prompt (what
+            # diffusers' class_embed_type="identity" takes for the universal family).
+            width = config.unet_channels[0] * 4
+            self.unet.class_embedding = nn.Sequential(nn.Linear(config.text_embed_dim, width), nn.SiLU(),
+                                                      nn.Linear(width, width))
 
-    def text_of(self, text: TextEmbedding | None, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens and token mask that condition structures ``indices``: the prompt's, or the learnt ones."""
+    def text_of(self, text: TextEmbedding | None, indices: torch.Tensor) -> TextEmbedding:
+        """What conditions structures ``indices``: the prompts' embeddings, or the learnt ones as one-token texts."""
         if text is None:
-            tokens = self.structure_tokens(indices)[:, None]
-            return tokens, torch.ones(tokens.shape[:2], device=tokens.device)
-        return text.tokens[indices], text.mask[indices]
+            learnt = self.structure_tokens(indices)
+            return TextEmbedding(learnt[:, None], torch.ones(len(learnt), 1, device=learnt.device), learnt)
+        return TextEmbedding(text.tokens[indices], text.mask[indices], text.pooled[indices])
 
     def cross_modal(self, image_features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.cross_attention(image_features, tokens, mask)
 
-    def denoise(self, noisy_latent: torch.Tensor, timestep: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def denoise(self, noisy_latent: torch.Tensor, timestep: torch.Tensor, embedding: torch.Tensor,
+                prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The prediction (``config.prediction_type``: clean latent or noise), from the noisy label latent and the
-        cross-modal embedding (concatenated)."""
-        timesteps = timestep.expand(noisy_latent.shape[0]) if timestep.dim() else timestep.repeat(noisy_latent.shape[0])
-        return self.unet(torch.cat([noisy_latent, embedding], dim=1), timesteps)
+        cross-modal embedding (concatenated), and the pooled prompt [B or 1, E] where the config sets
+        ``prompt_in_denoiser``."""
+        batch = noisy_latent.shape[0]
+        timesteps = timestep.expand(batch) if timestep.dim() else timestep.repeat(batch)
+        read = prompt.expand(batch, -1) if self.config.prompt_in_denoiser else None
+        return self.unet(torch.cat([noisy_latent, embedding], dim=1), timesteps, class_labels=read)
 
 
 class TextDiffSeg3DPredictor(Predictor):
@@ -237,20 +252,20 @@ class TextDiffSeg3DPredictor(Predictor):
         return windowed(self.model.image_encoder, volume, self.config.window, batch_size=WINDOW_BATCH)
 
     @torch.no_grad()
-    def condition(self, text: TextEmbedding | None, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def condition(self, text: TextEmbedding | None, index: int) -> TextEmbedding:
         return self.model.text_of(text, torch.tensor([0 if text is not None else index], device=self.device))
 
     @torch.no_grad()
-    def sample(self, prepared: torch.Tensor, condition: tuple[torch.Tensor, torch.Tensor], seed: int, steps: int,
+    def sample(self, prepared: torch.Tensor, condition: TextEmbedding, seed: int, steps: int,
                scheduler: str, on_step: StepCallback) -> np.ndarray:
         config, model = self.config, self.model
-        embedding = model.cross_modal(prepared, *condition)
+        embedding = model.cross_modal(prepared, condition.tokens, condition.mask)
         scheduler = make_scheduler(scheduler, config.num_train_timesteps, config.prediction_type, LATENT_CLAMP)
         window = tuple(w // DOWNSAMPLING for w in config.window)
         channels = config.latent_channels
 
         def denoise(noisy, t):
-            return windowed(lambda x: model.denoise(x[:, :channels], t, x[:, channels:]),
+            return windowed(lambda x: model.denoise(x[:, :channels], t, x[:, channels:], condition.pooled),
                             torch.cat([noisy, embedding], dim=1), window, batch_size=WINDOW_BATCH)
 
         shape = (1, channels, *prepared.shape[2:])
@@ -276,4 +291,6 @@ def card_text(config: TextDiffSeg3DConfig) -> list[str]:
             f"3D sliding windows of {' x '.join(map(str, config.window))} voxels (z, y, x) of the model grid, "
             "blended at every step",
             *(["the image encoder reads each voxel's left-right position in the body beside the scan "
-               "(`lateral_position`)"] if config.lateral_position else [])]
+               "(`lateral_position`)"] if config.lateral_position else []),
+            *(["the denoiser reads the prompt's pooled embedding beside the time step (`prompt_in_denoiser`)"]
+              if config.prompt_in_denoiser else [])]

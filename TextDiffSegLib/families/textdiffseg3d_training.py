@@ -100,15 +100,15 @@ class TextDiffSeg3DRecipe(Recipe):
     def loss(self, batch) -> torch.Tensor:
         device, model, scheduler = self.trainer.device, self.model, self.scheduler
         images, masks, labels = (tensor.to(device) for tensor in batch)
-        tokens, token_mask = model.text_of(self.text, labels)
+        prompt = model.text_of(self.text, labels)
         timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=device)
         with self.trainer.autocast():
             clean = model.label_autoencoder.encode(masks)
             reconstructed = model.label_autoencoder.decode(clean)
             noise = torch.randn_like(clean)
             noisy = scheduler.add_noise(clean.detach(), noise, timesteps)
-            embedding = model.cross_modal(model.image_encoder(images), tokens, token_mask)
-            predicted = model.denoise(noisy, timesteps, embedding)
+            embedding = model.cross_modal(model.image_encoder(images), prompt.tokens, prompt.mask)
+            predicted = model.denoise(noisy, timesteps, embedding, prompt.pooled)
             estimate = clean_estimate(scheduler, self.config.prediction_type, noisy, predicted, timesteps)
             decoded = model.label_autoencoder.decode(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP))
         target = diffusion_target(scheduler, self.config.prediction_type, clean.detach(), noise, timesteps)
