@@ -217,6 +217,13 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
             f"{reports['universal-btcv']['mean_uncertainty_auroc']:.3f} and "
             f"{reports['textdiffseg3d-btcv']['mean_uncertainty_auroc']:.3f}") in flat
     assert f"The run took {ensemble['seconds_per_case']:.0f} s per case" in flat
+    lateral_3d = "textdiffseg3d with the lateral position on this CPU (not bundled)"
+    assert (f"With the lateral position alone the model scored {mean_of_six(lateral_3d):.3f} ("
+            + listed(reports[lateral_3d]["structures"]) + f"), against `textdiffseg3d-btcv`'s "
+            f"{mean_of_six('textdiffseg3d-btcv'):.3f}") in flat
+    prompted_3d = "textdiffseg3d with the lateral position and the prompt in the denoiser on this CPU (not bundled)"
+    assert (f"With the prompt in the denoiser as well it scored {mean_of_six(prompted_3d):.3f} ("
+            + listed(reports[prompted_3d]["structures"]) + "): no better") in flat
     lcpdn = reports["lcpdn-btcv"]
     assert lcpdn["rows"] == json.loads((resolve_model("lcpdn-btcv") / "evaluation.json").read_text())["rows"]
     assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: "
