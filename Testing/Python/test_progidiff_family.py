@@ -20,7 +20,7 @@ from TextDiffSegLib.errors import DataError, ModelError
 from TextDiffSegLib.families.progidiff import (LATENT_CLAMP, PROMPT_TOKENS, ProGiDiffConfig, ProGiDiffModel,
                                                ProGiDiffPredictor, card_text, grown, lora_targets, prompt_tokens)
 from TextDiffSegLib.families.progidiff_training import ProGiDiffRecipe
-from TextDiffSegLib.losses import prompted_mask_loss
+from TextDiffSegLib.losses import mask_loss, prompted_mask_loss
 from TextDiffSegLib.model_card import TRAINED_PARAMETERS, TRAINING_RECORD
 from TextDiffSegLib.modelio import load_model, save_model
 from TextDiffSegLib.preprocessing import slice_stacks
@@ -205,6 +205,10 @@ def test_the_diffusion_loss_adds_the_segmentation_loss_of_the_decoded_clean_esti
     segmentation = prompted_mask_loss(decoded, masks, labels)
     assert segmentation > 0.1
     assert losses[2.0] == pytest.approx(losses[0.0] + 2 * segmentation.item(), rel=1e-5)
+    # each sample's own loss is kept with its timestep, to draw the timesteps whose loss is high more often
+    own = F.mse_loss(prediction, clean, reduction="none").flatten(1).mean(1) + 2 * mask_loss(decoded, masks)
+    kept = recipe.timesteps.losses[~torch.isnan(recipe.timesteps.losses)]
+    torch.testing.assert_close(kept.sort().values, own.sort().values, rtol=1e-5, atol=1e-6)
 
 
 def test_the_autoencoder_stage_learns_masks_and_measures_the_latent_scale():
@@ -216,7 +220,7 @@ def test_the_autoencoder_stage_learns_masks_and_measures_the_latent_scale():
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.mask_autoencoder.parameters())
     recipe.measure_latent_scale(batches=2)
     assert model.encode_mask(masks).std().item() == pytest.approx(1.0, rel=1e-3)
-    assert recipe.state() == {"latent_scale": model.config.latent_scale}
+    assert recipe.state()["latent_scale"] == model.config.latent_scale
 
 
 # --- LoRA adaptation (section 3.3) -------------------------------------------------------------------------------

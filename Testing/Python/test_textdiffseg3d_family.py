@@ -224,3 +224,33 @@ def test_the_train_command_trains_and_the_model_segments(shared_data, tmp_path, 
     assert cli.main(["segment", "-i", str(chaos / "imagesTr/chaos_t2_05.nii.gz"), "-p", "liver", "-o", str(result),
                      "--model", str(output / "model"), "--proposals", "2", "--steps", "2", "--progress", "none"]) == 0
     assert result.is_file()
+
+
+def test_a_training_masks_latent_does_not_depend_on_the_other_masks_of_its_batch():
+    """The denoiser is trained to predict a patch's clean latent: it must be the patch's own, whatever the batch."""
+    encoder = tiny().label_autoencoder.train()
+    kidney, liver, empty = torch.zeros(3, 1, 1, 16, 16, 16)
+    kidney[..., 6:10, 6:10, 6:10], liver[..., 2:14, 2:14, 2:14] = 1, 1
+    with torch.no_grad():
+        with_liver = encoder.encode(torch.cat([kidney, liver]))[:1]
+        encoder.encoder[-1].momentum = 0.0  # (the running statistics, updated by every training batch, held still)
+        with_empty = encoder.encode(torch.cat([kidney, empty]))[:1]
+        alone = encoder.eval().encode(kidney)
+    torch.testing.assert_close(with_liver, alone)
+    torch.testing.assert_close(with_empty, alone)
+
+
+def test_the_recipe_draws_timesteps_where_the_loss_is_high_and_checkpoints_their_losses():
+    model = tiny().train()
+    trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    settings = SimpleNamespace(crop=(16, 16, 16), decoded_mask_weight=1.0, present_fraction=0.75, seed=0,
+                               diffusion_steps=2, lr=1e-3)
+    recipe = TextDiffSeg3DRecipe(model, settings, trainer)
+    recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
+    batch = (torch.rand(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float(), torch.tensor([0, 3]))
+    with torch.no_grad():
+        recipe.loss(batch)
+    assert (~torch.isnan(recipe.state()["timestep_losses"])).sum() == 2  # each patch's loss kept with its timestep
+    resumed = TextDiffSeg3DRecipe(tiny(), settings, trainer)
+    resumed.load_state(recipe.state())
+    torch.testing.assert_close(resumed.timesteps.losses, recipe.timesteps.losses, equal_nan=True)

@@ -28,6 +28,7 @@ from ..datasets import PreparedCase
 from ..losses import clean_estimate, diffusion_target, mask_loss, prompted_mask_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TASKS, TextEmbedding
+from ..timesteps import ImportanceTimesteps
 from .base import Recipe, Stage
 from .progidiff import LATENT_CLAMP, prompt_tokens
 from .progidiff_stable_diffusion import load_stable_diffusion
@@ -37,12 +38,13 @@ KL_WEIGHT = 1e-6  # SD's (LDM's) weight of its autoencoder's KL term, here per m
 
 
 class ProGiDiffRecipe(Recipe):
-    """The autoencoder, backbone and ControlNet stages; checkpoints keep the latent scale."""
+    """The autoencoder, backbone and ControlNet stages; checkpoints keep the latent scale and the timesteps' losses."""
 
     def __init__(self, model, settings, trainer):
         super().__init__(model, settings, trainer)
         check_slice_crop(settings.crop, self.config.size_multiple)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
+        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.prompts = None  # [tasks, structures, tokens, embedding]: set with the batch source
         if self.config.stable_diffusion and not settings.init_from:
             load_stable_diffusion(model, self.config.stable_diffusion)
@@ -69,10 +71,11 @@ class ProGiDiffRecipe(Recipe):
         ]
 
     def state(self) -> dict:
-        return {"latent_scale": self.config.latent_scale}
+        return {"latent_scale": self.config.latent_scale, "timestep_losses": self.timesteps.losses}
 
     def load_state(self, state: dict) -> None:
         self.config.latent_scale = state["latent_scale"]
+        self.timesteps.losses = state["timestep_losses"]
 
     def autoencoder_loss(self, batch) -> torch.Tensor:
         masks = batch[1].to(self.trainer.device)
@@ -115,7 +118,7 @@ class ProGiDiffRecipe(Recipe):
         with torch.no_grad():
             clean = model.encode_mask(masks)
         noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, config.num_train_timesteps, (len(labels),), device=device)
+        timesteps = self.timesteps.sample(len(labels)).to(device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         tokens = self.prompts[torch.randint(len(TASKS), (len(labels),), device=device), labels]
         weight = self.settings.decoded_mask_weight
@@ -125,7 +128,10 @@ class ProGiDiffRecipe(Recipe):
                 estimate = clean_estimate(scheduler, config.prediction_type, noisy, prediction, timesteps)
                 decoded = model.decode_mask(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP)).float()
         target = diffusion_target(scheduler, config.prediction_type, clean, noise, timesteps)
-        loss = F.mse_loss(prediction.float(), target)
-        if weight > 0:
+        losses = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+        loss = losses.mean()
+        if weight > 0:  # the optimised mask loss is of the batch; each sample's own weighs its timestep
+            losses = losses + weight * mask_loss(decoded.detach(), masks)
             loss = loss + weight * prompted_mask_loss(decoded, masks, labels)
+        self.timesteps.update(timesteps, losses)
         return loss

@@ -1,6 +1,8 @@
 """How the TextDiffSeg 3D family trains (papers/003, eqs. 4-6): one end-to-end stage on 3D patches.
 
-Each step encodes the patches' masks to label latents, noises them (eq. 3) and has the denoiser predict
+Each step encodes the patches' masks to label latents, noises them (eq. 3) at timesteps drawn where the loss is
+still high (``timesteps.ImportanceTimesteps``; drawn uniformly, the denoiser learnt to copy the lightly noised
+latent and found no kidney from pure noise, where sampling starts) and has the denoiser predict
 from the cross-modal embedding of the patch and the prompt what the model's prediction type names: the
 clean latent, or the noise as in the paper. The loss is the MSE of that prediction (eq. 5: the noise MSE)
 plus BCE + Dice (eq. 4, binary per prompt) of the mask decoded from the clean latent the prediction
@@ -24,6 +26,7 @@ from ..losses import clean_estimate, diffusion_target, mask_loss, prompted_mask_
 from ..preprocessing import lateral_position
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
+from ..timesteps import ImportanceTimesteps
 from .base import Recipe, Stage, stacked
 from .textdiffseg3d import LATENT_CLAMP
 
@@ -85,6 +88,7 @@ class TextDiffSeg3DRecipe(Recipe):
                             f"{multiple} (its downsampling), e.g. --crop {','.join(map(str, self.config.window))}; "
                             f"not {crop}")
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
+        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
         self.text = None
 
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):
@@ -97,11 +101,17 @@ class TextDiffSeg3DRecipe(Recipe):
         return [Stage("diffusion", self.settings.diffusion_steps, self.settings.lr,
                       lambda: list(self.model.parameters()), self.loss, averaged=True)]
 
+    def state(self) -> dict:
+        return {"timestep_losses": self.timesteps.losses}
+
+    def load_state(self, state: dict) -> None:
+        self.timesteps.losses = state["timestep_losses"]
+
     def loss(self, batch) -> torch.Tensor:
         device, model, scheduler = self.trainer.device, self.model, self.scheduler
         images, masks, labels = (tensor.to(device) for tensor in batch)
         prompt = model.text_of(self.text, labels)
-        timesteps = torch.randint(0, self.config.num_train_timesteps, (len(labels),), device=device)
+        timesteps = self.timesteps.sample(len(labels)).to(device)
         with self.trainer.autocast():
             clean = model.label_autoencoder.encode(masks)
             reconstructed = model.label_autoencoder.decode(clean)
@@ -112,9 +122,12 @@ class TextDiffSeg3DRecipe(Recipe):
             estimate = clean_estimate(scheduler, self.config.prediction_type, noisy, predicted, timesteps)
             decoded = model.label_autoencoder.decode(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP))
         target = diffusion_target(scheduler, self.config.prediction_type, clean.detach(), noise, timesteps)
-        diffusion_loss = F.mse_loss(predicted.float(), target.float())
+        diffusion_losses = F.mse_loss(predicted.float(), target.float(), reduction="none").flatten(1).mean(1)
+        # each patch's own loss, for the timesteps' weights (the optimised mask loss is of the batch)
+        self.timesteps.update(timesteps, diffusion_losses + self.settings.decoded_mask_weight
+                              * mask_loss(decoded.detach().float(), masks))
         segmentation = self.segmentation_loss(decoded.float(), reconstructed.float(), masks, labels)
-        return self.settings.decoded_mask_weight * segmentation + diffusion_loss
+        return self.settings.decoded_mask_weight * segmentation + diffusion_losses.mean()
 
     @staticmethod
     def segmentation_loss(decoded: torch.Tensor, reconstructed: torch.Tensor, masks: torch.Tensor,
