@@ -13,15 +13,13 @@ Writes docs/progidiff-image-reliance.json and prints a table.
 About two minutes on one core of a 2-core CPU.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+from reliance import REPO, STRUCTURES, TIMESTEPS, dice, main, summarised
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from TextDiffSegLib.datasets import prepare_case, read_dataset  # noqa: E402
@@ -29,21 +27,11 @@ from TextDiffSegLib.families.progidiff import LATENT_CLAMP, prompt_tokens  # noq
 from TextDiffSegLib.families.universal_training import SliceSampler  # noqa: E402
 from TextDiffSegLib.losses import clean_estimate  # noqa: E402
 from TextDiffSegLib.modelio import load_model  # noqa: E402
-from TextDiffSegLib.registry import resolve_model  # noqa: E402
 from TextDiffSegLib.sampler import make_scheduler  # noqa: E402
 from TextDiffSegLib.terminology import get_structure  # noqa: E402
 from TextDiffSegLib.text_encoders import conditioning_text, load_text_encoder  # noqa: E402
 
-STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
-TIMESTEPS = (999, 900, 700, 400)
 CONDITIONS = ("slice", "blank slice", "no ControlNet")
-
-
-def dice(probabilities: torch.Tensor, masks: torch.Tensor) -> list[float]:
-    """The Dice of each sample's mask thresholded at one half."""
-    found = probabilities > 0.5
-    overlap = (found & (masks > 0)).flatten(1).sum(1)
-    return (2 * overlap / (found.flatten(1).sum(1) + masks.flatten(1).sum(1)).clamp(min=1)).tolist()
 
 
 @torch.no_grad()
@@ -74,29 +62,9 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
                 probabilities = torch.sigmoid(model.decode_mask(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP)))
                 for structure, sample_dice in zip((STRUCTURES[i] for i in labels), dice(probabilities, masks)):
                     scores[structure][str(t)][condition].append(sample_dice)
-    table = {s: {t: {c: float(np.mean(v)) for c, v in by_condition.items()} for t, by_condition in by_t.items()}
-             for s, by_t in scores.items()}
-    mean = {str(t): {c: float(np.mean([table[s][str(t)][c] for s in STRUCTURES])) for c in CONDITIONS} for t in TIMESTEPS}
     return {"model": str(model_folder), "cases": training["split"]["validation"], "slices": 24 * batches,
-            "structures": table, "mean": mean}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a ProGiDiff model folder or name")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "btcv" / "dataset.json"))
-    parser.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
-    parser.add_argument("--batches", type=int, default=4, help="batches of 24 slices")
-    parser.add_argument("--output", default=str(REPO / "docs" / "progidiff-image-reliance.json"))
-    args = parser.parse_args()
-    result = measure(resolve_model(args.model), args.data, Path(args.cache_dir), args.batches)
-    print(f"mean Dice of the six organs' clean-mask estimates ({result['slices']} validation slices)")
-    print(f"{'t':>5} " + " ".join(f"{c:>14}" for c in CONDITIONS))
-    for t, by_condition in result["mean"].items():
-        print(f"{t:>5} " + " ".join(f"{by_condition[c]:14.3f}" for c in CONDITIONS))
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+            **summarised(scores, CONDITIONS)}
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, measure, CONDITIONS, "progidiff-image-reliance.json", batches=4, unit="slices")
