@@ -62,7 +62,7 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
                 probabilities = torch.sigmoid(model.decode_mask(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP)))
                 for structure, sample_dice in zip((STRUCTURES[i] for i in labels), dice(probabilities, masks)):
                     scores[structure][str(t)][condition].append(sample_dice)
-    return {"model": str(model_folder), "cases": training["split"]["validation"], "slices": 24 * batches,
+    return {"cases": training["split"]["validation"], "slices": 24 * batches,
             **summarised(scores, CONDITIONS)}
 
 

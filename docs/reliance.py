@@ -42,7 +42,7 @@ def main(doc: str, measure: Callable[[Path, str, Path, int], dict], conditions: 
     parser.add_argument("--batches", type=int, default=batches)
     parser.add_argument("--output", default=str(REPO / "docs" / output))
     args = parser.parse_args()
-    result = measure(resolve_model(args.model), args.data, Path(args.cache_dir), args.batches)
+    result = {"model": args.model, **measure(resolve_model(args.model), args.data, Path(args.cache_dir), args.batches)}
     print(f"mean Dice of the six organs' clean-mask estimates ({result[unit]} validation {unit})")
     print(f"{'t':>5} " + " ".join(f"{c:>14}" for c in conditions))
     for t, by_condition in result["mean"].items():

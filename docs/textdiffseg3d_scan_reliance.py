@@ -61,7 +61,7 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
                 probabilities = torch.sigmoid(model.label_autoencoder.decode(estimate.clamp(-LATENT_CLAMP, LATENT_CLAMP)))
                 for structure, patch_dice in zip((STRUCTURES[i] for i in labels), dice(probabilities, masks)):
                     scores[structure][str(t)][condition].append(patch_dice)
-    return {"model": str(model_folder), "cases": training["split"]["validation"], "patches": 6 * batches,
+    return {"cases": training["split"]["validation"], "patches": 6 * batches,
             **summarised(scores, CONDITIONS)}
 
 

@@ -224,6 +224,11 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     prompted_3d = "textdiffseg3d with the lateral position and the prompt in the denoiser on this CPU (not bundled)"
     assert (f"With the prompt in the denoiser as well it scored {mean_of_six(prompted_3d):.3f} ("
             + listed(reports[prompted_3d]["structures"]) + "): no better") in flat
+    fixed_3d = ("textdiffseg3d with the lateral position and importance-sampled timesteps and running latent statistics "
+                "on this CPU (not bundled)")
+    assert (f"on the validation cases it scored {mean_of_six(fixed_3d):.3f} against {mean_of_six(lateral_3d):.3f} ("
+            + against(fixed_3d, lateral_3d) + f"; Oracle@5 {mean_of_six(fixed_3d, 'oracle_dice'):.3f} / "
+            f"{mean_of_six(lateral_3d, 'oracle_dice'):.3f}") in flat
     lcpdn = reports["lcpdn-btcv"]
     assert lcpdn["rows"] == json.loads((resolve_model("lcpdn-btcv") / "evaluation.json").read_text())["rows"]
     assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: "
@@ -366,3 +371,17 @@ def test_the_families_page_states_progidiffs_reading_of_the_slice():
                 *(reliance["structures"][organ]["999"]["slice"] for organ in organs)]
     row = markdown_rows((root / "docs" / "families.md").read_text())["fifth run (bundled)"]
     assert row == [f"{value:.3f}" for value in expected]
+
+
+def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
+    """docs/families.md's table of what the 3D models read of the scan is docs/textdiffseg3d-scan-reliance*.json: the
+    mean at t = 999 and 900, and each organ's at t = 999, given the scan."""
+    root = Path(__file__).resolve().parents[2]
+    rows = markdown_rows((root / "docs" / "families.md").read_text())
+    for suffix, row in (("", "`textdiffseg3d-btcv` (bundled)"), ("-lateral", "the lateral position"),
+                        ("-importance", "the lateral position and both fixes")):
+        reliance = json.loads((root / "docs" / f"textdiffseg3d-scan-reliance{suffix}.json").read_text())
+        assert reliance["cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
+        expected = [reliance["mean"]["999"]["scan"], reliance["mean"]["900"]["scan"],
+                    *(reliance["structures"][organ]["999"]["scan"] for organ in TARGET_ORGANS)]
+        assert rows[row] == [f"{value:.3f}" for value in expected], row
