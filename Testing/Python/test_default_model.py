@@ -385,3 +385,18 @@ def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
         expected = [reliance["mean"]["999"]["scan"], reliance["mean"]["900"]["scan"],
                     *(reliance["structures"][organ]["999"]["scan"] for organ in TARGET_ORGANS)]
         assert rows[row] == [f"{value:.3f}" for value in expected], row
+
+
+def test_the_families_page_states_progidiffs_reading_of_the_slice_with_timesteps_drawn_by_loss():
+    """docs/families.md's account of the run with timesteps drawn by loss against the sixth run is that of their
+    image-reliance JSONs: the means at t = 999 and 900 and each organ's at t = 999, given the slice."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
+    drawn, sixth = (json.loads((root / "docs" / f"progidiff-image-reliance-{name}.json").read_text())
+                    for name in ("importance", "sixth-run"))
+    named = ("liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas")
+    organs = ", ".join(f"{said} {drawn['structures'][organ]['999']['slice']:.3f} / "
+                       f"{sixth['structures'][organ]['999']['slice']:.3f}" for said, organ in zip(named, TARGET_ORGANS))
+    assert (f"read the slice no better: {drawn['mean']['999']['slice']:.3f} at t = 999 against the sixth run's "
+            f"{sixth['mean']['999']['slice']:.3f}, {drawn['mean']['900']['slice']:.3f} against "
+            f"{sixth['mean']['900']['slice']:.3f} at t = 900 ({organs} at t = 999") in flat
