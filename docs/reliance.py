@@ -33,7 +33,7 @@ def summarised(scores: dict, conditions: tuple[str, ...]) -> dict:
 def main(doc: str, measure: Callable[[Path, str, Path, int], dict], conditions: tuple[str, ...], output: str,
          batches: int, unit: str) -> None:
     """The command line of a measure(model folder, dataset, cache, batches) giving ``unit`` and ``summarised``."""
-    from TextDiffSegLib.registry import resolve_model
+    from TextDiffSegLib.registry import resolve_model  # (the scripts put the repository on the path after this import)
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model folder or name")
