@@ -14,22 +14,19 @@ About two minutes on one core of a 2-core CPU.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-from reliance import REPO, STRUCTURES, TIMESTEPS, dice, main, summarised
+from reliance import STRUCTURES, TIMESTEPS, dice, main, summarised
 
-sys.path.insert(0, str(REPO))
-
-from TextDiffSegLib.datasets import prepare_case, read_dataset  # noqa: E402
-from TextDiffSegLib.families.progidiff import LATENT_CLAMP, prompt_tokens  # noqa: E402
-from TextDiffSegLib.families.universal_training import SliceSampler  # noqa: E402
-from TextDiffSegLib.losses import clean_estimate  # noqa: E402
-from TextDiffSegLib.modelio import load_model  # noqa: E402
-from TextDiffSegLib.sampler import make_scheduler  # noqa: E402
-from TextDiffSegLib.terminology import get_structure  # noqa: E402
-from TextDiffSegLib.text_encoders import conditioning_text, load_text_encoder  # noqa: E402
+from TextDiffSegLib.datasets import prepare_case, read_dataset
+from TextDiffSegLib.families.progidiff import LATENT_CLAMP, prompt_tokens
+from TextDiffSegLib.families.universal_training import SliceSampler
+from TextDiffSegLib.losses import clean_estimate
+from TextDiffSegLib.modelio import load_model
+from TextDiffSegLib.sampler import make_scheduler
+from TextDiffSegLib.terminology import get_structure
+from TextDiffSegLib.text_encoders import conditioning_text, load_text_encoder
 
 CONDITIONS = ("slice", "blank slice", "no ControlNet")
 

@@ -3,6 +3,7 @@ the Dice of clean-mask estimates, summarised per structure and timestep, printed
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +11,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the scripts that import this then import TextDiffSegLib
+
+from TextDiffSegLib.registry import resolve_model  # noqa: E402
 STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
 TIMESTEPS = (999, 900, 700, 400)
 
@@ -33,8 +37,6 @@ def summarised(scores: dict, conditions: tuple[str, ...]) -> dict:
 def main(doc: str, measure: Callable[[Path, str, Path, int], dict], conditions: tuple[str, ...], output: str,
          batches: int, unit: str) -> None:
     """The command line of a measure(model folder, dataset, cache, batches) giving ``unit`` and ``summarised``."""
-    from TextDiffSegLib.registry import resolve_model  # (the scripts put the repository on the path after this import)
-
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model folder or name")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "btcv" / "dataset.json"))

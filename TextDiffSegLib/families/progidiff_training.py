@@ -9,7 +9,7 @@ clean latent each prediction implies and add ``decoded_mask_weight`` times the s
 TextDiffSeg-3D on it (the batch's Dice and cross-entropy, and the Dice of each structure's samples): the
 latent MSE alone says little of where a small organ lies (``--decoded-mask-weight 0``: SD's objective alone).
 Both diffusion stages draw their timesteps in proportion to the loss they recently gave
-(``timesteps.ImportanceTimesteps``, as the other latent families), so that the ControlNet trains more where the
+(``timesteps.ImportanceTimesteps``, as the universal and 3D families), so that the ControlNet trains more where the
 noisy latent holds little of the mask and only the image can place it.
 The ControlNet starts as a copy of the trained backbone's encoder, its zero convolutions at zero. With
 ``pretrain_backbone`` false, backbone, ControlNet and encoder train together from scratch in one stage as
