@@ -138,10 +138,14 @@ def _check_options_kept(config, options: dict, init_from: str) -> None:
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 in hardware (CPUs with AVX-512 BF16 or AMX; Ampere and later GPUs)."""
+    """Whether ``device`` computes bfloat16 in hardware (CPUs with AVX-512 BF16 or AMX; Ampere and later GPUs).
+
+    Not oneDNN's own test, which also passes CPUs with plain AVX-512 that emulate bfloat16: a 3D training step
+    there took 3.0 s in bfloat16 against 1.2 s in fp32 (a 2-core Intel Xeon without AVX-512 BF16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    capabilities = torch.cpu.get_capabilities() if device.type == "cpu" else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:
