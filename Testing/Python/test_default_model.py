@@ -387,6 +387,21 @@ def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
         assert rows[row] == [f"{value:.3f}" for value in expected], row
 
 
+def test_the_families_page_states_what_a_plain_3d_segmenter_learns_on_the_same_budget():
+    """docs/families.md's learning curve of the plain 3D U-Net and its organs at the last step are those of
+    docs/textdiffseg3d-budget.json, asked the same validation patches as the scan-reliance table."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
+    budget = json.loads((root / "docs" / "textdiffseg3d-budget.json").read_text())
+    assert budget["validation_cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
+    first, *middle, last = budget["curve"]
+    named = ("liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas")
+    organs = ", ".join(f"{said} {last['structures'][organ]:.3f}" for said, organ in zip(named, TARGET_ORGANS))
+    assert (f"{first['mean']:.3f} after {first['step']} steps, then "
+            + ", ".join(f"{point['mean']:.3f}" for point in middle) + f" and {last['mean']:.3f} after {last['step']} "
+            f"({organs}), at {budget['seconds_per_step']:.2f} s a step") in flat
+
+
 def test_the_families_page_states_progidiffs_reading_of_the_slice_with_timesteps_drawn_by_loss():
     """docs/families.md's account of the run with timesteps drawn by loss against the sixth run is that of their
     image-reliance JSONs: the means at t = 999 and 900 and each organ's at t = 999, given the slice."""
