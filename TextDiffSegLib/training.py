@@ -141,10 +141,12 @@ def bf16_is_native(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware (CPUs with AVX-512 BF16 or AMX; Ampere and later GPUs).
 
     Not oneDNN's own test, which also passes CPUs with plain AVX-512 that emulate bfloat16: a 3D training step
-    there took 3.0 s in bfloat16 against 1.2 s in fp32 (a 2-core Intel Xeon without AVX-512 BF16)."""
+    there took 3.0 s in bfloat16 against 1.2 s in fp32 (a 2-core Intel Xeon without AVX-512 BF16). A PyTorch too old
+    to list the CPU's capabilities (`torch.cpu.get_capabilities`) trains in fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    capabilities = torch.cpu.get_capabilities() if device.type == "cpu" else {}
+    listed = getattr(torch.cpu, "get_capabilities", None)
+    capabilities = listed() if device.type == "cpu" and listed else {}
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 

@@ -434,6 +434,11 @@ def test_bfloat16_is_native_only_where_the_cpu_has_its_instructions(flags, nativ
     assert training.bf16_is_native(torch.device("cpu")) is native
 
 
+def test_a_pytorch_that_cannot_list_the_cpus_capabilities_trains_in_fp32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    assert training.bf16_is_native(torch.device("cpu")) is False
+
+
 def saved_and_checkpointed(output: Path) -> tuple[dict, dict]:
     return load_file(output / "model" / "model.safetensors"), torch.load(output / CHECKPOINT_NAME, weights_only=True)
 
