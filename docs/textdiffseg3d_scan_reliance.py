@@ -34,8 +34,10 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
     training = json.loads((model_folder / "training.json").read_text())
     dataset = read_dataset(data)
     cases = [prepare_case(case, dataset, config.spacing, cache) for case in dataset.select(training["split"]["validation"])]
-    text = load_text_encoder(config.text_encoder).encode([conditioning_text(get_structure(s), config.modality)
-                                                          for s in STRUCTURES])
+    # The prompts' embeddings, or for a model with learnt ones (--conditioning learned) each structure's index in it
+    text = (load_text_encoder(config.text_encoder).encode([conditioning_text(get_structure(s), config.modality)
+                                                           for s in STRUCTURES]) if config.conditioning == "text" else None)
+    learnt = torch.tensor([list(config.structures).index(s) for s in STRUCTURES]) if text is None else None
     scheduler = make_scheduler("ddpm", config.num_train_timesteps, config.prediction_type)
     sampler = PatchSampler(cases, STRUCTURES, (32, 96, 96), present_fraction=1.0, seed=0,
                            position_spacing=config.spacing[0] if config.lateral_position else 0.0)
@@ -43,7 +45,7 @@ def measure(model_folder: Path, data: str, cache: Path, batches: int) -> dict:
     scores = {s: {str(t): {c: [] for c in CONDITIONS} for t in TIMESTEPS} for s in STRUCTURES}
     for _ in range(batches):
         images, masks, labels = sampler.batch(6)
-        prompt = model.text_of(text, labels)
+        prompt = model.text_of(text, labels if text is not None else learnt[labels])
         clean = model.label_autoencoder.encode(masks)
         blank = images.clone()
         blank[:, 0] = 0
