@@ -3,7 +3,7 @@
 MONAI's ``UNet`` (no diffusion, no latent, no text: the prompted structure as one-hot input channels beside the
 scan and its lateral position) trained on what a CPU run of ``textdiffseg3d`` sees: 32 x 96 x 96 patches of the 14
 BTCV training cases (the bundled models' split), two a step, three quarters near the structure, with the 3D
-family's loss of a decoded mask (``prompted_mask_loss``) and learning rate. Every ``--every`` steps it answers the
+family's loss of a decoded mask (``prompted_mask_loss``) and learning rate (held constant). Every ``--every`` steps it answers the
 same 48 validation patches as ``docs/textdiffseg3d_scan_reliance.py`` (seed 0, each containing its structure), so
 its Dice stands beside a diffusion model's clean estimate from pure noise (t = 999), where sampling starts.
 Writes docs/textdiffseg3d-budget.json and prints the curve.
