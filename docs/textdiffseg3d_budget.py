@@ -25,10 +25,10 @@ from reliance import REPO, STRUCTURES, dice
 from TextDiffSegLib.datasets import prepare_case, read_dataset
 from TextDiffSegLib.families.textdiffseg3d_training import PatchSampler
 from TextDiffSegLib.losses import prompted_mask_loss
+from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.registry import resolve_model
 
 PATCH = (32, 96, 96)
-SPACING = (2.5, 2.5, 5.0)  # the 3D family's model grid (x, y, z) mm
 
 
 def main() -> None:
@@ -42,16 +42,17 @@ def main() -> None:
     torch.manual_seed(0)
     bundled = resolve_model("textdiffseg3d-btcv")
     split = json.loads((bundled / "training.json").read_text())["split"]
-    structures = tuple(json.loads((bundled / "config.json").read_text())["structures"])
+    config = read_config(bundled)  # its structures and model grid
+    structures = tuple(config.structures)
     dataset = read_dataset(args.data)
 
     def cases(ids):
-        return [prepare_case(case, dataset, SPACING, Path(args.cache_dir)) for case in dataset.select(ids)]
+        return [prepare_case(case, dataset, config.spacing, Path(args.cache_dir)) for case in dataset.select(ids)]
 
     training = cases(split["training"])
-    patches = PatchSampler(training, structures, PATCH, present_fraction=0.75, seed=0, position_spacing=SPACING[0])
+    patches = PatchSampler(training, structures, PATCH, present_fraction=0.75, seed=0, position_spacing=config.spacing[0])
     validation = PatchSampler(cases(split["validation"]), STRUCTURES, PATCH, present_fraction=1.0, seed=0,
-                              position_spacing=SPACING[0])
+                              position_spacing=config.spacing[0])
     validation_batches = [validation.batch(6) for _ in range(8)]
     network = UNet(3, 2 + len(structures), 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
     optimiser = torch.optim.AdamW(network.parameters(), lr=3e-4, weight_decay=1e-5)
