@@ -11,7 +11,9 @@ neighbouring slices) against the manual labels' own.
 
 A model given as REPORT.json is not run again: that report of ``textdiffseg evaluate`` (or of this
 script) is used, and must cover the same cases, organs and proposals; REPORT.json=ROW names its rows
-otherwise than by its model (an ablation, or an earlier model of the same name). An ensemble's report
+otherwise than by its model (an ablation, or an earlier model of the same name). An earlier comparison's
+.json gives all its rows, so a row is added without the reports they came from:
+``--models docs/family-comparison.json,NEW.json=ROW``. An ensemble's report
 (``textdiffseg evaluate --model a,b``) gives a row to each of its models, scored on the same proposals,
 and one to the ensemble.
 
@@ -111,11 +113,14 @@ def main() -> None:
     for entry in args.models.split(","):
         model, _, row = entry.partition("=")
         if model.endswith(".json"):
-            report = json.loads(Path(model).read_text())
-            if (report["cases"], sorted(report["structures"]), report["num_proposals"]) != (
-                    args.cases.split(","), sorted(ORGANS), args.proposals):
-                raise SystemExit(f"{model} covers other cases, organs or proposals than this comparison")
-            reports.update(with_each_model(report, row))
+            written = json.loads(Path(model).read_text())
+            # an earlier comparison's rows (its .json), or one report
+            rows = with_each_model(written, row) if "structures" in written else written
+            for report in rows.values():
+                if (report["cases"], sorted(report["structures"]), report["num_proposals"]) != (
+                        args.cases.split(","), sorted(ORGANS), args.proposals):
+                    raise SystemExit(f"{model} covers other cases, organs or proposals than this comparison")
+            reports.update(rows)
             continue
         report = evaluate(Segmenter.from_pretrained(model), str(DATA), case_ids=args.cases.split(","),
                           structures=list(ORGANS), num_proposals=args.proposals,

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,19 @@ def test_the_readme_table_of_families_is_that_of_the_comparison_and_the_benchmar
             seconds = f"{figures['segment_seconds']:.1f} s ({figures['cpu']})"
         assert rows[label] == [f"{report['mean_dice']:.3f}", f"{oracle:.3f}",
                                f"{report['mean_uncertainty_auroc']:.3f}", seconds], label
+
+
+def test_the_comparison_page_is_its_json_redrawn(tmp_path):
+    """docs/family-comparison.md's tables are what docs/family_comparison.py draws from its .json: a row added with
+    ``--models docs/family-comparison.json,NEW.json=ROW`` keeps every earlier row as it was."""
+    root = Path(__file__).resolve().parents[2]
+    drawn = tmp_path / "comparison.md"
+    subprocess.run([sys.executable, str(root / "docs" / "family_comparison.py"), "--models",
+                    str(root / "docs" / "family-comparison.json"), "--output", str(drawn)], check=True, cwd=tmp_path)
+    # (the first lines say which command wrote the page)
+    assert drawn.read_text().splitlines()[3:] == (root / "docs" / "family-comparison.md").read_text().splitlines()[3:]
+    assert json.loads(drawn.with_suffix(".json").read_text()) == json.loads(
+        (root / "docs" / "family-comparison.json").read_text())
 
 
 def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
