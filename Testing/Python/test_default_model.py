@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import markdown_rows
 
 from TextDiffSegLib.datasets import read_dataset
@@ -16,6 +17,8 @@ from TextDiffSegLib.model_card import VOLUME_RANGES, render_card
 from TextDiffSegLib.modelio import read_config
 from TextDiffSegLib.registry import list_models, resolve_model
 from TextDiffSegLib.segmenter import Segmenter
+from TextDiffSegLib.terminology import get_structure
+from TextDiffSegLib.text_encoders import conditioning_text, load_text_encoder
 from TextDiffSegLib.volume import read_volume
 
 BUNDLED = [info.name for info in list_models() if info.path]
@@ -246,6 +249,11 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert (f"on the validation cases it scored {mean_of_six(fixed_3d):.3f} against {mean_of_six(lateral_3d):.3f} ("
             + against(fixed_3d, lateral_3d) + f"; Oracle@5 {mean_of_six(fixed_3d, 'oracle_dice'):.3f} / "
             f"{mean_of_six(lateral_3d, 'oracle_dice'):.3f}") in flat
+    learnt_3d = ("textdiffseg3d with the lateral position and both fixes and learnt structure embeddings in place of "
+                 "the prompts on this CPU (not bundled)")
+    assert (f"on the validation cases it scored {mean_of_six(learnt_3d):.3f} against {mean_of_six(fixed_3d):.3f} ("
+            + against(learnt_3d, fixed_3d) + f"; Oracle@5 {mean_of_six(learnt_3d, 'oracle_dice'):.3f} / "
+            f"{mean_of_six(fixed_3d, 'oracle_dice'):.3f})") in flat
     lcpdn = reports["lcpdn-btcv"]
     assert lcpdn["rows"] == json.loads((resolve_model("lcpdn-btcv") / "evaluation.json").read_text())["rows"]
     assert (f"its mean fused Dice of the six organs is {mean_of_six('lcpdn-btcv'):.3f}: "
@@ -396,12 +404,32 @@ def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
     root = Path(__file__).resolve().parents[2]
     rows = markdown_rows((root / "docs" / "families.md").read_text())
     for suffix, row in (("", "`textdiffseg3d-btcv` (bundled)"), ("-lateral", "the lateral position"),
-                        ("-importance", "the lateral position and both fixes")):
+                        ("-importance", "the lateral position and both fixes"),
+                        ("-learned", "the lateral position, both fixes and learnt structure embeddings")):
         reliance = json.loads((root / "docs" / f"textdiffseg3d-scan-reliance{suffix}.json").read_text())
         assert reliance["cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
         expected = [reliance["mean"]["999"]["scan"], reliance["mean"]["900"]["scan"],
                     *(reliance["structures"][organ]["999"]["scan"] for organ in TARGET_ORGANS)]
         assert rows[row] == [f"{value:.3f}" for value in expected], row
+
+
+def test_the_families_page_states_how_alike_the_kidneys_prompts_are_and_what_learnt_embeddings_read():
+    """docs/families.md's cosine of the kidneys' (and the liver's and spleen's) pooled prompt embeddings is minilm's,
+    and the model with learnt structure embeddings reads the scan as docs/textdiffseg3d-scan-reliance-learned.json says."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
+    encoded = load_text_encoder("minilm").encode([conditioning_text(get_structure(s), "CT")
+                                                  for s in ("kidney_left", "kidney_right", "liver", "spleen")])
+    pooled = torch.nn.functional.normalize(encoded.pooled, dim=-1)
+    assert (f"have a cosine of {float(pooled[0] @ pooled[1]):.3f} (the liver's and the spleen's, "
+            f"{float(pooled[2] @ pooled[3]):.3f})") in flat
+    learnt, text = (json.loads((root / "docs" / f"textdiffseg3d-scan-reliance-{name}.json").read_text())
+                    for name in ("learned", "importance"))
+    kidneys = [reliance["structures"][side]["999"]["scan"] for side in ("kidney_left", "kidney_right")
+               for reliance in (learnt, text)]
+    assert (f"{learnt['mean']['999']['scan']:.3f} at t = 999 against {text['mean']['999']['scan']:.3f} (the last row of "
+            f"the table above; left kidney {kidneys[0]:.3f} against {kidneys[1]:.3f}, right kidney {kidneys[2]:.3f} "
+            f"against {kidneys[3]:.3f})") in flat
 
 
 def test_the_families_page_states_what_a_plain_3d_segmenter_learns_on_the_same_budget():
