@@ -160,6 +160,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="weight of the segmentation loss on the mask decoded from each prediction, beside the "
                             "diffusion objective (0: the diffusion objective alone; how each family uses it: its "
                             "training module)")
+    train.add_argument("--high-noise-share", type=float, default=0.0,
+                       help="share of the training timesteps drawn from the last tenth of the schedule, where "
+                            "sampling starts, instead of where the loss is high (default 0; families universal, "
+                            "progidiff and textdiffseg3d)")
     train.add_argument("--ema-decay", type=float, default=0.999,
                        help="save the moving average of the denoiser's weights with this decay (0: the last weights)")
     train.add_argument("--checkpoint-every", type=int, default=200)
@@ -615,7 +619,7 @@ def _train(args) -> int:
         diffusion_steps=args.steps, lr=args.lr, rotation_degrees=args.rotation_degrees, scaling=args.scaling,
         gamma=args.gamma,
         present_fraction=args.present_fraction, near_negative_fraction=args.near_negatives, ema_decay=args.ema_decay,
-        decoded_mask_weight=args.decoded_mask_weight,
+        decoded_mask_weight=args.decoded_mask_weight, high_noise_share=args.high_noise_share,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir,
         model_options={**({"conditioning": args.conditioning} if args.conditioning else {}), **dict(args.model_option)},

@@ -12,14 +12,29 @@ class ImportanceTimesteps:
     probability proportional to the root mean square of those, mixed with a little of the uniform
     distribution. Until every bucket has a history, timesteps are uniform. Without this, x0-prediction
     learns to copy the lightly noised mask and stays weak at the high timesteps sampling starts from.
+
+    A share ``high_noise_share`` of the draws is instead taken uniformly from the last tenth of the schedule,
+    where sampling starts and the model must find the structure from almost pure noise: the loss there
+    is not the highest, so importance alone gave it a fifth of the draws (docs/families.md).
     """
 
-    def __init__(self, num_timesteps: int, buckets: int = 20, history: int = 10, uniform: float = 0.1):
-        self.num_timesteps, self.uniform = num_timesteps, uniform
+    def __init__(self, num_timesteps: int, buckets: int = 20, history: int = 10, uniform: float = 0.1,
+                 high_noise_share: float = 0.0):
+        if not 0 <= high_noise_share <= 1:
+            raise ValueError(f"high_noise_share is a share between 0 and 1, not {high_noise_share}")
+        self.num_timesteps, self.uniform, self.high_noise_share = num_timesteps, uniform, high_noise_share
         self.edges = torch.linspace(0, num_timesteps, buckets + 1).long()
         self.losses = torch.full((buckets, history), float("nan"))
 
     def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        drawn = self._by_importance(count, generator)
+        if not self.high_noise_share:
+            return drawn
+        high = torch.rand(count, generator=generator) < self.high_noise_share
+        start = self.num_timesteps - self.num_timesteps // 10
+        return torch.where(high, torch.randint(start, self.num_timesteps, (count,), generator=generator), drawn)
+
+    def _by_importance(self, count: int, generator: torch.Generator | None) -> torch.Tensor:
         if torch.isnan(self.losses).any():
             return torch.randint(0, self.num_timesteps, (count,), generator=generator)
         weights = self.losses.pow(2).mean(1).sqrt()

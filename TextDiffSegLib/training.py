@@ -67,6 +67,7 @@ class TrainSettings:
     lr: float = 3e-4
     weight_decay: float = 1e-5
     decoded_mask_weight: float = 1.0
+    high_noise_share: float = 0.0  # of the timesteps drawn by importance, the share taken from the last tenth instead
     present_fraction: float = 0.75  # share of samples drawn from slices that contain the structure
     near_negative_fraction: float = 0.5  # of the other samples, the share from slices within 40 mm past its ends
     rotation_degrees: float = 10.0  # in-plane rotations drawn from ±this (0: none)
@@ -200,6 +201,8 @@ class _Run:
                             f"{settings.present_fraction} and {settings.near_negative_fraction}")
         if settings.decoded_mask_weight < 0:
             raise DataError(f"decoded_mask_weight is a loss weight, 0 or more, not {settings.decoded_mask_weight}")
+        if not 0 <= settings.high_noise_share <= 1:
+            raise DataError(f"high_noise_share is a share between 0 and 1, not {settings.high_noise_share}")
         if settings.workers < 0:
             raise DataError(f"workers is a number of processes, 0 or more, not {settings.workers}")
         if not 0 <= settings.scaling < 1 or settings.rotation_degrees < 0 or settings.gamma < 1:

@@ -19,6 +19,7 @@ from TextDiffSegLib.families.lcpdn import (LTFR, CLIPPatchEncoder, CrossAttentio
                                            replicated_tokens)
 from TextDiffSegLib.families.lcpdn_training import LCPDNRecipe
 from TextDiffSegLib.text_encoders import TextEmbedding
+from TextDiffSegLib.training import TrainSettings
 
 TINY = dict(name="tiny-lcpdn", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16), default_steps=2,
             unet_channels=(8, 16), attention_heads=2, cross_attention=(False, True), encoder_channels=(8, 8),
@@ -224,15 +225,17 @@ def trainer() -> SimpleNamespace:
     return SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
 
 
-def settings(**overrides) -> SimpleNamespace:
+def settings(**overrides) -> TrainSettings:
     values = dict(crop=(16, 16), autoencoder_steps=2, diffusion_steps=3, lr=1e-2)
-    return SimpleNamespace(**{**values, **overrides})
+    return TrainSettings(data="", output="", **{**values, **overrides})
 
 
 def test_training_denoises_the_images_first_then_segments_with_ce_and_dice():
     model = tiny().train()
     with pytest.raises(DataError, match="multiples of 4"):  # the stem of 2 and one downsampling
         LCPDNRecipe(model, settings(crop=(15, 15)), trainer())
+    with pytest.raises(DataError, match="uniformly over the whole schedule; --high-noise-share is for"):
+        LCPDNRecipe(model, settings(high_noise_share=0.5), trainer())
     recipe = LCPDNRecipe(model, settings(), trainer())
     assert [(s.name, s.steps, s.new_models_only, s.averaged) for s in recipe.stages()] == [
         ("denoiser", 2, True, False), ("segmentation", 3, False, True)]

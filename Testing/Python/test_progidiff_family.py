@@ -25,7 +25,7 @@ from TextDiffSegLib.model_card import TRAINED_PARAMETERS, TRAINING_RECORD
 from TextDiffSegLib.modelio import load_model, save_model
 from TextDiffSegLib.preprocessing import slice_stacks
 from TextDiffSegLib.text_encoders import TASKS, TextEmbedding, load_text_encoder
-from TextDiffSegLib.training import train
+from TextDiffSegLib.training import TrainSettings, train
 
 TINY = dict(name="tiny-progidiff", structures=TINY_STRUCTURES, spacing=(6.0, 6.0, 9.0), window=(16, 16),
             default_steps=2, autoencoder_channels=(8, 8), unet_channels=(8, 16), attention_heads=2,
@@ -41,10 +41,10 @@ def trainer() -> SimpleNamespace:
     return SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
 
 
-def settings(**overrides) -> SimpleNamespace:
+def settings(**overrides) -> TrainSettings:
     values = dict(crop=(16, 16), init_from="", autoencoder_steps=2, autoencoder_lr=1e-3, diffusion_steps=3, lr=1e-2,
                   decoded_mask_weight=1.0)
-    return SimpleNamespace(**{**values, **overrides})
+    return TrainSettings(data="", output="", **{**values, **overrides})
 
 
 def test_every_part_works_on_the_latent_grid():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,7 @@ from TextDiffSegLib.families.textdiffseg3d import (TextDiffSeg3DConfig, TextDiff
 from TextDiffSegLib.families.textdiffseg3d_training import PatchSampler, TextDiffSeg3DRecipe
 from TextDiffSegLib.preprocessing import lateral_position
 from TextDiffSegLib.text_encoders import TextEmbedding
+from TextDiffSegLib.training import TrainSettings
 
 
 def tiny(**overrides) -> TextDiffSeg3DModel:
@@ -126,11 +128,10 @@ def test_the_denoiser_reads_the_pooled_prompt_only_where_the_config_asks():
 def test_training_wants_3d_patches_and_the_loss_trains_every_part(prompt_in_denoiser):
     model = tiny(prompt_in_denoiser=prompt_in_denoiser).train()
     trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
-    settings = SimpleNamespace(crop=(32, 32), decoded_mask_weight=1.0, present_fraction=0.75, seed=0,
-                               diffusion_steps=2, lr=1e-3)
+    settings = TrainSettings(data="", output="", crop=(32, 32), present_fraction=0.75, diffusion_steps=2, lr=1e-3)
     with pytest.raises(DataError, match=r"three sides \(z, y, x\).*--crop 16,16,16"):
         TextDiffSeg3DRecipe(model, settings, trainer)
-    recipe = TextDiffSeg3DRecipe(model, SimpleNamespace(**{**vars(settings), "crop": (16, 16, 16)}), trainer)
+    recipe = TextDiffSeg3DRecipe(model, dataclasses.replace(settings, crop=(16, 16, 16)), trainer)
     recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
     batch = (torch.rand(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float(), torch.tensor([0, 3]))
     optimiser = torch.optim.AdamW(model.parameters(), 1e-3)
@@ -169,9 +170,8 @@ def test_the_lateral_position_is_read_beside_the_scan_measured_on_whole_slices()
         starts.add(round(start))
     assert starts - {16}  # where a patch measured its own middle, every start would look like 16
 
-    recipe = TextDiffSeg3DRecipe(model.train(), SimpleNamespace(crop=(16, 16, 16), decoded_mask_weight=1.0,
-                                                                present_fraction=0.5, seed=0, diffusion_steps=1,
-                                                                lr=1e-3),
+    recipe = TextDiffSeg3DRecipe(model.train(), TrainSettings(data="", output="", crop=(16, 16, 16), present_fraction=0.5,
+                                                              diffusion_steps=1, lr=1e-3),
                                  SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext))
     recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
     assert torch.isfinite(recipe.loss(tuple(map(torch.as_tensor, stacked([sampler._item(), sampler._item()])))))
@@ -243,8 +243,7 @@ def test_a_training_masks_latent_does_not_depend_on_the_other_masks_of_its_batch
 def test_the_recipe_draws_timesteps_where_the_loss_is_high_and_checkpoints_their_losses():
     model = tiny().train()
     trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
-    settings = SimpleNamespace(crop=(16, 16, 16), decoded_mask_weight=1.0, present_fraction=0.75, seed=0,
-                               diffusion_steps=2, lr=1e-3)
+    settings = TrainSettings(data="", output="", crop=(16, 16, 16), present_fraction=0.75, diffusion_steps=2, lr=1e-3)
     recipe = TextDiffSeg3DRecipe(model, settings, trainer)
     recipe.text = TextEmbedding(torch.randn(4, 3, 384), torch.ones(4, 3), torch.randn(4, 384))
     batch = (torch.rand(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float(), torch.tensor([0, 3]))
@@ -254,3 +253,5 @@ def test_the_recipe_draws_timesteps_where_the_loss_is_high_and_checkpoints_their
     resumed = TextDiffSeg3DRecipe(tiny(), settings, trainer)
     resumed.load_state(recipe.state())
     torch.testing.assert_close(resumed.timesteps.losses, recipe.timesteps.losses, equal_nan=True)
+    high = TextDiffSeg3DRecipe(tiny(), dataclasses.replace(settings, high_noise_share=0.5), trainer)
+    assert (recipe.timesteps.high_noise_share, high.timesteps.high_noise_share) == (0.0, 0.5)

@@ -215,7 +215,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     args = ["train", "--data", str(chaos_dataset), "--output", str(output), "--autoencoder-steps", "2", "--steps", "2",
             "--batch-size", "2", "--cache-dir", str(cache_dir), "--device", "cpu", "--rotation-degrees", "5",
             "--scaling", "0.1", "--ema-decay", "0.99", "--present-fraction", "0.5", "--near-negatives", "0.25",
-            "--gamma", "1.5", "--crop", "64", "--workers", "1", "--decoded-mask-weight", "0.5"]
+            "--gamma", "1.5", "--crop", "64", "--workers", "1", "--decoded-mask-weight", "0.5", "--high-noise-share", "0.25"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     trained = json.loads((output / "model" / "training.json").read_text())["trained_parameters"]
@@ -232,8 +232,8 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
     recorded = json.loads((model / "training.json").read_text())["settings"]
     settings_given = (recorded["batch_size"], recorded["rotation_degrees"], recorded["scaling"], recorded["ema_decay"],
                       recorded["present_fraction"], recorded["near_negative_fraction"], recorded["crop"], recorded["workers"],
-                      recorded["gamma"], recorded["decoded_mask_weight"])
-    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5, 0.5)
+                      recorded["gamma"], recorded["decoded_mask_weight"], recorded["high_noise_share"])
+    assert settings_given == (2, 5.0, 0.1, 0.99, 0.5, 0.25, [64, 64], 1, 1.5, 0.5, 0.25)
 
     # The same command with more steps resumes: only the new denoiser step runs.
     assert cli.main([*args, "--steps", "3"]) == 0
@@ -247,6 +247,7 @@ def test_train_command(chaos_dataset, cache_dir, tmp_path, capsys):
                          (["--scaling", "1.5"], ["augmentation needs 0 <= scaling < 1"]),
                          (["--workers", "-2"], ["workers is a number of processes"]),
                          (["--decoded-mask-weight", "-1"], ["decoded_mask_weight is a loss weight"]),
+                         (["--high-noise-share", "1.5"], ["high_noise_share is a share between 0 and 1"]),
                          (["--crop", "100"], ["positive multiples of 16", "(100, 100)"]),
                          (["--model-option", "unet_width=3"], ["no option unet_width", "unet_channels"]),
                          (["--model-option", "structures=liver"], ["cannot be set as model options"]),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import PreparedCase
+from ..errors import DataError
 from ..losses import prompted_mask_loss
 from ..sampler import make_scheduler
 from ..text_encoders import TextEmbedding
@@ -36,6 +37,9 @@ class LCPDNRecipe(Recipe):
     def __init__(self, model, settings, trainer):
         super().__init__(model, settings, trainer)
         check_slice_crop(settings.crop, self.config.size_multiple)
+        if settings.high_noise_share:
+            raise DataError("the lcpdn family draws its timesteps uniformly over the whole schedule; "
+                            "--high-noise-share is for the universal, progidiff and textdiffseg3d families")
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
         self.text = None  # the structures' prompts, one row each: set with the batch source
 

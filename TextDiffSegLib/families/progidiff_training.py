@@ -47,7 +47,7 @@ class ProGiDiffRecipe(Recipe):
         super().__init__(model, settings, trainer)
         check_slice_crop(settings.crop, self.config.size_multiple)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
-        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
+        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps, high_noise_share=settings.high_noise_share)
         self.prompts = None  # [tasks, structures, tokens, embedding]: set with the batch source
         if self.config.stable_diffusion and not settings.init_from:
             load_stable_diffusion(model, self.config.stable_diffusion)

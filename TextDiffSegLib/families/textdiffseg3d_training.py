@@ -91,7 +91,7 @@ class TextDiffSeg3DRecipe(Recipe):
         # (benchmarks/textdiffseg3d_training_layout.py).
         model.to(memory_format=torch.channels_last_3d)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
-        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
+        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps, high_noise_share=settings.high_noise_share)
         self.text = None
 
     def batch_source(self, cases: list[PreparedCase], structures: tuple[str, ...], text: TextEmbedding | None):

@@ -161,7 +161,7 @@ class UniversalRecipe(Recipe):
         super().__init__(model, settings, trainer)
         check_slice_crop(settings.crop, self.config.size_multiple)
         model.to(memory_format=torch.channels_last)  # faster convolutions (see UniversalPredictor)
-        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps)
+        self.timesteps = ImportanceTimesteps(self.config.num_train_timesteps, high_noise_share=settings.high_noise_share)
         self.scheduler = make_scheduler("ddpm", self.config.num_train_timesteps, self.config.prediction_type)
         self.conditions = None  # per structure: its prompt's pooled embedding, or its index (set with the batch source)
 
