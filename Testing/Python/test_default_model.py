@@ -405,7 +405,8 @@ def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
     rows = markdown_rows((root / "docs" / "families.md").read_text())
     for suffix, row in (("", "`textdiffseg3d-btcv` (bundled)"), ("-lateral", "the lateral position"),
                         ("-importance", "the lateral position and both fixes"),
-                        ("-learned", "the lateral position, both fixes and learnt structure embeddings")):
+                        ("-learned", "the lateral position, both fixes and learnt structure embeddings"),
+                        ("-high", "the lateral position, both fixes and half the timesteps from the last tenth")):
         reliance = json.loads((root / "docs" / f"textdiffseg3d-scan-reliance{suffix}.json").read_text())
         assert reliance["cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
         expected = [reliance["mean"]["999"]["scan"], reliance["mean"]["900"]["scan"],
@@ -430,6 +431,44 @@ def test_the_families_page_states_how_alike_the_kidneys_prompts_are_and_what_lea
     assert (f"{learnt['mean']['999']['scan']:.3f} at t = 999 against {text['mean']['999']['scan']:.3f} (the last row of "
             f"the table above; left kidney {kidneys[0]:.3f} against {kidneys[1]:.3f}, right kidney {kidneys[2]:.3f} "
             f"against {kidneys[3]:.3f})") in flat
+
+
+def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_gave_the_3d_family():
+    """docs/families.md's account of the run with ``--high-noise-share 0.5`` is its scan-reliance JSON and its
+    family-comparison row, each against the both-fixes run's, and no earlier 3D row found a kidney or the pancreas."""
+    root = Path(__file__).resolve().parents[2]
+    flat = " ".join((root / "docs" / "families.md").read_text().split())
+    high, fixed = (json.loads((root / "docs" / f"textdiffseg3d-scan-reliance-{name}.json").read_text())
+                   for name in ("high", "importance"))
+    organs = ("spleen", "kidney_left", "kidney_right", "pancreas")
+    said = ("spleen", "left kidney", "right kidney", "pancreas")
+    assert (f"{high['mean']['999']['scan']:.3f} at t = 999 against {fixed['mean']['999']['scan']:.3f} (the last row of "
+            "the table above; " + ", ".join(f"{name} {high['structures'][organ]['999']['scan']:.3f} against "
+                                           f"{fixed['structures'][organ]['999']['scan']:.3f}"
+                                           for name, organ in zip(said, organs))
+            + f"), near the plain U-Net's") in flat
+    assert (f"no less at t = 900 ({high['mean']['900']['scan']:.3f} against {fixed['mean']['900']['scan']:.3f})") in flat
+    reports = json.loads((root / "docs" / "family-comparison.json").read_text())
+    new = "textdiffseg3d with the lateral position and both fixes and half its timesteps from the last tenth on this CPU (not bundled)"
+    old = "textdiffseg3d with the lateral position and importance-sampled timesteps and running latent statistics on this CPU (not bundled)"
+
+    def mean_of_six(name, score="dice"):
+        return np.mean([reports[name]["structures"][organ][score] for organ in TARGET_ORGANS])
+
+    pairs = ", ".join(f"{name} {reports[new]['structures'][organ]['dice']:.3f} / {reports[old]['structures'][organ]['dice']:.3f}"
+                      for name, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
+    assert (f"it scored {mean_of_six(new):.3f} against {mean_of_six(old):.3f} ({pairs}; Oracle@5 "
+            f"{mean_of_six(new, 'oracle_dice'):.3f} / {mean_of_six(old, 'oracle_dice'):.3f}, uncertainty AUROC "
+            f"{reports[new]['mean_uncertainty_auroc']:.3f} / {reports[old]['mean_uncertainty_auroc']:.3f})") in flat
+    assert f"bundled `textdiffseg3d-btcv`'s {mean_of_six('textdiffseg3d-btcv'):.3f}" in flat
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"(`textdiffseg train --high-noise-share 0.5`, not yet bundled) scored {mean_of_six(new):.3f}" in readme
+    earlier = [name for name in reports if name.startswith("textdiffseg3d") and name != new]
+    best_earlier = max(reports[name]["structures"][organ]["dice"] for name in earlier
+                       for organ in ("kidney_left", "kidney_right", "pancreas"))
+    assert f"(every earlier one had {best_earlier:.3f} or less for each)" in flat
+    this_budget = [mean_of_six(name) for name in earlier if name.endswith("on this CPU (not bundled)")]
+    assert f"the earlier runs of this budget scored {min(this_budget):.3f}-{max(this_budget):.3f})" in flat
 
 
 def test_the_families_page_states_what_a_plain_3d_segmenter_learns_on_the_same_budget():
