@@ -406,7 +406,8 @@ def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
     for suffix, row in (("", "`textdiffseg3d-btcv` (bundled)"), ("-lateral", "the lateral position"),
                         ("-importance", "the lateral position and both fixes"),
                         ("-learned", "the lateral position, both fixes and learnt structure embeddings"),
-                        ("-high", "the lateral position, both fixes and half the timesteps from the last tenth")):
+                        ("-high", "the lateral position, both fixes and half the timesteps from the last tenth"),
+                        ("-high-6800", "the same, resumed to 6800 steps")):
         reliance = json.loads((root / "docs" / f"textdiffseg3d-scan-reliance{suffix}.json").read_text())
         assert reliance["cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
         expected = [reliance["mean"]["999"]["scan"], reliance["mean"]["900"]["scan"],
@@ -462,8 +463,18 @@ def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_ga
             f"{reports[new]['mean_uncertainty_auroc']:.3f} / {reports[old]['mean_uncertainty_auroc']:.3f})") in flat
     assert f"bundled `textdiffseg3d-btcv`'s {mean_of_six('textdiffseg3d-btcv'):.3f}" in flat
     readme = " ".join((root / "README.md").read_text().split())
-    assert f"(`textdiffseg train --high-noise-share 0.5`, not yet bundled) scored {mean_of_six(new):.3f}" in readme
-    earlier = [name for name in reports if name.startswith("textdiffseg3d") and name != new]
+    longer = new.replace("last tenth", "last tenth resumed to 6800 steps")
+    assert (f"(`textdiffseg train --high-noise-share 0.5`, not yet bundled) scored {mean_of_six(new):.3f}, the first to "
+            f"find the kidneys, and {mean_of_six(longer):.3f} when resumed to twice the steps") in readme
+    resumed = json.loads((root / "docs" / "textdiffseg3d-scan-reliance-high-6800.json").read_text())
+    assert (f"{resumed['mean']['999']['scan']:.3f} at t = 999 (the last row of the table above; " + ", ".join(
+        f"{name} {resumed['structures'][organ]['999']['scan']:.3f}" for name, organ in zip(said[1:], organs[1:]))
+        + f"), and it scored {mean_of_six(longer):.3f} on the validation cases ("
+        + ", ".join(f"{name} {reports[longer]['structures'][organ]['dice']:.3f}"
+                    for name, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
+        + f"; Oracle@5 {mean_of_six(longer, 'oracle_dice'):.3f}, uncertainty AUROC "
+          f"{reports[longer]['mean_uncertainty_auroc']:.3f})") in flat
+    earlier = [name for name in reports if name.startswith("textdiffseg3d") and "last tenth" not in name]
     best_earlier = max(reports[name]["structures"][organ]["dice"] for name in earlier
                        for organ in ("kidney_left", "kidney_right", "pancreas"))
     assert f"(every earlier one had {best_earlier:.3f} or less for each)" in flat
