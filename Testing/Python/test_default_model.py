@@ -429,7 +429,7 @@ def test_the_families_page_states_how_alike_the_kidneys_prompts_are_and_what_lea
                     for name in ("learned", "importance"))
     kidneys = [reliance["structures"][side]["999"]["scan"] for side in ("kidney_left", "kidney_right")
                for reliance in (learnt, text)]
-    assert (f"{learnt['mean']['999']['scan']:.3f} at t = 999 against {text['mean']['999']['scan']:.3f} (the last row of "
+    assert (f"{learnt['mean']['999']['scan']:.3f} at t = 999 against {text['mean']['999']['scan']:.3f} (its row of "
             f"the table above; left kidney {kidneys[0]:.3f} against {kidneys[1]:.3f}, right kidney {kidneys[2]:.3f} "
             f"against {kidneys[3]:.3f})") in flat
 
@@ -443,7 +443,7 @@ def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_ga
                    for name in ("high", "importance"))
     organs = ("spleen", "kidney_left", "kidney_right", "pancreas")
     said = ("spleen", "left kidney", "right kidney", "pancreas")
-    assert (f"{high['mean']['999']['scan']:.3f} at t = 999 against {fixed['mean']['999']['scan']:.3f} (the last row of "
+    assert (f"{high['mean']['999']['scan']:.3f} at t = 999 against {fixed['mean']['999']['scan']:.3f} (its row of "
             "the table above; " + ", ".join(f"{name} {high['structures'][organ]['999']['scan']:.3f} against "
                                            f"{fixed['structures'][organ]['999']['scan']:.3f}"
                                            for name, organ in zip(said, organs))
