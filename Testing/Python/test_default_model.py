@@ -435,8 +435,9 @@ def test_the_families_page_states_how_alike_the_kidneys_prompts_are_and_what_lea
 
 
 def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_gave_the_3d_family():
-    """docs/families.md's account of the run with ``--high-noise-share 0.5`` is its scan-reliance JSON and its
-    family-comparison row, each against the both-fixes run's, and no earlier 3D row found a kidney or the pancreas."""
+    """docs/families.md's account of the run with ``--high-noise-share 0.5``, and of it resumed to 6800 steps, is their
+    scan-reliance JSONs and family-comparison rows (the first against the both-fixes run's), as the README's line on
+    them; no earlier 3D row found a kidney or the pancreas."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "docs" / "families.md").read_text().split())
     high, fixed = (json.loads((root / "docs" / f"textdiffseg3d-scan-reliance-{name}.json").read_text())
