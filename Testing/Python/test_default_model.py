@@ -1,5 +1,6 @@
 """The bundled models: validated on cases they did not train on, and their cards' numbers reproduce."""
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -66,6 +67,17 @@ LIVER_ALONE = ("textdiffseg3d-btcv", "lcpdn-btcv", "progidiff-btcv")
 TARGET_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
 # How the pages name them, in the same order.
 TARGET_ORGAN_NAMES = ("liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas")
+
+
+@functools.cache
+def comparison() -> dict:
+    """The rows of docs/family-comparison.json, by name."""
+    return json.loads((Path(__file__).resolve().parents[2] / "docs" / "family-comparison.json").read_text())
+
+
+def mean_of_six(name: str, score: str = "dice") -> float:
+    """Row ``name``'s mean ``score`` of the six target organs in docs/family-comparison.json."""
+    return np.mean([comparison()[name]["structures"][organ][score] for organ in TARGET_ORGANS])
 
 
 @pytest.fixture(scope="module", params=BUNDLED)
@@ -174,7 +186,7 @@ FAMILY_TABLE = {
 def test_the_readme_table_of_families_is_that_of_the_comparison_and_the_benchmarks():
     root = Path(__file__).resolve().parents[2]
     rows = markdown_rows((root / "README.md").read_text())
-    reports = json.loads((root / "docs" / "family-comparison.json").read_text())
+    reports = comparison()
     for label, (name, benchmark) in FAMILY_TABLE.items():
         report = reports[name]
         oracle = np.mean([scores["oracle_dice"] for scores in report["structures"].values()])
@@ -205,15 +217,12 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     bundled CT models those of their benchmarks."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "docs" / "families.md").read_text().split())
-    reports = json.loads((root / "docs" / "family-comparison.json").read_text())
+    reports = comparison()
     organs = TARGET_ORGANS
 
     def listed(structures):
         """Each organ's fused Dice in ``structures`` (a report's), as the page lists them."""
         return ", ".join(f"{said} {structures[organ]['dice']:.3f}" for said, organ in zip(TARGET_ORGAN_NAMES, organs))
-
-    def mean_of_six(name, score="dice"):
-        return np.mean([reports[name]["structures"][organ][score] for organ in organs])
 
     def against(name, other):
         """Each organ's fused Dice of row ``name`` against row ``other``, as the page lists them."""
@@ -450,12 +459,9 @@ def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_ga
                                            for name, organ in zip(said, organs))
             + f"), near the plain U-Net's") in flat
     assert (f"no less at t = 900 ({high['mean']['900']['scan']:.3f} against {fixed['mean']['900']['scan']:.3f})") in flat
-    reports = json.loads((root / "docs" / "family-comparison.json").read_text())
+    reports = comparison()
     new = "textdiffseg3d with the lateral position and both fixes and half its timesteps from the last tenth on this CPU (not bundled)"
     old = "textdiffseg3d with the lateral position and importance-sampled timesteps and running latent statistics on this CPU (not bundled)"
-
-    def mean_of_six(name, score="dice"):
-        return np.mean([reports[name]["structures"][organ][score] for organ in TARGET_ORGANS])
 
     pairs = ", ".join(f"{name} {reports[new]['structures'][organ]['dice']:.3f} / {reports[old]['structures'][organ]['dice']:.3f}"
                       for name, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
