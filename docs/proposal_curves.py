@@ -7,10 +7,11 @@ Oracle@k is the best Dice among them, RandTop-3@k the expected Dice of one of th
 (the paper's simulated expert). Both are averaged over the cases of each organ, then over the organs, as the
 report's mean Dice is; the fused Dice of all the proposals is drawn at the last k. ``--reports`` draws more
 evaluate reports of the same cases beside them (one with 10 proposals, say, for Oracle@10); ``--keep`` draws
-curves measured before from the current proposal-curves.json, where their reports are no longer at hand.
+curves measured before from the current proposal-curves.json, where their reports are no longer at hand;
+``--rows`` draws only those rows of the comparison (a figure of every run measured is unreadable).
 
-    python docs/proposal_curves.py [--comparison docs/family-comparison.json] [--reports REPORT.json=NAME,...]
-        [--keep NAME,...]
+    python docs/proposal_curves.py [--comparison docs/family-comparison.json] [--rows NAME,...]
+        [--reports REPORT.json=NAME,...] [--keep NAME,...]
 """
 
 import argparse
@@ -58,6 +59,7 @@ def curves(report: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comparison", default=str(HERE / "family-comparison.json"))
+    parser.add_argument("--rows", default="", help="the comparison's rows to draw, NAME,... (default: all)")
     parser.add_argument("--reports", default="", help="more evaluate reports, REPORT.json=NAME,...")
     parser.add_argument("--keep", default="", help="curves to keep from the output's .json, NAME,...")
     parser.add_argument("--output", default=str(HERE / "proposal-curves.png"))
@@ -69,6 +71,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"{output.with_suffix('.json')} has no curve named {', '.join(unknown)}")
     reports = json.loads(Path(args.comparison).read_text())
+    rows = [name for name in args.rows.split(",") if name]
+    unknown = [name for name in rows if name not in reports]
+    if unknown:
+        raise SystemExit(f"{args.comparison} has no row named {', '.join(unknown)}")
+    reports = {name: reports[name] for name in rows} if rows else reports
     for item in filter(None, args.reports.split(",")):
         path, name = item.split("=", 1)
         reports[name] = json.loads(Path(path).read_text())
@@ -95,7 +102,8 @@ def main() -> None:
     figure.suptitle(f"BTCV validation cases {', '.join(first['cases'])}: Dice over the number of proposals")
     figure.tight_layout()
     figure.savefig(output, dpi=120)
-    record = {"comparison": Path(args.comparison).name, "reports": args.reports, "kept": kept, "curves": figures}
+    record = {"comparison": Path(args.comparison).name, "rows": rows, "reports": args.reports, "kept": kept,
+              "curves": figures}
     output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
     for name, values in figures.items():

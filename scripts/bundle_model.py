@@ -42,6 +42,7 @@ def main() -> None:
     report = json.loads(args.report.read_text())
     if "models" in report:  # an ensemble's: the model's own scores in it
         report = model_report(report, read_config(args.model).name)
+    report["model"] = args.name  # as bundled, whatever its run called it
     (target / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     training = json.loads((target / TRAINING_RECORD).read_text())
     (target / CARD_NAME).write_text(render_card(config, training, report))
