@@ -75,6 +75,18 @@ def comparison() -> dict:
     return json.loads((Path(__file__).resolve().parents[2] / "docs" / "family-comparison.json").read_text())
 
 
+def listed(structures: dict) -> str:
+    """Each target organ's fused Dice in ``structures`` (a report's), as the pages list them."""
+    return ", ".join(f"{said} {structures[organ]['dice']:.3f}" for said, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
+
+
+def against(name: str, other: str) -> str:
+    """Each target organ's fused Dice of comparison row ``name`` against row ``other``, as the pages list them."""
+    rows = comparison()
+    return ", ".join(f"{said} {rows[name]['structures'][organ]['dice']:.3f} / {rows[other]['structures'][organ]['dice']:.3f}"
+                     for said, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
+
+
 def mean_of_six(name: str, score: str = "dice") -> float:
     """Row ``name``'s mean ``score`` of the six target organs in docs/family-comparison.json."""
     return np.mean([comparison()[name]["structures"][organ][score] for organ in TARGET_ORGANS])
@@ -232,16 +244,6 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     flat = " ".join((root / "docs" / "families.md").read_text().split())
     reports = comparison()
     organs = TARGET_ORGANS
-
-    def listed(structures):
-        """Each organ's fused Dice in ``structures`` (a report's), as the page lists them."""
-        return ", ".join(f"{said} {structures[organ]['dice']:.3f}" for said, organ in zip(TARGET_ORGAN_NAMES, organs))
-
-    def against(name, other):
-        """Each organ's fused Dice of row ``name`` against row ``other``, as the page lists them."""
-        return ", ".join(f"{said} {reports[name]['structures'][organ]['dice']:.3f} / "
-                         f"{reports[other]['structures'][organ]['dice']:.3f}"
-                         for said, organ in zip(TARGET_ORGAN_NAMES, organs))
 
     def missed(name, structure):
         """The cases where row ``name``'s fused mask of ``structure`` misses it entirely (Dice 0.000)."""
@@ -497,9 +499,7 @@ def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_ga
     new = "textdiffseg3d with the lateral position and both fixes and half its timesteps from the last tenth on this CPU (not bundled)"
     old = "textdiffseg3d with the lateral position and importance-sampled timesteps and running latent statistics on this CPU (not bundled)"
 
-    pairs = ", ".join(f"{name} {reports[new]['structures'][organ]['dice']:.3f} / {reports[old]['structures'][organ]['dice']:.3f}"
-                      for name, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
-    assert (f"it scored {mean_of_six(new):.3f} against {mean_of_six(old):.3f} ({pairs}; Oracle@5 "
+    assert (f"it scored {mean_of_six(new):.3f} against {mean_of_six(old):.3f} ({against(new, old)}; Oracle@5 "
             f"{mean_of_six(new, 'oracle_dice'):.3f} / {mean_of_six(old, 'oracle_dice'):.3f}, uncertainty AUROC "
             f"{reports[new]['mean_uncertainty_auroc']:.3f} / {reports[old]['mean_uncertainty_auroc']:.3f})") in flat
     assert f"first `textdiffseg3d-btcv`'s {mean_of_six('textdiffseg3d-btcv first model'):.3f}" in flat
@@ -513,8 +513,7 @@ def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_ga
     assert (f"{resumed['mean']['999']['scan']:.3f} at t = 999 (the next-to-last row of the table above; " + ", ".join(
         f"{name} {resumed['structures'][organ]['999']['scan']:.3f}" for name, organ in zip(said[1:], organs[1:]))
         + f"), and it scored {mean_of_six(longer):.3f} on the validation cases ("
-        + ", ".join(f"{name} {reports[longer]['structures'][organ]['dice']:.3f}"
-                    for name, organ in zip(TARGET_ORGAN_NAMES, TARGET_ORGANS))
+        + listed(reports[longer]["structures"])
         + f"; Oracle@5 {mean_of_six(longer, 'oracle_dice'):.3f}, uncertainty AUROC "
           f"{reports[longer]['mean_uncertainty_auroc']:.3f})") in flat
     bundled = json.loads((root / "docs" / "textdiffseg3d-scan-reliance-high-10200.json").read_text())
