@@ -15,6 +15,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .errors import OutputError, TextDiffSegError, TextDiffSegWarning
 from .fusion import FUSION_METHODS
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     say = _Say(getattr(args, "progress", None) == "json")
+    keep_freed_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("always", TextDiffSegWarning)
         warnings.showwarning = say.warning

@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .allocator import keep_freed_memory, release_freed_memory
 from .ensemble import asked_together, read_model_weights
 from .errors import InputImageError, OutputError, TextDiffSegError, TextDiffSegWarning
 from .machine import resolve_device
@@ -230,6 +231,7 @@ def main() -> None:
         events.write(json.dumps(event) + "\n")
         events.flush()
 
+    keep_freed_memory()
     worker = Worker(emit)
     for line in _requests(sys.stdin, float(os.environ.get("TEXTDIFFSEG_WORKER_IDLE_MINUTES", IDLE_MINUTES))):
         if not line.strip():
@@ -245,6 +247,7 @@ def main() -> None:
         if request.get("command") == "shutdown":
             break
         worker.handle(request)
+        release_freed_memory()  # what sampling freed goes back to the system while the worker waits
 
 
 if __name__ == "__main__":

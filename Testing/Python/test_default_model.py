@@ -184,31 +184,52 @@ def test_the_readme_states_the_bundled_reports_and_benchmark():
     assert f"{four['prompt']}\"`) {four['segment_seconds']:.0f} s and {four['peak_rss_mb'] / 1000:.1f} GB" in flat
 
 
-# The README's table of families: its rows' reports in docs/family-comparison.json, and their speed benchmarks.
+# The README's table of families: its rows' reports in docs/family-comparison.json (a bundled model's row timed in
+# benchmarks/results/freed_memory.json, with freed memory kept as the command keeps it).
 FAMILY_TABLE = {
-    "`universal-btcv`": ("universal-btcv", "segment_organ"),
-    "`lcpdn-btcv`": ("lcpdn-btcv", "segment_organ-lcpdn-btcv"),
-    "`textdiffseg3d-btcv`": ("textdiffseg3d-btcv", "segment_organ-textdiffseg3d-btcv"),
-    "`progidiff-btcv`": ("progidiff-btcv", "segment_organ-progidiff-btcv"),
-    "ensemble of `universal-btcv` and `lcpdn-btcv`": ("ensemble (universal-btcv + lcpdn-btcv)", None),
-    "the same ensemble fused by STAPLE (`--fusion staple`)": ("ensemble (universal-btcv + lcpdn-btcv) fused by STAPLE", None),
-    "ensemble of `universal-btcv` and `textdiffseg3d-btcv`": ("ensemble (universal-btcv + textdiffseg3d-btcv)", None),
+    "`universal-btcv`": "universal-btcv",
+    "`lcpdn-btcv`": "lcpdn-btcv",
+    "`textdiffseg3d-btcv`": "textdiffseg3d-btcv",
+    "`progidiff-btcv`": "progidiff-btcv",
+    "ensemble of `universal-btcv` and `lcpdn-btcv`": "ensemble (universal-btcv + lcpdn-btcv)",
+    "the same ensemble fused by STAPLE (`--fusion staple`)": "ensemble (universal-btcv + lcpdn-btcv) fused by STAPLE",
+    "ensemble of `universal-btcv` and `textdiffseg3d-btcv`": "ensemble (universal-btcv + textdiffseg3d-btcv)",
 }
+
+
+def freed_memory_figures() -> dict:
+    return json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "freed_memory.json").read_text())
 
 
 def test_the_readme_table_of_families_is_that_of_the_comparison_and_the_benchmarks():
     root = Path(__file__).resolve().parents[2]
     rows = markdown_rows((root / "README.md").read_text())
     reports = comparison()
-    for label, (name, benchmark) in FAMILY_TABLE.items():
+    timed = freed_memory_figures()
+    assert timed["cpu"] == "Intel(R) Xeon(R) Processor" and timed["threads"] == 2
+    assert "on a 2-core Intel Xeon, 2 threads, all four in one run" in " ".join((root / "README.md").read_text().split())
+    for label, name in FAMILY_TABLE.items():
         report = reports[name]
         oracle = np.mean([scores["oracle_dice"] for scores in report["structures"].values()])
-        seconds = "—"
-        if benchmark:
-            figures = json.loads((root / "benchmarks" / "results" / f"{benchmark}.json").read_text())
-            seconds = f"{figures['segment_seconds']:.1f} s ({figures['cpu']})"
+        seconds = f"{timed['models'][name]['seconds']['kept']:.1f} s" if name in timed["models"] else "—"
         assert rows[label] == [f"{report['mean_dice']:.3f}", f"{oracle:.3f}",
                                f"{report['mean_uncertainty_auroc']:.3f}", seconds], label
+
+
+def test_the_readmes_freed_memory_figures_are_those_of_the_benchmark():
+    """The README's seconds and peak memory with glibc's default and with freed memory kept are those of
+    benchmarks/results/freed_memory.json, whose runs of each model gave the same masks both ways."""
+    flat = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    models = freed_memory_figures()["models"]
+    for name, figures in models.items():
+        seconds = figures["seconds"]
+        assert (f"`{name}` {seconds['returned']:.1f} s and {seconds['kept']:.1f} s ({figures['speedup']:.2f}"
+                in flat), name
+        assert figures["same_masks"], name
+    ratios = [figures["memory_ratio"] for figures in models.values()]
+    assert f"peak memory {min(ratios):.2f} to {max(ratios):.2f} times as much" in flat
+    memory = models["progidiff-btcv"]["peak_rss_mb"]
+    assert f"(`progidiff-btcv` {memory['returned'] / 1000:.1f} GB and {memory['kept'] / 1000:.1f} GB)" in flat
 
 
 def test_the_comparison_page_is_its_json_redrawn(tmp_path):
@@ -383,11 +404,23 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
         assert (f"one organ with 5 proposals takes {benchmark['segment_seconds']:.1f} s on this CPU, peak memory "
                 f"{benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
         assert f"`python benchmarks/segment_organ.py --model {name} --repeats 1" in flat
-    benchmark = json.loads((root / "benchmarks" / "results" / "segment_organ-ensemble-ct.json").read_text())
-    assert benchmark["model"] == "universal-btcv,textdiffseg3d-btcv,lcpdn-btcv,progidiff-btcv"
-    assert benchmark["cpu"] == "Intel(R) Xeon(R) Processor" and benchmark["threads"] == 2
-    assert (f"one organ with 5 proposals of each takes {benchmark['segment_seconds']:.1f} s on a 2-core Intel Xeon, "
-            f"peak memory {benchmark['peak_rss_mb'] / 1000:.1f} GB") in flat
+    kept, returned = (json.loads((root / "benchmarks" / "results" / f"segment_organ-ensemble-ct{end}.json").read_text())
+                      for end in ("", "-returned"))
+    for benchmark in (kept, returned):
+        assert benchmark["model"] == "universal-btcv,textdiffseg3d-btcv,lcpdn-btcv,progidiff-btcv"
+        assert benchmark["cpu"] == "Intel(R) Xeon(R) Processor" and benchmark["threads"] == 2
+        assert list(benchmark["model_seconds"]) == benchmark["model"].split(",")
+    assert kept["kept_freed_memory"] and "kept_freed_memory" not in returned  # run before the benchmark recorded it
+    assert (f"one organ with 5 proposals of each takes {kept['segment_seconds']:.1f} s on a 2-core Intel Xeon, "
+            f"peak memory {kept['peak_rss_mb'] / 1000:.1f} GB") in flat
+
+    def alone(benchmark: dict) -> str:
+        seconds = list(benchmark["model_seconds"].values())
+        return f"{', '.join(f'{s:.1f}' for s in seconds[:-1])} and {seconds[-1]:.1f} s, together {sum(seconds):.1f} s"
+
+    assert f"Each model alone in the same run took {alone(kept)}." in flat
+    assert (f"the same benchmark took {returned['segment_seconds']:.1f} s and its models alone {alone(returned)}"
+            in flat)
 
 
 def test_the_families_page_states_progidiffs_adaptation_to_mr():
