@@ -207,13 +207,18 @@ def test_the_readme_table_of_families_is_that_of_the_comparison_and_the_benchmar
     reports = comparison()
     timed = freed_memory_figures()
     assert timed["cpu"] == "Intel(R) Xeon(R) Processor" and timed["threads"] == 2
-    assert "on a 2-core Intel Xeon, 2 threads, all four in one run" in " ".join((root / "README.md").read_text().split())
+    flat = " ".join((root / "README.md").read_text().split())
+    assert "on a 2-core Intel Xeon, 2 threads, all four in one run" in flat
     for label, name in FAMILY_TABLE.items():
         report = reports[name]
         oracle = np.mean([scores["oracle_dice"] for scores in report["structures"].values()])
         seconds = f"{timed['models'][name]['seconds']['kept']:.1f} s" if name in timed["models"] else "—"
         assert rows[label] == [f"{report['mean_dice']:.3f}", f"{oracle:.3f}",
                                f"{report['mean_uncertainty_auroc']:.3f}", seconds], label
+    ensemble = json.loads((root / "benchmarks" / "results" / "segment_organ-ensemble-ct.json").read_text())
+    assert ensemble["cpu"] == timed["cpu"] and ensemble["model"] == ",".join(timed["models"])
+    assert (f"All four bundled CT models as one ensemble take {ensemble['segment_seconds']:.1f} s for one organ with 5 "
+            f"proposals of each, peak memory {ensemble['peak_rss_mb'] / 1000:.1f} GB") in flat
 
 
 def test_the_readmes_freed_memory_figures_are_those_of_the_benchmark():
