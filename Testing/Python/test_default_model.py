@@ -490,7 +490,8 @@ def test_the_families_page_states_what_the_3d_models_read_of_the_scan():
                         ("-learned", "the lateral position, both fixes and learnt structure embeddings"),
                         ("-high", "the lateral position, both fixes and half the timesteps from the last tenth"),
                         ("-high-6800", "the same, resumed to 6800 steps"),
-                        ("-high-10200", "the same, resumed to 10200 steps: `textdiffseg3d-btcv` (bundled)")):
+                        ("-high-10200", "the same, resumed to 10200 steps: `textdiffseg3d-btcv` (bundled)"),
+                        ("-high-13600", "the same, resumed to 13600 steps (not bundled)")):
         reliance = json.loads((root / "docs" / f"textdiffseg3d-scan-reliance{suffix}.json").read_text())
         assert reliance["cases"] == ["btcv_0007", "btcv_0009", "btcv_0028", "btcv_0031"]
         expected = [reliance["mean"]["999"]["scan"], reliance["mean"]["900"]["scan"],
@@ -555,9 +556,19 @@ def test_the_families_page_states_what_half_the_timesteps_from_the_last_tenth_ga
         + f"; Oracle@5 {mean_of_six(longer, 'oracle_dice'):.3f}, uncertainty AUROC "
           f"{reports[longer]['mean_uncertainty_auroc']:.3f})") in flat
     bundled = json.loads((root / "docs" / "textdiffseg3d-scan-reliance-high-10200.json").read_text())
-    assert (f"it reads the scan at {bundled['mean']['999']['scan']:.3f} at t = 999 (the last row of the table above) and "
+    assert (f"it reads the scan at {bundled['mean']['999']['scan']:.3f} at t = 999 (its row of the table above) and "
             f"scored {mean_of_six('textdiffseg3d-btcv'):.3f} on the validation cases: it is the bundled") in flat
-    assert (f"({mean_of_six(new):.3f}, {mean_of_six(longer):.3f}, {mean_of_six('textdiffseg3d-btcv'):.3f})") in flat
+    longest = new.replace("last tenth", "last tenth resumed to 13600 steps")
+    last = json.loads((root / "docs" / "textdiffseg3d-scan-reliance-high-13600.json").read_text())
+    assert (f"it reads the scan at {last['mean']['999']['scan']:.3f} at t = 999 (the last row of the table above) and "
+            f"scored {mean_of_six(longest):.3f} on the validation cases against the bundled model's "
+            f"{mean_of_six('textdiffseg3d-btcv'):.3f} ({against(longest, 'textdiffseg3d-btcv')}; Oracle@5 "
+            f"{mean_of_six(longest, 'oracle_dice'):.3f}, uncertainty AUROC "
+            f"{reports[longest]['mean_uncertainty_auroc']:.3f})") in flat
+    assert all(reports[longest]["structures"][organ]["dice"] > reports["textdiffseg3d-btcv"]["structures"][organ]["dice"]
+               for organ in TARGET_ORGANS)  # "Every organ gained"
+    assert (f"({mean_of_six(new):.3f}, {mean_of_six(longer):.3f}, {mean_of_six('textdiffseg3d-btcv'):.3f}, "
+            f"{mean_of_six(longest):.3f})") in flat
     earlier = [name for name in reports if name.startswith("textdiffseg3d") and "last tenth" not in name
                and (not name.startswith("textdiffseg3d-btcv") or "first model" in name)]  # the bundled is the last
     best_earlier = max(reports[name]["structures"][organ]["dice"] for name in earlier
