@@ -198,6 +198,7 @@ FAMILY_TABLE = {
 
 
 def freed_memory_figures() -> dict:
+    """The figures of benchmarks/freed_memory.py's last run."""
     return json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "freed_memory.json").read_text())
 
 
