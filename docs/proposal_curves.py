@@ -85,7 +85,7 @@ def main() -> None:
                          "(textdiffseg evaluate records proposal_dice since December 2026)")
     figures = {name: curves(report) for name, report in reports.items()}
     figures.update({name: previous[name] for name in kept})
-    figure, axes = plt.subplots(1, 2, figsize=(12, 6), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 7.5), sharey=True)
     for (name, values), colour in zip(figures.items(), plt.cm.tab20(np.arange(len(figures)) % 20)):  # one each
         for axis, key in zip(axes, ("oracle", "randtop3")):
             axis.plot(values["k"], values[key], "o--" if "models" in reports.get(name, {}) else "o-", color=colour,
@@ -97,10 +97,11 @@ def main() -> None:
         axis.set_xticks(range(1, max(len(values["k"]) for values in figures.values()) + 1))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("Dice, mean of the organs")
-    axes[0].legend(title="star: fused, all proposals", fontsize=8)
     first = next(iter(reports.values()))
     figure.suptitle(f"BTCV validation cases {', '.join(first['cases'])}: Dice over the number of proposals")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.2, 1, 1))  # the legend below both panels, clear of the curves
+    figure.legend(*axes[0].get_legend_handles_labels(), title="star: fused, all proposals", fontsize=8, ncol=2,
+                  loc="lower center")
     figure.savefig(output, dpi=120)
     record = {"comparison": Path(args.comparison).name, "rows": rows, "reports": args.reports, "kept": kept,
               "curves": figures}
