@@ -2,7 +2,7 @@
 
 glibc's malloc maps each allocation above 32 MB (a CPU tensor of a batch of slices' features) as fresh pages
 from the kernel, and unmaps them when it is freed; the next tensor of that size page-faults every page in again.
-Sampling allocates and frees such tensors at every step, and on a 2-core CPU those page faults took about
+Sampling allocates and frees such tensors at every step, and on a 2-core CPU those page faults took more than
 half of an LCPDN organ's time (``benchmarks/freed_memory.py``). ``keep_freed_memory`` has malloc serve every
 allocation from its heap and keep what is freed there, up to 2 GB unused; ``release_freed_memory`` gives the
 unused memory back to the system, which the Slicer worker does after each request. Where the C library is
