@@ -294,7 +294,7 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
             f"{mean_of_six('universal-btcv', 'proposal_slice_dice'):.3f};") in flat
     spleen, pancreas = found("textdiffseg3d-btcv", "spleen"), found("textdiffseg3d-btcv", "pancreas")
     assert f"(the spleen {min(spleen.values()):.3f}-{max(spleen.values()):.3f})" in flat
-    assert (f"the pancreas well on two ({pancreas['btcv_0028']:.3f} and {pancreas['btcv_0031']:.3f}; "
+    assert (f"the pancreas on two ({pancreas['btcv_0028']:.3f} and {pancreas['btcv_0031']:.3f}; "
             f"{pancreas['btcv_0007']:.3f} on btcv_0007 and {pancreas['btcv_0009']:.3f} on btcv_0009)") in flat
     assert missed("textdiffseg3d-btcv third model", "spleen") == {"btcv_0028"}
     assert (f"It replaced the same run stopped at 13600 steps ({mean_of_six('textdiffseg3d-btcv third model'):.3f}, "
