@@ -198,8 +198,7 @@ FAMILY_TABLE = {
     "`progidiff-btcv`": "progidiff-btcv",
     "ensemble of `universal-btcv` and `lcpdn-btcv`": "ensemble (universal-btcv + lcpdn-btcv)",
     "the same ensemble fused by STAPLE (`--fusion staple`)": "ensemble (universal-btcv + lcpdn-btcv) fused by STAPLE",
-    "ensemble of `universal-btcv` and the 10200-step `textdiffseg3d-btcv` (bundled before)":
-        "ensemble (universal-btcv + textdiffseg3d-btcv second model)",
+    "ensemble of `universal-btcv` and `textdiffseg3d-btcv`": "ensemble (universal-btcv + textdiffseg3d-btcv)",
 }
 
 
@@ -324,6 +323,20 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert f"other three cases it scores {weighting['cross_validated']['mean_dice']:.3f}" in flat
     assert all(weights["universal-btcv"] == 1 for weights in weighting["weights"].values())
     assert f"That run took {ensemble['seconds_per_case']:.0f} s per case (one thread each)" in flat
+    bundled = reports["ensemble (universal-btcv + textdiffseg3d-btcv)"]
+    assert (f"With the bundled 17000-step `textdiffseg3d-btcv` ({mean_of_six('textdiffseg3d-btcv'):.3f}) the same "
+            f"command scores the ensemble {bundled['mean_dice']:.3f} ({listed(bundled['structures'])}), still below "
+            "`universal-btcv` alone on every organ") in flat
+    assert all(bundled["structures"][organ]["dice"] < universal[organ]["dice"] for organ in organs)
+    assert (f"(AUROC {bundled['mean_uncertainty_auroc']:.3f} against "
+            f"{reports['universal-btcv']['mean_uncertainty_auroc']:.3f} and "
+            f"{reports['textdiffseg3d-btcv']['mean_uncertainty_auroc']:.3f}) and its Oracle@5 is "
+            f"{mean_of_six('ensemble (universal-btcv + textdiffseg3d-btcv)', 'oracle_dice'):.3f}") in flat
+    assert f"other three cases it scores {bundled['weighting']['cross_validated']['mean_dice']:.3f};" in flat
+    weights = bundled["weighting"]["weights"]
+    assert [organ for organ in organs if weights[organ]["textdiffseg3d-btcv"] > 0] == ["pancreas"]
+    assert weights["pancreas"]["textdiffseg3d-btcv"] == 0.25  # "a quarter of the say on the pancreas"
+    assert f"That run took {bundled['seconds_per_case']:.0f} s per case (one thread each)" in flat
     lateral_3d = "textdiffseg3d with the lateral position on this CPU (not bundled)"
     assert (f"With the lateral position alone the model scored {mean_of_six(lateral_3d):.3f} ("
             + listed(reports[lateral_3d]["structures"]) + f"), against the first `textdiffseg3d-btcv`'s "
