@@ -200,6 +200,8 @@ FAMILY_TABLE = {
     "the same ensemble fused by STAPLE (`--fusion staple`)": "ensemble (universal-btcv + lcpdn-btcv) fused by STAPLE",
     "ensemble of `universal-btcv` and the 17000-step `textdiffseg3d-btcv`":
         "ensemble (universal-btcv + textdiffseg3d-btcv fourth model)",
+    "ensemble of `universal-btcv`, `lcpdn-btcv` and `textdiffseg3d-btcv`":
+        "ensemble (universal-btcv + lcpdn-btcv + textdiffseg3d-btcv)",
 }
 
 
@@ -341,6 +343,26 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert [organ for organ in organs if weights[organ]["textdiffseg3d-btcv"] > 0] == ["pancreas"]
     assert weights["pancreas"]["textdiffseg3d-btcv"] == 0.25  # "a quarter of the say on the pancreas"
     assert f"That run took {bundled['seconds_per_case']:.0f} s per case (one thread each)" in flat
+    three = reports["ensemble (universal-btcv + lcpdn-btcv + textdiffseg3d-btcv)"]
+    pair = reports["ensemble (universal-btcv + lcpdn-btcv)"]
+    assert (f"With the bundled 20400-step `textdiffseg3d-btcv` ({mean_of_six('textdiffseg3d-btcv'):.3f}) and `lcpdn-btcv` "
+            f"({mean_of_six('lcpdn-btcv'):.3f}) beside `universal-btcv` (`--model universal-btcv,lcpdn-btcv,textdiffseg3d-btcv`), "
+            f"the ensemble of the three scores {three['mean_dice']:.3f} ({listed(three['structures'])}), below "
+            "`universal-btcv` alone on every organ but the pancreas ("
+            f"{three['structures']['pancreas']['dice']:.3f} against {universal['pancreas']['dice']:.3f}) and below the "
+            f"ensemble of `universal-btcv` and `lcpdn-btcv` ({pair['mean_dice']:.3f}); its uncertainty AUROC is "
+            f"{three['mean_uncertainty_auroc']:.3f} (the three alone: " + ", ".join(
+                f"{reports[name]['mean_uncertainty_auroc']:.3f}" for name in ("universal-btcv", "lcpdn-btcv"))
+            + f" and {reports['textdiffseg3d-btcv']['mean_uncertainty_auroc']:.3f}) and its Oracle@5 "
+            f"{mean_of_six('ensemble (universal-btcv + lcpdn-btcv + textdiffseg3d-btcv)', 'oracle_dice'):.3f}") in flat
+    assert [organ for organ in organs if three["structures"][organ]["dice"] > universal[organ]["dice"]] == ["pancreas"]
+    assert (f"the other three cases it scores {three['weighting']['cross_validated']['mean_dice']:.3f}, short of "
+            f"`universal-btcv` alone ({mean_of_six('universal-btcv'):.3f}) and of the two without the 3D model weighed "
+            f"so ({pair['weighting']['cross_validated']['mean_dice']:.3f})") in flat
+    weights = three["weighting"]["weights"]
+    assert [organ for organ in organs if weights[organ]["textdiffseg3d-btcv"] > 0] == ["liver", "pancreas"]
+    assert {weights[organ]["textdiffseg3d-btcv"] for organ in ("liver", "pancreas")} == {0.25}
+    assert f"That run took {three['seconds_per_case']:.0f} s per case (one thread each)" in flat
     lateral_3d = "textdiffseg3d with the lateral position on this CPU (not bundled)"
     assert (f"With the lateral position alone the model scored {mean_of_six(lateral_3d):.3f} ("
             + listed(reports[lateral_3d]["structures"]) + f"), against the first `textdiffseg3d-btcv`'s "
