@@ -489,6 +489,14 @@ def test_the_families_page_states_the_family_comparison_and_the_benchmarks():
     assert f"Each model alone in the same run took {alone(kept)}." in flat
     assert (f"the same benchmark took {returned['segment_seconds']:.1f} s and its models alone {alone(returned)}"
             in flat)
+    slower = json.loads((root / "benchmarks" / "results" / "freed_memory-amd-epyc.json").read_text())
+    on_slower = json.loads((root / "benchmarks" / "results" / "segment_organ-ensemble-ct-amd-epyc.json").read_text())
+    assert slower["cpu"] == on_slower["cpu"] == "AMD EPYC" and on_slower["kept_freed_memory"]
+    three_d, universal = (slower["models"][name] for name in ("textdiffseg3d-btcv", "universal-btcv"))
+    assert (f"took {three_d['seconds']['kept']:.1f} s, peak memory {three_d['peak_rss_mb']['kept'] / 1000:.1f} GB, "
+            f"against `universal-btcv`'s {universal['seconds']['kept']:.1f} s in the same run") in flat
+    assert (f"the ensemble took {on_slower['segment_seconds']:.1f} s, peak memory "
+            f"{on_slower['peak_rss_mb'] / 1000:.1f} GB, and its models alone {alone(on_slower)}") in flat
 
 
 def test_the_families_page_states_progidiffs_adaptation_to_mr():
@@ -518,16 +526,21 @@ def test_the_families_page_states_progidiffs_adaptation_to_mr():
     assert f"`universal-chaos-t2-lora`'s {universal['mean_dice']:.3f} on the same cases" in flat
 
 
-def test_the_families_page_states_progidiffs_oracle_at_10():
-    """docs/families.md's Oracle@k of progidiff-btcv's fourth run with 10 proposals is that of docs/proposal-curves.json."""
+def test_the_families_page_states_the_proposal_curves():
+    """docs/families.md's Oracle@k of progidiff-btcv's fourth run with 10 proposals and RandTop-3 of the three-model
+    ensemble are those of docs/proposal-curves.json."""
     root = Path(__file__).resolve().parents[2]
     flat = " ".join((root / "docs" / "families.md").read_text().split())
-    curves = json.loads((root / "docs" / "proposal-curves.json").read_text())["curves"][
-        "progidiff-btcv fourth run with 10 proposals"]
-    oracle, randtop3 = curves["oracle"], curves["randtop3"]
-    assert curves["k"] == list(range(1, 11))
+    curves = json.loads((root / "docs" / "proposal-curves.json").read_text())["curves"]
+    ten = curves["progidiff-btcv fourth run with 10 proposals"]
+    oracle, randtop3 = ten["oracle"], ten["randtop3"]
+    assert ten["k"] == list(range(1, 11))
     assert (f"Oracle@1 {oracle[0]:.3f}, Oracle@5 {oracle[4]:.3f} and Oracle@10 {oracle[9]:.3f}, RandTop-3 at k = 10 "
-            f"{randtop3[9]:.3f}, fused Dice {curves['fused']:.3f}") in flat
+            f"{randtop3[9]:.3f}, fused Dice {ten['fused']:.3f}") in flat
+    three = curves["ensemble (universal-btcv + lcpdn-btcv + textdiffseg3d-btcv)"]["randtop3"]
+    universal = curves["universal-btcv"]["fused"]
+    assert (f"rises from {three[0]:.3f} with one proposal of each model to {three[4]:.3f} with five, about "
+            f"`universal-btcv`'s fused {universal:.3f}") in flat
 
 
 def test_the_families_page_states_progidiffs_reading_of_the_slice():
